@@ -1,0 +1,180 @@
+"""The DICOM listener (pynetdicom SCP): C-ECHO and C-STORE, nothing else.
+
+The C-STORE handler writes the bytes as received (no decode, no re-encode) to the
+:class:`~dicom_io.store.InstanceStore`, tells the :class:`InstanceSink` and returns a
+status. It never raises: whatever goes wrong becomes a failure status for that one
+instance, a reason for the sink, and a log line without patient data.
+
+Only CT images are kept. Every other storage class is accepted with success and dropped,
+so a PACS that pushes a whole study (with its SRs, SEGs, secondary captures, dose reports,
+and our own earlier results) never sees failures and never triggers processing.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_io.store import InstanceStore, InvalidUID
+
+log = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+CT_STORAGE_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE})
+
+# As acceptor, pynetdicom picks the first syntax of OUR list that the peer offers, so the
+# uncompressed ones come first (cheapest to receive), then the compressed ones we decode.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+]
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_DOES_NOT_MATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    path: Path
+    created: bool
+    calling_ae: str
+
+
+class InstanceSink(Protocol):
+    """What the listener reports to (the server's job store)."""
+
+    def refusal_reason(self) -> str | None:
+        """A reason to refuse new instances now (disk or queue full), or None."""
+
+    def is_own_instance(self, sop_uid: str) -> bool:
+        """True for instances this server produced (loop guard)."""
+
+    def instance_stored(self, instance: ReceivedInstance) -> None: ...
+
+    def instance_rejected(self, study_uid: str | None, reason: str, calling_ae: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    ae_title: str = "LUNGSCREEN"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_aes: tuple[str, ...] = ()  # empty: any caller
+    ssl_context: ssl.SSLContext | None = None
+    network_timeout_s: float = 60.0
+    dimse_timeout_s: float = 60.0
+
+
+def _store_handler(event, store: InstanceStore, sink: InstanceSink):
+    calling_ae = event.assoc.requestor.ae_title
+    sop_class_uid = str(event.request.AffectedSOPClassUID)
+    sop_uid = str(event.request.AffectedSOPInstanceUID)
+    if sop_class_uid not in CT_STORAGE_CLASSES or sink.is_own_instance(sop_uid):
+        log.debug("ignored instance of SOP class %s", sop_class_uid)
+        return STATUS_SUCCESS
+    study_uid = None
+    try:
+        refusal = sink.refusal_reason()
+        if refusal:
+            log.warning("refused instance from %s: %s", calling_ae, refusal)
+            return STATUS_OUT_OF_RESOURCES
+        ds = event.dataset
+        study_uid = str(ds.get("StudyInstanceUID", ""))
+        series_uid = str(ds.get("SeriesInstanceUID", ""))
+        if str(ds.get("SOPInstanceUID", "")) != sop_uid:
+            reason = "SOPInstanceUID in the dataset differs from the C-STORE request"
+            sink.instance_rejected(study_uid or None, reason, calling_ae)
+            log.warning("rejected instance from %s: %s", calling_ae, reason)
+            return STATUS_DATASET_DOES_NOT_MATCH
+        stored = store.save(study_uid, series_uid, sop_uid, event.encoded_dataset())
+    except InvalidUID as exc:
+        sink.instance_rejected(study_uid or None, str(exc), calling_ae)
+        log.warning("rejected instance from %s: %s", calling_ae, exc)
+        return STATUS_CANNOT_UNDERSTAND
+    except Exception as exc:  # a broken dataset, a full disk: fail this instance only
+        reason = f"cannot store instance: {type(exc).__name__}: {exc}"
+        try:
+            sink.instance_rejected(study_uid or None, reason, calling_ae)
+        except Exception:
+            log.exception("could not record the rejection")
+        log.warning("rejected instance from %s: %s", calling_ae, reason)
+        return STATUS_OUT_OF_RESOURCES if isinstance(exc, OSError) else STATUS_CANNOT_UNDERSTAND
+    sink.instance_stored(
+        ReceivedInstance(study_uid, series_uid, sop_uid, sop_class_uid, stored.path, stored.created, calling_ae)
+    )
+    return STATUS_SUCCESS
+
+
+def _log_association(event, allowed: tuple[str, ...]) -> None:
+    calling_ae = event.assoc.requestor.ae_title
+    address = event.assoc.requestor.address
+    if allowed and calling_ae not in allowed:
+        log.warning("association from %s rejected: calling AE title %r is not in the allowlist", address, calling_ae)
+    else:
+        log.info("association from %s, calling AE title %r", address, calling_ae)
+
+
+def build_ae(settings: ListenerSettings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = 0  # unlimited: the sender chooses the PDU size
+    ae.network_timeout = settings.network_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.maximum_associations = 16
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    if settings.allowed_calling_aes:
+        ae.require_calling_aet = list(settings.allowed_calling_aes)
+    return ae
+
+
+def start_listener(settings: ListenerSettings, store: InstanceStore, sink: InstanceSink):
+    """Start the SCP in background threads; returns the pynetdicom server (call ``.shutdown()``)."""
+    ae = build_ae(settings)
+    handlers = [
+        (evt.EVT_C_STORE, _store_handler, [store, sink]),
+        (evt.EVT_REQUESTED, _log_association, [settings.allowed_calling_aes]),
+    ]
+    server = ae.start_server(
+        (settings.host, settings.port), block=False, evt_handlers=handlers, ssl_context=settings.ssl_context
+    )
+    log.info("DICOM listener %s on %s:%d", settings.ae_title, settings.host, settings.port)
+    return server

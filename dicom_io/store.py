@@ -1,0 +1,79 @@
+"""The instance store: received bytes on disk, as they came, under validated UIDs.
+
+Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. Only UIDs
+that pass :func:`dicom_io.uids.is_valid_uid` become path components, so a crafted UID
+(``../``, slashes, NUL) can never leave ``root``. Writes are atomic (temporary file,
+fsync, rename, fsync of the folder): after :meth:`InstanceStore.save` returns, the instance
+survives a crash or power cut, and a half-written file is never visible under its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_io.errors import LungScreenError
+from dicom_io.uids import is_valid_uid
+
+
+class InvalidUID(LungScreenError):
+    """A UID that is not a valid DICOM UID; it never becomes a path."""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    path: Path
+    created: bool  # False when the identical instance was already stored (a re-send)
+
+
+class InstanceStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid), ("SOPInstanceUID", sop_uid)):
+            if not is_valid_uid(uid):
+                raise InvalidUID(f"{name} is not a valid DICOM UID: {uid!r:.80}")
+        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def study_dir(self, study_uid: str) -> Path:
+        if not is_valid_uid(study_uid):
+            raise InvalidUID(f"StudyInstanceUID is not a valid DICOM UID: {study_uid!r:.80}")
+        return self.root / study_uid
+
+    def save(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredInstance:
+        """Store ``data`` atomically; an identical re-send is a no-op, a changed one replaces."""
+        target = self.path_for(study_uid, series_uid, sop_uid)
+        if target.is_file() and _same_content(target, data):
+            return StoredInstance(target, created=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+        return StoredInstance(target, created=True)
+
+
+def _same_content(path: Path, data: bytes) -> bool:
+    if path.stat().st_size != len(data):
+        return False
+    return hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

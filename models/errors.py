@@ -1,0 +1,7 @@
+"""Errors of the model stages."""
+
+from dicom_io.errors import LungScreenError
+
+
+class ModelError(LungScreenError):
+    """A model or its card is unusable, or inference failed."""

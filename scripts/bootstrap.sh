@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian machine with Python 3.11: Debian DICOM peers used by
+# the tests, a project virtual environment, the CPU build of torch, and LungScreen itself.
+# Usage: scripts/bootstrap.sh [--test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[[ "${1:-}" == "--test" ]] && want_test=1
+
+need_apt=()
+command -v storescu >/dev/null || need_apt+=(dcmtk)
+command -v dciodvfy >/dev/null || need_apt+=(dicom3tools)
+command -v Orthanc >/dev/null || need_apt+=(orthanc)
+if ((${#need_apt[@]})); then
+    if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
+    echo "bootstrap: installing Debian packages: ${need_apt[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [[ ! -x .venv/bin/python ]]; then
+    echo "bootstrap: creating .venv"
+    "$PY" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+
+# CPU torch first so that MONAI's `torch>=` requirement is already satisfied and pip never
+# pulls the multi-GB CUDA build. With a GPU, install the `gpu` extra (see README).
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    echo "bootstrap: installing torch (CPU build)"
+    "${pip[@]}" "torch==${LUNGSCREEN_TORCH_VERSION:-2.13.0}"
+fi
+stamp=.venv/.lungscreen-installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+    echo "bootstrap: installing lungscreen"
+    "${pip[@]}" -e ".[test]"
+    touch "$stamp"
+fi

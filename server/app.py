@@ -1,0 +1,298 @@
+"""The LungScreen server: wires the stages together and schedules them. It reads no tags.
+
+Threads: the DICOM listener (pynetdicom), a scheduler that queues studies whose quiet period
+has passed and hands them to a bounded worker pool, an outbox sender, and the HTTP endpoint.
+All state lives in SQLite and on disk, so a restart resumes where the last process stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from dicom_io.errors import DeliveryError, LungScreenError
+from dicom_io.scp import ListenerSettings, ReceivedInstance, start_listener
+from dicom_io.select import SelectionRules
+from dicom_io.send import Destination, send_file
+from dicom_io.sr import AlgorithmIdentity, BillingCodes
+from dicom_io.store import InstanceStore
+from models.card import load_card
+from models.detector import Detector
+from models.rules import ClinicalRules
+from server import __version__
+from server.billing import BillingLedger, ExtensionEntry
+from server.config import Settings
+from server.db import Database
+from server.jobs import FAILED, REPORTED, JobStore
+from server.metrics import Metrics
+from server.outbox import Outbox, OutboxItem, RetryPolicy
+from server.pipeline import AnalysisResult, Analyzer, NoEligibleSeries, analyze_study
+
+log = logging.getLogger(__name__)
+
+MIN_FREE_BYTES = 512 * 1024**2  # refuse new instances below this much free disk
+
+
+def installation_uid(data_dir: Path) -> str:
+    """A stable Device UID for this installation (IHE AIR Contributing Equipment)."""
+    path = data_dir / "device-uid"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(generate_uid() + "\n")
+    return path.read_text().strip()
+
+
+def build_analyzer(settings: Settings) -> Analyzer:
+    card = load_card(settings.model)
+    return Analyzer(
+        detector=Detector(card, providers=list(settings.providers) or None),
+        algorithm=AlgorithmIdentity(
+            manufacturer="LungScreen project",
+            model_name=card.name,
+            software_version=__version__,
+            model_version=card.version,
+            device_uid=installation_uid(settings.data_dir),
+            institution=settings.institution,
+        ),
+        billing=BillingCodes(
+            ai_extension_code=settings.ai_extension_code, fallback_procedure_code=settings.fallback_procedure_code
+        ),
+        rules=ClinicalRules.from_mapping(settings.clinical_rules),
+        selection=SelectionRules.from_mapping(settings.series_selection),
+        operating_point=settings.operating_point,
+    )
+
+
+def report_uids(study_uid: str, run: int) -> tuple[str, str]:
+    """SR series and instance UIDs, derived from the study and run: a retried run writes
+    the same instance again instead of a second copy."""
+    series_uid = generate_uid(entropy_srcs=["lungscreen-sr-series", study_uid])
+    return series_uid, generate_uid(entropy_srcs=["lungscreen-sr", study_uid, str(run)])
+
+
+class LungScreenServer:
+    def __init__(self, settings: Settings, analyzer: Analyzer | None = None) -> None:
+        self.settings = settings
+        self.db = Database(settings.db_path)
+        self.jobs = JobStore(self.db)
+        self.outbox = Outbox(
+            self.db, RetryPolicy(max_attempts=settings.max_delivery_attempts, base_delay_s=settings.retry_base_delay_s)
+        )
+        self.ledger = BillingLedger(self.db)
+        self.images = InstanceStore(settings.images_dir)
+        self.reports = InstanceStore(settings.reports_dir)
+        self.analyzer = analyzer or build_analyzer(settings)
+        self.metrics = Metrics(self.jobs)
+        self.destinations = [Destination.parse(d) for d in settings.destination]
+        self._stop = threading.Event()
+        self._wake_outbox = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="analyze")
+        self._in_flight: set[str] = set()
+        self._in_flight_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._listener = None
+        self._http = None
+        self._free_bytes_checked = (0.0, True)
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        resumed = self.jobs.resume_after_restart()
+        if resumed:
+            log.info("resuming %d interrupted job(s)", len(resumed))
+        self._listener = start_listener(
+            ListenerSettings(
+                ae_title=self.settings.ae_title,
+                host=self.settings.host,
+                port=self.settings.port,
+                allowed_calling_aes=self.settings.allow_ae,
+            ),
+            self.images,
+            self,
+        )
+        for target, name in ((self._schedule_loop, "scheduler"), (self._outbox_loop, "outbox")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if self.settings.http_port:
+            from server.http import start_http
+
+            self._http = start_http(self, self.settings.http_host, self.settings.http_port)
+        log.info(
+            "LungScreen %s ready: AE %s on %s:%d, model %s %s (%s)",
+            __version__, self.settings.ae_title, self.settings.host, self.settings.port,
+            self.analyzer.detector.card.name, self.analyzer.detector.card.version,
+            ", ".join(self.analyzer.detector.providers),
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake_outbox.set()
+        if self._listener is not None:
+            self._listener.shutdown()
+        if self._http is not None:
+            self._http.shutdown()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.db.close()
+
+    # --- InstanceSink (called by the DICOM listener) ------------------------------------------
+    def refusal_reason(self) -> str | None:
+        checked_at, ok = self._free_bytes_checked
+        if time.monotonic() - checked_at > 2.0:
+            ok = shutil.disk_usage(self.settings.data_dir).free >= MIN_FREE_BYTES
+            self._free_bytes_checked = (time.monotonic(), ok)
+        return None if ok else f"less than {MIN_FREE_BYTES // 1024**2} MiB free in the data folder"
+
+    def is_own_instance(self, sop_uid: str) -> bool:
+        return self.jobs.is_report(sop_uid)
+
+    def instance_stored(self, instance: ReceivedInstance) -> None:
+        self.jobs.record_instance(
+            instance.study_uid, instance.series_uid, instance.sop_uid, instance.sop_class_uid, instance.path
+        )
+        self.metrics.instances_received.inc()
+
+    def instance_rejected(self, study_uid: str | None, reason: str, calling_ae: str) -> None:
+        self.jobs.record_rejection(study_uid, calling_ae, reason)
+        self.metrics.instances_rejected.inc()
+
+    # --- scheduling -------------------------------------------------------------------------
+    def _schedule_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.jobs.queue_quiet_studies(self.settings.idle_seconds)
+                for study_uid in self.jobs.queued():
+                    with self._in_flight_lock:
+                        # The queue stays in SQLite; the pool only ever holds what it can run.
+                        if study_uid in self._in_flight or len(self._in_flight) >= self.settings.workers:
+                            continue
+                        self._in_flight.add(study_uid)
+                    self._pool.submit(self._run_job, study_uid)
+            except Exception:
+                log.exception("scheduler error")
+            self._stop.wait(0.1)
+
+    def _run_job(self, study_uid: str) -> None:
+        try:
+            run = self.jobs.claim(study_uid)
+            if run is not None:
+                self.process(study_uid, run)
+        except Exception:
+            log.exception("job %s: unexpected error", study_uid)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.discard(study_uid)
+
+    def process(self, study_uid: str, run: int) -> None:
+        """One run of the pipeline for a claimed job; every outcome ends in the job store."""
+        started = time.perf_counter()
+        paths = self.jobs.instance_paths(study_uid)
+        previous = self.jobs.latest_report(study_uid)
+        predecessor = dcmread(previous, stop_before_pixels=True) if previous and previous.exists() else None
+        sr_series_uid, sr_sop_uid = report_uids(study_uid, run)
+        try:
+            if not paths:
+                raise NoEligibleSeries((), ("no CT image was stored for this study",))
+            result = analyze_study(
+                paths, self.analyzer, sr_series_uid=sr_series_uid, sr_sop_uid=sr_sop_uid,
+                sr_instance_number=run, predecessor=predecessor,
+            )
+        except LungScreenError as exc:
+            details = {"rejected_series": [r.__dict__ for r in getattr(exc, "rejected", ())]}
+            self.jobs.finish(study_uid, FAILED, reason=str(exc), details=details)
+            log.warning("job %s run %d failed: %s", study_uid, run, exc)
+            return
+        except Exception as exc:
+            self.jobs.finish(study_uid, FAILED, reason=f"internal error: {type(exc).__name__}: {exc}")
+            log.exception("job %s run %d: internal error", study_uid, run)
+            return
+        self._complete(study_uid, run, result, time.perf_counter() - started)
+
+    def _complete(self, study_uid: str, run: int, result: AnalysisResult, seconds: float) -> None:
+        buffer = BytesIO()
+        result.sr.save_as(buffer, enforce_file_format=True)
+        stored = self.reports.save(study_uid, result.sr.SeriesInstanceUID, result.sr.SOPInstanceUID, buffer.getvalue())
+        details = job_details(result, stored.path)
+        with self.db.transaction():
+            self.jobs.record_report(result.sr.SOPInstanceUID, study_uid, run, stored.path)
+            if result.accession_number:
+                self.ledger.record(
+                    ExtensionEntry(
+                        accession_number=result.accession_number,
+                        main_item=result.main_exam_item,
+                        extension_item=self.analyzer.billing.ai_extension_code,
+                        study_uid=study_uid,
+                        report_sop_uid=result.sr.SOPInstanceUID,
+                    )
+                )
+            else:
+                details["billing"] = "no accession number on the CT: no ledger entry (the RIS cannot link it)"
+            self.outbox.enqueue(study_uid, result.sr.SOPInstanceUID, stored.path, [str(d) for d in self.destinations])
+            state = self.jobs.finish(study_uid, REPORTED, details=details)
+        for stage, value in result.timings.items():
+            self.metrics.stage_seconds.labels(stage).observe(value)
+        self.metrics.stage_seconds.labels("total").observe(seconds)
+        log.info(
+            "job %s run %d %s: %d finding(s) from %d candidate(s) in %.2f s",
+            study_uid, run, state, len(result.findings), result.candidates, seconds,
+        )
+        self._wake_outbox.set()
+
+    # --- delivery ---------------------------------------------------------------------------
+    def _outbox_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for item in self.outbox.due():
+                    if self._stop.is_set():
+                        return
+                    self._deliver(item)
+            except Exception:
+                log.exception("outbox error")
+            next_due = self.outbox.next_due()
+            wait = 1.0 if next_due is None else min(1.0, max(0.05, next_due - time.time()))
+            self._wake_outbox.wait(wait)
+            self._wake_outbox.clear()
+
+    def _deliver(self, item: OutboxItem) -> None:
+        destination = Destination.parse(item.destination)
+        try:
+            send_file(item.path, destination, calling_ae=self.settings.ae_title, timeout_s=self.settings.send_timeout_s)
+        except DeliveryError as exc:
+            state = self.outbox.mark_failed(item, str(exc), permanent=exc.permanent)
+            log.warning("delivery of %s to %s failed (%s): %s", item.report_sop_uid, destination, state, exc)
+            if state == "dead":
+                self.jobs.mark_delivery_failed(
+                    item.study_uid, f"delivery to {destination} dead-lettered after {item.attempts + 1} attempt(s): {exc}"
+                )
+            return
+        self.outbox.mark_sent(item)
+        log.info("delivered %s to %s", item.report_sop_uid, destination)
+        if all(s == "sent" for s in self.outbox.states_for_report(item.report_sop_uid)):
+            self.jobs.mark_delivered(item.study_uid)
+
+
+def job_details(result: AnalysisResult, sr_path: Path) -> dict:
+    """What the job status shows about a finished run (no patient data)."""
+    report = result.report
+    return {
+        "series_uid": result.series_uid,
+        "rejected_series": [r.__dict__ for r in result.rejected_series],
+        "operating_point": report.operating_point,
+        "score_threshold": report.score_threshold,
+        "model": f"{report.model_name} {report.model_version}",
+        "candidates": result.candidates,
+        "suppressed": report.suppressed,
+        "findings": list(result.findings),
+        "sr_sop_uid": str(result.sr.SOPInstanceUID),
+        "sr_path": str(sr_path),
+        "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+    }

@@ -1,0 +1,88 @@
+"""Server settings: embedded defaults, a TOML config file, then command-line flags.
+
+One frozen :class:`Settings` object is built at start-up and passed to every part; nothing
+reads process-wide globals.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from models.card import DEFAULT_MODEL_CARD
+
+
+@dataclass(frozen=True)
+class Settings:
+    ae_title: str = "LUNGSCREEN"
+    host: str = "127.0.0.1"  # DICOM listener address; 0.0.0.0 to accept from the network
+    port: int = 11112
+    data_dir: Path = Path("data")
+    allow_ae: tuple[str, ...] = ()  # calling AE titles allowed to connect; empty = any
+    destination: tuple[str, ...] = ()  # AE@host:port, where reports are sent
+    idle_seconds: float = 5.0  # quiet period after a study's last instance
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080  # 0 disables the HTTP endpoint
+    model: Path = DEFAULT_MODEL_CARD
+    operating_point: str | None = None  # None: the model card's default
+    providers: tuple[str, ...] = ()  # ONNX Runtime providers; empty = best available
+    workers: int = 1  # studies analysed at once
+    send_timeout_s: float = 30.0
+    max_delivery_attempts: int = 8
+    retry_base_delay_s: float = 2.0
+    institution: str | None = None
+    # Billing: the AI extension item (PerformedProcedureCodeSequence) and the main exam code
+    # used when the CT carries none (Procedure Reported).
+    ai_extension_code: tuple[str, str, str] = ("LUNG-AI-EXT", "99LUNGSCR", "AI-assisted diagnosis, extension of the main CT exam item")
+    fallback_procedure_code: tuple[str, str, str] = ("LUNG-CT", "99LUNGSCR", "CT chest")
+    clinical_rules: dict[str, Any] = field(default_factory=dict)  # see models.rules.ClinicalRules
+    series_selection: dict[str, Any] = field(default_factory=dict)  # see dicom_io.select.SelectionRules
+
+    def __post_init__(self) -> None:
+        if self.idle_seconds < 0.2:
+            raise ValueError("idle_seconds must be at least 0.2")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+        if not 0 < len(self.ae_title) <= 16:
+            raise ValueError(f"AE title must be 1 to 16 characters: {self.ae_title!r}")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "lungscreen.sqlite"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_dir / "reports"
+
+
+_TUPLES = {"allow_ae", "destination", "providers", "ai_extension_code", "fallback_procedure_code"}
+_PATHS = {"data_dir", "model"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name in _TUPLES:
+        return tuple(value)
+    if name in _PATHS:
+        return Path(value)
+    return value
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Defaults, then ``config_file`` (TOML, keys as the flags with ``_``), then non-None overrides."""
+    known = {f.name for f in fields(Settings)}
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        with open(config_file, "rb") as f:
+            loaded = tomllib.load(f)
+        unknown = set(loaded) - known
+        if unknown:
+            raise ValueError(f"{config_file}: unknown settings {sorted(unknown)}")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
+    return replace(Settings(), **{k: _coerce(k, v) for k, v in values.items()})

@@ -1,0 +1,136 @@
+"""The embedded SQLite database (WAL): jobs, instances, reports, outbox, billing ledger.
+
+One connection shared by the server's threads behind a lock; every write is a short
+transaction. ``synchronous=FULL`` because a C-STORE success is only sent after the
+instance's row is committed, and that promise must survive a power cut.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    study_uid TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN
+        ('receiving', 'queued', 'processing', 'reported', 'delivered', 'failed')),
+    reason TEXT,
+    runs INTEGER NOT NULL DEFAULT 0,
+    instances INTEGER NOT NULL DEFAULT 0,
+    rejected_instances INTEGER NOT NULL DEFAULT 0,
+    rerun_requested INTEGER NOT NULL DEFAULT 0,
+    first_received_at REAL,
+    last_received_at REAL,
+    started_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL,
+    details TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, last_received_at);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    study_uid TEXT,
+    calling_ae TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reports (
+    sop_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    run INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reports_study ON reports (study_uid, run);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    report_sop_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    updated_at REAL NOT NULL,
+    UNIQUE (report_sop_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS billing (
+    id INTEGER PRIMARY KEY,
+    accession_number TEXT NOT NULL,
+    main_item_code TEXT NOT NULL,
+    main_item_scheme TEXT NOT NULL,
+    main_item_meaning TEXT NOT NULL,
+    extension_item_code TEXT NOT NULL,
+    extension_item_scheme TEXT NOT NULL,
+    extension_item_meaning TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    report_sop_uid TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    UNIQUE (accession_number, main_item_code)
+);
+"""
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._depth = threading.local()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.executescript(SCHEMA)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on error.
+
+        Nested calls in the same thread join the outer transaction, so several stores can
+        commit one step (report, billing entry, outbox rows, job state) atomically.
+        """
+        with self._lock:
+            depth = getattr(self._depth, "n", 0)
+            if depth:
+                self._depth.n = depth + 1
+                try:
+                    yield self._conn
+                finally:
+                    self._depth.n = depth
+                return
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._depth.n = 1
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            finally:
+                self._depth.n = 0
+            self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,66 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+# --- LIDC-IDRI-0001 headers and a pixel-free Volume (used by tests/dicom_io/test_sr.py) ---
+
+LIDC_0001_SERIES = Path(
+    "/work/shared/data/lidc_idri/LIDC-IDRI-0001/1.3.6.1.4.1.14519.5.2.1.6279.6001.298806137288633453246975630178"
+    "/1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
+)
+
+
+@pytest.fixture(scope="session")
+def lidc_headers() -> tuple[pydicom.Dataset, ...]:
+    """Headers of the 133 LIDC-IDRI-0001 slices (no pixels), sorted by ImagePositionPatient z."""
+    files = sorted(LIDC_0001_SERIES.glob("*.dcm"))
+    if not files:
+        pytest.skip(f"LIDC-IDRI-0001 not found under {LIDC_0001_SERIES}")
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    return tuple(sorted(headers, key=lambda header: float(header.ImagePositionPatient[2])))
+
+
+@pytest.fixture(scope="session")
+def lidc_volume(lidc_headers):
+    """A :class:`dicom_io.volume.Volume` with the real geometry of LIDC-IDRI-0001 and 1x1 dummy slices.
+
+    Only the geometry and slice references are real: stages that must not read voxels
+    (the SR) can use it without loading 70 MB of pixels.
+    """
+    from dicom_io.volume import SliceRef, Volume
+
+    first = lidc_headers[0]
+    origin = np.array([float(v) for v in first.ImagePositionPatient])
+    row_cosines = np.array(
+        [float(v) for v in first.ImageOrientationPatient[:3]]
+    )  # direction of increasing column i
+    column_cosines = np.array(
+        [float(v) for v in first.ImageOrientationPatient[3:]]
+    )  # direction of increasing row j
+    row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
+    positions = np.array([[float(v) for v in header.ImagePositionPatient] for header in lidc_headers])
+    step = float(np.median(np.diff(positions[:, 2])))
+    slice_direction = (positions[-1] - positions[0]) / np.linalg.norm(positions[-1] - positions[0])
+    affine = np.eye(4)
+    affine[:3, 0] = slice_direction * step
+    affine[:3, 1] = column_cosines * row_spacing
+    affine[:3, 2] = row_cosines * column_spacing
+    affine[:3, 3] = origin
+    return Volume(
+        voxels=np.zeros((len(lidc_headers), 1, 1), dtype=np.float32),
+        affine=affine,
+        spacing=(step, row_spacing, column_spacing),
+        frame_of_reference_uid=first.FrameOfReferenceUID,
+        study_instance_uid=first.StudyInstanceUID,
+        series_instance_uid=first.SeriesInstanceUID,
+        slices=tuple(SliceRef(header.SOPClassUID, header.SOPInstanceUID) for header in lidc_headers),
+    )
+
+
+# --- end of LIDC-IDRI-0001 fixtures ---

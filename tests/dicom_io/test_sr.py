@@ -1,0 +1,578 @@
+"""Tests of dicom_io.sr: the TID 1500 report on the real LIDC-IDRI-0001 series (headers only)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from io import BytesIO
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ComprehensiveSRStorage, generate_uid
+
+from dicom_io.errors import ReportError
+from dicom_io.sr import (
+    LOCAL_SCHEME,
+    RESEARCH_USE_NOTICE,
+    SERIES_DESCRIPTION,
+    AlgorithmIdentity,
+    BillingCodes,
+    build_sr,
+    main_exam_procedure,
+)
+from dicom_io.volume import Volume
+from models.findings import Finding, NoduleReport, NoduleType
+
+# LUNA16 annotations.csv, series 1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192
+LUNA16_NODULE_LPS = (56.21, 86.34, -115.87)
+LUNA16_NODULE_DIAMETER = 23.35
+
+MODEL_NAME = "lung_nodule_ct_detection"
+MODEL_VERSION = "0.6.8"
+DEVICE_UID = "1.2.826.0.1.3680043.8.498.4242"
+AI_EXTENSION = ("AI-LUNG-EXT", "99LUNGSCREEN", "AI-assisted diagnosis extension item")
+FALLBACK_PROCEDURE = ("CT-CHEST-LDCT", "99LUNGSCREEN", "Low-dose CT chest")
+
+
+def _algorithm(**changes) -> AlgorithmIdentity:
+    arguments = dict(
+        manufacturer="LungScreen project",
+        model_name=MODEL_NAME,
+        software_version="0.1.0",
+        model_version=MODEL_VERSION,
+        device_uid=DEVICE_UID,
+        institution="Test Hospital",
+    )
+    return AlgorithmIdentity(**(arguments | changes))
+
+
+BILLING = BillingCodes(ai_extension_code=AI_EXTENSION, fallback_procedure_code=FALLBACK_PROCEDURE)
+
+
+def _report(findings: tuple[Finding, ...], **changes) -> NoduleReport:
+    arguments = dict(
+        findings=findings,
+        operating_point="screening",
+        score_threshold=0.35,
+        model_name=MODEL_NAME,
+        model_version=MODEL_VERSION,
+        suppressed={"calcified": 1, "min_diameter_mm": 4},
+    )
+    return NoduleReport(**(arguments | changes))
+
+
+@pytest.fixture(scope="module")
+def findings(lidc_volume: Volume) -> tuple[Finding, Finding]:
+    luna = Finding(
+        center_kji=tuple(float(v) for v in lidc_volume.lps_to_index(LUNA16_NODULE_LPS)),
+        center_lps_mm=LUNA16_NODULE_LPS,
+        diameter_mm=LUNA16_NODULE_DIAMETER,
+        volume_mm3=6666.0,
+        probability=0.93,
+        nodule_type=NoduleType.SOLID,
+        lung_rads="4B",
+        actionable=True,
+        lobe="right lower lobe",
+    )
+    small_kji = (40.0, 300.0, 150.0)
+    small = Finding(
+        center_kji=small_kji,
+        center_lps_mm=tuple(float(v) for v in lidc_volume.index_to_lps(small_kji)),
+        diameter_mm=5.0,
+        volume_mm3=65.4,
+        probability=0.41,
+        nodule_type=NoduleType.GROUND_GLASS,
+        lung_rads="2",
+        actionable=False,
+    )
+    return luna, small
+
+
+def _write(sr: Dataset) -> bytes:
+    buffer = BytesIO()
+    pydicom.dcmwrite(buffer, sr, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _read(data: bytes) -> hd.sr.ComprehensiveSR:
+    return hd.sr.ComprehensiveSR.from_dataset(pydicom.dcmread(BytesIO(data)))
+
+
+@pytest.fixture(scope="module")
+def sr_bytes(lidc_headers, lidc_volume, findings) -> bytes:
+    return _write(
+        build_sr(lidc_headers, lidc_volume, _report(findings), algorithm=_algorithm(), billing=BILLING)
+    )
+
+
+@pytest.fixture(scope="module")
+def empty_sr_bytes(lidc_headers, lidc_volume) -> bytes:
+    return _write(build_sr(lidc_headers, lidc_volume, _report(()), algorithm=_algorithm(), billing=BILLING))
+
+
+@pytest.fixture(scope="module")
+def sr(sr_bytes) -> hd.sr.ComprehensiveSR:
+    return _read(sr_bytes)
+
+
+def _items(item: Dataset):
+    """Depth-first walk over a content tree."""
+    for child in item.get("ContentSequence", []):
+        yield child
+        yield from _items(child)
+
+
+def _text_values(sr: Dataset, name) -> list[str]:
+    return [
+        item.TextValue
+        for item in _items(sr)
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == name.value
+    ]
+
+
+def _document_evaluations(sr: Dataset) -> Dataset:
+    (container,) = [
+        item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+    ]
+    return container
+
+
+def _dciodvfy(tmp_path: Path, data: bytes) -> str:
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(data)
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("Error")]
+    assert not errors, output
+    return output
+
+
+def _dsrdump(tmp_path: Path, data: bytes) -> str:
+    if shutil.which("dsrdump") is None:
+        pytest.skip("dsrdump (dcmtk) is not installed")
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(data)
+    result = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+class TestAlgorithmIdentity:
+    def test_valid(self):
+        assert _algorithm().device_uid == DEVICE_UID
+        assert _algorithm(institution=None).institution is None
+
+    @pytest.mark.parametrize(
+        ("changes", "error", "match"),
+        [
+            ({"manufacturer": ""}, ValueError, "manufacturer"),
+            ({"model_name": 42}, TypeError, "model_name"),
+            ({"software_version": "x" * 65}, ValueError, "software_version"),
+            ({"model_version": "1\\2"}, ValueError, "model_version"),
+            ({"device_uid": "1.2.03"}, ValueError, "device_uid"),
+            ({"device_uid": None}, TypeError, "device_uid"),
+            ({"institution": " "}, ValueError, "institution"),
+        ],
+    )
+    def test_rejects(self, changes, error, match):
+        with pytest.raises(error, match=match):
+            _algorithm(**changes)
+
+
+class TestBillingCodes:
+    @pytest.mark.parametrize(
+        ("changes", "error", "match"),
+        [
+            ({"ai_extension_code": ("AI-LUNG-EXT", "99LUNGSCREEN")}, TypeError, "ai_extension_code"),
+            ({"ai_extension_code": ["AI", "99X", "AI"]}, TypeError, "ai_extension_code"),
+            ({"fallback_procedure_code": ("CT", "", "CT chest")}, ValueError, "fallback_procedure_code"),
+            (
+                {"fallback_procedure_code": ("CT", "99" + "X" * 15, "CT chest")},
+                ValueError,
+                "fallback_procedure_code",
+            ),
+        ],
+    )
+    def test_rejects(self, changes, error, match):
+        arguments = dict(ai_extension_code=AI_EXTENSION, fallback_procedure_code=FALLBACK_PROCEDURE)
+        with pytest.raises(error, match=match):
+            BillingCodes(**(arguments | changes))
+
+
+def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _ordered_ct_header(header: Dataset) -> Dataset:
+    """``header`` with the order information a RIS-scheduled CT carries."""
+    ordered = copy.deepcopy(header)
+    request = Dataset()
+    request.AccessionNumber = header.AccessionNumber
+    request.RequestedProcedureID = "RP-77"
+    request.StudyInstanceUID = header.StudyInstanceUID
+    request.RequestedProcedureCodeSequence = [_code_item("CT-THX-REQ", "99HOSP", "CT thorax (requested)")]
+    ordered.RequestAttributesSequence = [request]
+    ordered.ProcedureCodeSequence = [_code_item("CT-THX", "99HOSP", "CT thorax")]
+    return ordered
+
+
+class TestMainExamProcedure:
+    def test_fallback_without_codes(self, lidc_headers):
+        code = main_exam_procedure(lidc_headers[0], FALLBACK_PROCEDURE)
+        assert (code.value, code.scheme_designator, code.meaning) == FALLBACK_PROCEDURE
+
+    def test_procedure_code_sequence_first(self, lidc_headers):
+        code = main_exam_procedure(_ordered_ct_header(lidc_headers[0]), FALLBACK_PROCEDURE)
+        assert (code.value, code.scheme_designator) == ("CT-THX", "99HOSP")
+
+    def test_requested_procedure_code(self, lidc_headers):
+        header = _ordered_ct_header(lidc_headers[0])
+        del header.ProcedureCodeSequence
+        assert main_exam_procedure(header, FALLBACK_PROCEDURE).value == "CT-THX-REQ"
+
+    def test_unreadable_code(self, lidc_headers):
+        header = copy.deepcopy(lidc_headers[0])
+        header.ProcedureCodeSequence = [Dataset()]
+        with pytest.raises(ReportError, match="procedure code"):
+            main_exam_procedure(header, FALLBACK_PROCEDURE)
+
+
+class TestBuildSR:
+    def test_is_comprehensive_sr_of_the_ct_study(self, sr, lidc_headers):
+        ct = lidc_headers[0]
+        assert sr.SOPClassUID == ComprehensiveSRStorage
+        assert sr.Modality == "SR"
+        assert sr.StudyInstanceUID == ct.StudyInstanceUID
+        assert sr.AccessionNumber == ct.AccessionNumber
+        assert sr.PatientID == ct.PatientID
+        assert sr.SeriesDescription == SERIES_DESCRIPTION
+        assert sr.Manufacturer == "LungScreen project"
+        assert sr.InstitutionName == "Test Hospital"
+        assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"
+        assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+        assert (
+            len(
+                sr.CurrentRequestedProcedureEvidenceSequence[0]
+                .ReferencedSeriesSequence[0]
+                .ReferencedSOPSequence
+            )
+            == 133
+        )
+
+    def test_dciodvfy_reports_no_error(self, tmp_path, sr_bytes):
+        _dciodvfy(tmp_path, sr_bytes)
+
+    def test_dsrdump_shows_title_and_nodules(self, tmp_path, sr_bytes):
+        output = _dsrdump(tmp_path, sr_bytes)
+        assert "Imaging Measurement Report" in output
+        assert '"Nodule 1"' in output and '"Nodule 2"' in output
+
+    def test_one_group_per_nodule_with_its_own_tracking_uid(self, sr):
+        groups = sr.content.get_planar_roi_measurement_groups()
+        assert [group.tracking_identifier for group in groups] == ["Nodule 1", "Nodule 2"]
+        assert len({group.tracking_uid for group in groups}) == 2
+        assert all(group.finding_type == codes.SCT.Nodule for group in groups)
+        assert all(group.finding_category == codes.SCT.MorphologicallyAbnormalStructure for group in groups)
+
+    def test_luna16_nodule_is_a_closed_circle_on_its_slice(self, sr, lidc_headers):
+        nearest = min(
+            lidc_headers, key=lambda h: abs(float(h.ImagePositionPatient[2]) - LUNA16_NODULE_LPS[2])
+        )
+        origin_x, origin_y = (float(v) for v in nearest.ImagePositionPatient[:2])
+        row_spacing, column_spacing = (float(v) for v in nearest.PixelSpacing)
+        # SCOORD pixel coordinates: the centre of column c, row r is (c + 0.5, r + 0.5), PS3.3 C.18.6.1.1
+        expected_x = (LUNA16_NODULE_LPS[0] - origin_x) / column_spacing + 0.5
+        expected_y = (LUNA16_NODULE_LPS[1] - origin_y) / row_spacing + 0.5
+
+        group = sr.content.get_planar_roi_measurement_groups()[0]
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        points = region.value
+        assert 17 <= len(points) <= 33
+        np.testing.assert_array_equal(points[0], points[-1])
+        centroid = points[:-1].mean(axis=0)
+        assert abs(centroid[0] - expected_x) < 1.0
+        assert abs(centroid[1] - expected_y) < 1.0
+        radius_mm = np.hypot(
+            (points[:-1, 0] - centroid[0]) * column_spacing, (points[:-1, 1] - centroid[1]) * row_spacing
+        )
+        np.testing.assert_allclose(radius_mm, LUNA16_NODULE_DIAMETER / 2, rtol=1e-5)
+
+        (source,) = [item for item in region.ContentSequence if item.RelationshipType == "SELECTED FROM"]
+        assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == nearest.SOPInstanceUID
+        assert source.ReferencedSOPSequence[0].ReferencedSOPClassUID == nearest.SOPClassUID
+
+    def test_measurements(self, sr, findings):
+        for group, finding in zip(sr.content.get_planar_roi_measurement_groups(), findings, strict=True):
+            (long_axis,) = group.get_measurements(name=codes.SCT.LongAxis)
+            assert long_axis.value == pytest.approx(finding.diameter_mm)
+            assert long_axis.unit == codes.UCUM.Millimeter
+            (volume,) = group.get_measurements(name=codes.SCT.Volume)
+            assert volume.value == pytest.approx(finding.volume_mm3)
+            assert volume.unit == codes.UCUM.CubicMillimeter
+            (certainty,) = group.get_measurements(name=codes.DCM.CertaintyOfFinding)
+            assert certainty.value == pytest.approx(100 * finding.probability)
+            assert certainty.unit == codes.UCUM.Percent
+
+    def test_finding_sites(self, sr):
+        lobe_group, lung_group = sr.content.get_planar_roi_measurement_groups()
+        (lobe,) = lobe_group.finding_sites
+        assert lobe.value == codes.SCT.LowerLobeOfLung
+        assert lobe.laterality == codes.SCT.Right
+        (lung,) = lung_group.finding_sites
+        assert lung.value == codes.SCT.Lung
+        assert lung.laterality is None
+
+    def test_qualitative_evaluations_use_the_declared_local_scheme(self, sr):
+        group = sr.content.get_planar_roi_measurement_groups()[0]
+        values = {
+            evaluation.name.meaning: evaluation.value for evaluation in group.get_qualitative_evaluations()
+        }
+        assert values["Nodule type"].value == "SOLID"
+        assert values["Suggested Lung-RADS v2022 category"].value == "LR-4B"
+        assert values["Suggested Lung-RADS v2022 category"].scheme_designator == LOCAL_SCHEME
+        assert values["Actionable per clinical rules"] == codes.SCT.Yes
+        declared = {item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence}
+        assert {LOCAL_SCHEME, AI_EXTENSION[1]} <= declared
+
+    def test_algorithm_identification(self, sr):
+        assert _text_values(sr, codes.DCM.AlgorithmName) == [MODEL_NAME, MODEL_NAME]
+        assert "operating point: screening" in _text_values(sr, codes.DCM.AlgorithmParameters)
+        (equipment,) = [item for item in sr.ContributingEquipmentSequence if "DeviceUID" in item]
+        assert equipment.DeviceUID == DEVICE_UID
+        assert equipment.ManufacturerModelName == MODEL_NAME
+        assert list(equipment.SoftwareVersions) == ["0.1.0", MODEL_VERSION]
+        (observer,) = sr.content.get_observer_contexts(observer_type=codes.DCM.Device)
+        assert observer.observer_identifying_attributes.uid == DEVICE_UID
+
+    def test_image_library_lists_the_centre_slices(self, sr, lidc_volume, findings):
+        (library,) = [
+            item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "111028"
+        ]
+        listed = [
+            item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for item in _items(library)
+            if item.ValueType == "IMAGE"
+        ]
+        expected = [lidc_volume.slices[round(finding.center_kji[0])].sop_instance_uid for finding in findings]
+        assert listed == expected
+
+    def test_billing_links_to_the_main_exam(self, sr, lidc_headers):
+        (performed,) = sr.PerformedProcedureCodeSequence
+        assert (performed.CodeValue, performed.CodingSchemeDesignator, performed.CodeMeaning) == AI_EXTENSION
+        (procedure,) = [
+            item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121058"
+        ]
+        assert procedure.ConceptCodeSequence[0].CodeValue == FALLBACK_PROCEDURE[0]
+        (request,) = sr.ReferencedRequestSequence
+        assert request.AccessionNumber == lidc_headers[0].AccessionNumber
+        assert request.StudyInstanceUID == lidc_headers[0].StudyInstanceUID
+        assert "ReferencedStudySequence" in request
+
+    def test_order_information_of_the_ct(self, tmp_path, lidc_headers, lidc_volume, findings):
+        evidence = [_ordered_ct_header(lidc_headers[0]), *lidc_headers[1:]]
+        data = _write(
+            build_sr(evidence, lidc_volume, _report(findings), algorithm=_algorithm(), billing=BILLING)
+        )
+        _dciodvfy(tmp_path, data)
+        sr = _read(data)
+        (procedure,) = [
+            item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121058"
+        ]
+        assert procedure.ConceptCodeSequence[0].CodeValue == "CT-THX"
+        (request,) = sr.ReferencedRequestSequence
+        assert request.RequestedProcedureID == "RP-77"
+        assert request.RequestedProcedureCodeSequence[0].CodeValue == "CT-THX-REQ"
+        assert "99HOSP" in {item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence}
+
+    def test_document_level_statements(self, sr):
+        container = _document_evaluations(sr)
+        assert _text_values(container, codes.DCM.Comment) == [RESEARCH_USE_NOTICE]
+        texts = {
+            item.ConceptNameCodeSequence[0].CodeMeaning: item.get("TextValue")
+            for item in container.ContentSequence
+        }
+        assert texts["Operating point"] == "screening"
+        assert texts["Detector score threshold"] == "0.35"
+        assert _text_values(container, hd.sr.CodedConcept("SUPPRESSED", LOCAL_SCHEME, "x")) == [
+            "calcified: 1",
+            "min_diameter_mm: 4",
+        ]
+        (summary,) = [item for item in container.ContentSequence if item.ValueType == "CODE"]
+        assert summary.ConceptCodeSequence[0].CodeValue == codes.DCM.AllAlgorithmsSucceededWithFindings.value
+
+    def test_no_finding_report(self, tmp_path, empty_sr_bytes, lidc_volume):
+        _dciodvfy(tmp_path, empty_sr_bytes)
+        assert "Imaging Measurement Report" in _dsrdump(tmp_path, empty_sr_bytes)
+        sr = _read(empty_sr_bytes)
+        assert sr.content.get_planar_roi_measurement_groups() == []
+        assert not [item for item in _items(sr) if item.ConceptNameCodeSequence[0].CodeValue == "125007"]
+        container = _document_evaluations(sr)
+        assert _text_values(container, codes.DCM.Finding) == [
+            "No nodule detected at operating point screening (score threshold 0.35)."
+        ]
+        (summary,) = [item for item in container.ContentSequence if item.ValueType == "CODE"]
+        assert (
+            summary.ConceptCodeSequence[0].CodeValue == codes.DCM.AllAlgorithmsSucceededWithoutFindings.value
+        )
+        assert RESEARCH_USE_NOTICE in _text_values(container, codes.DCM.Comment)
+        middle = lidc_volume.slices[len(lidc_volume.slices) // 2].sop_instance_uid
+        assert [
+            item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for item in _items(sr)
+            if item.ValueType == "IMAGE"
+        ] == [middle]
+
+    def test_rerun_supersedes_its_predecessor_in_the_same_series(
+        self, lidc_headers, lidc_volume, findings, sr
+    ):
+        rerun = build_sr(
+            lidc_headers,
+            lidc_volume,
+            _report(findings),
+            algorithm=_algorithm(),
+            billing=BILLING,
+            predecessor=sr,
+        )
+        assert rerun.SeriesInstanceUID == sr.SeriesInstanceUID
+        assert rerun.SOPInstanceUID != sr.SOPInstanceUID
+        reread = _read(_write(rerun))
+        (study,) = reread.PredecessorDocumentsSequence
+        reference = study.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID == sr.SOPInstanceUID
+        assert reference.ReferencedSOPClassUID == ComprehensiveSRStorage
+
+    def test_ct_without_type2_study_attributes(self, tmp_path, lidc_headers, lidc_volume, findings):
+        sparse = copy.deepcopy(lidc_headers[0])
+        for keyword in ("PatientBirthDate", "StudyID", "StudyTime", "ReferringPhysicianName"):
+            delattr(sparse, keyword)
+        evidence = [sparse, *lidc_headers[1:]]
+        data = _write(
+            build_sr(evidence, lidc_volume, _report(findings), algorithm=_algorithm(), billing=BILLING)
+        )
+        _dciodvfy(tmp_path, data)
+        sr = _read(data)
+        assert sr.StudyID == "" and sr.PatientBirthDate == ""
+        assert "StudyID" not in sparse
+
+    def test_explicit_uids_and_numbers(self, lidc_headers, lidc_volume):
+        series_uid, sop_uid = generate_uid(), generate_uid()
+        sr = build_sr(
+            lidc_headers,
+            lidc_volume,
+            _report(()),
+            algorithm=_algorithm(),
+            billing=BILLING,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            instance_number=3,
+            series_number=42,
+        )
+        assert (sr.SeriesInstanceUID, sr.SOPInstanceUID, sr.InstanceNumber, sr.SeriesNumber) == (
+            series_uid,
+            sop_uid,
+            3,
+            42,
+        )
+
+
+class TestBuildSRRejects:
+    def test_empty_evidence(self, lidc_volume, findings):
+        with pytest.raises(ReportError, match="no evidence"):
+            build_sr([], lidc_volume, _report(findings), algorithm=_algorithm(), billing=BILLING)
+
+    @pytest.mark.parametrize(
+        ("keyword", "match"),
+        [("StudyInstanceUID", "belongs to study"), ("SeriesInstanceUID", "belongs to series")],
+    )
+    def test_evidence_from_another_study_or_series(self, lidc_headers, lidc_volume, findings, keyword, match):
+        stranger = copy.deepcopy(lidc_headers[5])
+        setattr(stranger, keyword, generate_uid())
+        evidence = [*lidc_headers[:5], stranger, *lidc_headers[6:]]
+        with pytest.raises(ReportError, match=match):
+            build_sr(evidence, lidc_volume, _report(findings), algorithm=_algorithm(), billing=BILLING)
+
+    def test_evidence_without_the_centre_slice(self, lidc_headers, lidc_volume, findings):
+        centre = lidc_volume.slices[round(findings[0].center_kji[0])].sop_instance_uid
+        evidence = [header for header in lidc_headers if header.SOPInstanceUID != centre]
+        with pytest.raises(ReportError, match="nodule 1.*not among the evidence"):
+            build_sr(evidence, lidc_volume, _report(findings), algorithm=_algorithm(), billing=BILLING)
+
+    @pytest.mark.parametrize("k", [-0.6, 132.6, 500.0])
+    def test_centre_slice_outside_the_volume(self, lidc_headers, lidc_volume, findings, k):
+        outside = Finding(**(vars(findings[1]) | {"center_kji": (k, 300.0, 150.0)}))
+        with pytest.raises(ReportError, match="nodule 2: centre slice"):
+            build_sr(
+                lidc_headers,
+                lidc_volume,
+                _report((findings[0], outside)),
+                algorithm=_algorithm(),
+                billing=BILLING,
+            )
+
+    def test_centre_outside_the_image(self, lidc_headers, lidc_volume, findings):
+        outside = Finding(**(vars(findings[1]) | {"center_kji": (40.0, 300.0, 512.0)}))
+        with pytest.raises(ReportError, match="outside the image"):
+            build_sr(lidc_headers, lidc_volume, _report((outside,)), algorithm=_algorithm(), billing=BILLING)
+
+    @pytest.mark.parametrize(
+        ("changes", "match"),
+        [
+            ({"lobe": "lingula of the moon"}, "unknown lobe"),
+            ({"lung_rads": "5"}, "Lung-RADS"),
+            ({"probability": 1.5}, "probability"),
+        ],
+    )
+    def test_unencodable_finding(self, lidc_headers, lidc_volume, findings, changes, match):
+        finding = Finding(**(vars(findings[0]) | changes))
+        with pytest.raises(ReportError, match=match):
+            build_sr(lidc_headers, lidc_volume, _report((finding,)), algorithm=_algorithm(), billing=BILLING)
+
+    def test_report_of_another_model(self, lidc_headers, lidc_volume, findings):
+        with pytest.raises(ReportError, match="algorithm identity"):
+            build_sr(
+                lidc_headers,
+                lidc_volume,
+                _report(findings, model_version="9.9"),
+                algorithm=_algorithm(),
+                billing=BILLING,
+            )
+
+    def test_predecessor_from_another_study(self, lidc_headers, lidc_volume, findings, sr):
+        foreign = copy.deepcopy(sr)
+        foreign.StudyInstanceUID = generate_uid()
+        with pytest.raises(ReportError, match="predecessor"):
+            build_sr(
+                lidc_headers,
+                lidc_volume,
+                _report(findings),
+                algorithm=_algorithm(),
+                billing=BILLING,
+                predecessor=foreign,
+            )
+
+    @pytest.mark.parametrize(
+        ("changes", "error", "match"),
+        [
+            ({"algorithm": "LungScreen"}, TypeError, "algorithm"),
+            ({"billing": AI_EXTENSION}, TypeError, "billing"),
+            ({"sop_instance_uid": "1.2.abc"}, ValueError, "sop_instance_uid"),
+            ({"series_instance_uid": "01.2"}, ValueError, "series_instance_uid"),
+            ({"instance_number": 0}, ValueError, "instance_number"),
+            ({"series_number": "9001"}, ValueError, "series_number"),
+        ],
+    )
+    def test_bad_arguments(self, lidc_headers, lidc_volume, changes, error, match):
+        arguments = dict(algorithm=_algorithm(), billing=BILLING) | changes
+        with pytest.raises(error, match=match):
+            build_sr(lidc_headers, lidc_volume, _report(()), **arguments)

@@ -1,0 +1,75 @@
+"""Clinical rules: what is suppressed, what is actionable, and that every removal is counted."""
+
+import pytest
+
+from models.findings import Finding, NoduleType
+from models.measure import nodule_type
+from models.rules import (
+    SUPPRESSED_BELOW_OPERATING_POINT,
+    SUPPRESSED_OVER_CAP,
+    SUPPRESSED_UNDER_MIN_SIZE,
+    ClinicalRules,
+    apply_rules,
+    lung_rads_category,
+)
+
+
+def finding(diameter, probability, kind=NoduleType.SOLID):
+    return Finding((0, 0, 0), (0, 0, 0), diameter, 0.0, probability, kind, "", False)
+
+
+@pytest.mark.parametrize(
+    "diameter, kind, category",
+    [
+        (4.0, NoduleType.SOLID, "2"), (5.9, NoduleType.SOLID, "2"), (6.0, NoduleType.SOLID, "3"),
+        (7.9, NoduleType.SOLID, "3"), (8.0, NoduleType.SOLID, "4A"), (14.9, NoduleType.SOLID, "4A"),
+        (15.0, NoduleType.SOLID, "4B"), (23.4, NoduleType.SOLID, "4B"),
+        (20.0, NoduleType.GROUND_GLASS, "2"), (30.0, NoduleType.GROUND_GLASS, "3"),
+        (5.0, NoduleType.PART_SOLID, "2"), (9.0, NoduleType.PART_SOLID, "3"),
+    ],
+)
+def test_lung_rads_v2022_size_categories(diameter, kind, category):
+    assert lung_rads_category(diameter, kind) == category
+
+
+def test_rules_suppress_and_count_each_reason():
+    findings = [
+        finding(3.0, 0.9),  # under 4 mm: not reported
+        finding(5.0, 0.9),  # reported, category 2, not actionable
+        finding(12.0, 0.3),  # below the operating point
+        *[finding(7.0 + i, 0.8) for i in range(4)],  # one of these is over the cap of 4
+    ]
+    kept, suppressed = apply_rules(findings, 0.5, ClinicalRules(max_findings=4))
+    assert suppressed == {SUPPRESSED_UNDER_MIN_SIZE: 1, SUPPRESSED_BELOW_OPERATING_POINT: 1, SUPPRESSED_OVER_CAP: 1}
+    assert len(kept) == 4
+    assert sum(suppressed.values()) + len(kept) == len(findings)
+    small = [f for f in kept if f.diameter_mm == 5.0]
+    assert small and small[0].lung_rads == "2" and not small[0].actionable
+    assert all(f.actionable for f in kept if f.diameter_mm >= 6)
+    assert [f.diameter_mm for f in kept] == sorted((f.diameter_mm for f in kept), reverse=True)
+
+
+def test_rules_are_configurable_per_site_and_validated():
+    rules = ClinicalRules.from_mapping({"min_reported_diameter_mm": 6, "actionable_diameter_mm": 8})
+    kept, suppressed = apply_rules([finding(5.0, 0.9), finding(7.0, 0.9)], 0.5, rules)
+    assert [f.diameter_mm for f in kept] == [7.0] and not kept[0].actionable
+    assert suppressed[SUPPRESSED_UNDER_MIN_SIZE] == 1
+    with pytest.raises(ValueError, match="unknown clinical rule settings"):
+        ClinicalRules.from_mapping({"min_size": 3})
+    with pytest.raises(ValueError, match="max_findings"):
+        ClinicalRules(max_findings=0)
+
+
+def test_nodule_type_from_attenuation():
+    import numpy as np
+
+    spacing = (1.0, 1.0, 1.0)
+    k, j, i = np.ogrid[:40, :40, :40]
+    r = np.sqrt((k - 20) ** 2 + (j - 20) ** 2 + (i - 20) ** 2)
+    lung = np.full((40, 40, 40), -850.0, np.float32)
+    solid = np.where(r <= 6, 30.0, lung)
+    ggo = np.where(r <= 6, -600.0, lung)
+    part = np.where(r <= 2.5, 30.0, np.where(r <= 6, -650.0, lung))
+    assert nodule_type(solid, (20, 20, 20), 12.0, spacing) is NoduleType.SOLID
+    assert nodule_type(ggo, (20, 20, 20), 12.0, spacing) is NoduleType.GROUND_GLASS
+    assert nodule_type(part, (20, 20, 20), 12.0, spacing) is NoduleType.PART_SOLID

@@ -1,0 +1,130 @@
+"""Job store states, billing ledger and outbox, on a real SQLite file."""
+
+import json
+
+import pytest
+
+from server.billing import CHARGE_RULE, BillingLedger, ExtensionEntry
+from server.db import Database
+from server.jobs import DELIVERED, FAILED, PROCESSING, QUEUED, RECEIVING, REPORTED, JobStore
+from server.outbox import Outbox, RetryPolicy
+
+
+@pytest.fixture
+def db(tmp_path):
+    database = Database(tmp_path / "db.sqlite")
+    yield database
+    database.close()
+
+
+def receive(jobs, study="1.2.3", n=3, t=100.0, series="1.2.3.1"):
+    for k in range(n):
+        jobs.record_instance(study, series, f"{series}.{k}.{int(t)}", "1.2.840.10008.5.1.4.1.1.2", f"/x/{k}", now=t + k)
+
+
+def test_quiet_period_is_restarted_by_each_instance(db):
+    jobs = JobStore(db)
+    receive(jobs, n=3, t=100.0)  # last instance at t=102
+    assert jobs.queue_quiet_studies(5.0, now=106.9) == []
+    assert jobs.get("1.2.3").state == RECEIVING
+    assert jobs.queue_quiet_studies(5.0, now=107.0) == ["1.2.3"]
+    assert jobs.get("1.2.3").state == QUEUED
+    assert jobs.get("1.2.3").instances == 3
+
+
+def test_resend_is_not_counted_twice(db):
+    jobs = JobStore(db)
+    receive(jobs, n=3, t=100.0)
+    receive(jobs, n=3, t=100.0)
+    assert jobs.get("1.2.3").instances == 3
+
+
+def test_run_lifecycle_and_rerun_after_late_instances(db):
+    jobs = JobStore(db)
+    receive(jobs)
+    jobs.queue_quiet_studies(0.5, now=1e9)
+    assert jobs.claim("1.2.3") == 1
+    assert jobs.claim("1.2.3") is None, "a job is claimed once"
+    receive(jobs, n=1, t=200.0, series="1.2.3.9")  # arrives while processing
+    assert jobs.get("1.2.3").state == PROCESSING
+    assert jobs.finish("1.2.3", REPORTED, details={"findings": []}) == RECEIVING
+    jobs.queue_quiet_studies(0.5, now=1e9)
+    assert jobs.claim("1.2.3") == 2
+    assert jobs.finish("1.2.3", REPORTED) == REPORTED
+    jobs.mark_delivered("1.2.3")
+    assert jobs.get("1.2.3").state == DELIVERED
+    receive(jobs, n=1, t=300.0, series="1.2.3.10")  # arrives after delivery: a new run
+    assert jobs.get("1.2.3").state == RECEIVING
+
+
+def test_interrupted_run_resumes_after_restart(db, tmp_path):
+    jobs = JobStore(db)
+    receive(jobs)
+    jobs.queue_quiet_studies(0.5, now=1e9)
+    jobs.claim("1.2.3")
+    db.close()
+    reopened = JobStore(Database(tmp_path / "db.sqlite"))
+    assert reopened.resume_after_restart() == ["1.2.3"]
+    assert reopened.get("1.2.3").state == QUEUED
+
+
+def test_failure_keeps_its_reason_and_rejections_are_visible(db):
+    jobs = JobStore(db)
+    jobs.record_rejection("1.2.3", "MODALITY", "SOPInstanceUID is not a valid DICOM UID: '../x'")
+    job = jobs.get("1.2.3")
+    assert job.state == RECEIVING and job.rejected_instances == 1 and job.instances == 0
+    assert "not a valid DICOM UID" in jobs.rejections("1.2.3")[0]["reason"]
+    jobs.queue_quiet_studies(0.5, now=1e12)
+    jobs.claim("1.2.3")
+    jobs.finish("1.2.3", FAILED, reason="no CT image was stored for this study")
+    assert jobs.get("1.2.3").reason == "no CT image was stored for this study"
+
+
+def test_billing_has_one_extension_entry_per_accession_and_main_item(db):
+    ledger = BillingLedger(db)
+    entry = ExtensionEntry("ACC1", ("71250", "C4", "CT chest"), ("AI", "99X", "AI ext"), "1.2.3", "1.2.3.100")
+    assert ledger.record(entry)
+    assert not ledger.record(ExtensionEntry("ACC1", ("71250", "C4", "CT chest"), ("AI", "99X", "AI ext"), "1.2.3", "1.2.3.101"))
+    assert ledger.record(ExtensionEntry("ACC2", ("71250", "C4", "CT chest"), ("AI", "99X", "AI ext"), "1.2.4", "1.2.4.1"))
+    rows = json.loads(ledger.export("json"))
+    assert [r["accession_number"] for r in rows] == ["ACC1", "ACC2"]
+    assert rows[0]["report_sop_uid"] == "1.2.3.100" and rows[0]["charge"] == CHARGE_RULE
+    assert "amount" not in rows[0] and "price" not in rows[0]
+    csv_text = ledger.export("csv")
+    assert csv_text.splitlines()[0].startswith("accession_number,main_item_code")
+    assert len(csv_text.splitlines()) == 3
+    with pytest.raises(ValueError, match="accession number"):
+        ExtensionEntry("", ("a", "b", "c"), ("a", "b", "c"), "1.2", "1.2.3")
+
+
+def test_outbox_backoff_then_dead_letter(db):
+    outbox = Outbox(db, RetryPolicy(max_attempts=3, base_delay_s=1.0))
+    outbox.enqueue("1.2.3", "1.2.3.100", "/r.dcm", ["A@127.0.0.1:1", "B@127.0.0.1:2"])
+    outbox.enqueue("1.2.3", "1.2.3.100", "/r.dcm", ["A@127.0.0.1:1"])  # idempotent
+    items = outbox.due()
+    assert len(items) == 2
+    a = items[0]
+    assert outbox.mark_failed(a, "refused", permanent=False) == "pending"
+    assert [i.destination for i in outbox.due()] == ["B@127.0.0.1:2"], "A waits for its backoff"
+    def due_for(prefix):
+        return [i for i in outbox.due(now=1e12) if i.destination.startswith(prefix)][0]
+
+    assert outbox.mark_failed(due_for("A"), "refused", permanent=False) == "pending"
+    assert outbox.mark_failed(due_for("A"), "refused", permanent=False) == "dead"
+    assert outbox.mark_failed(due_for("B"), "status 0xA900", permanent=True) == "dead"
+    assert outbox.due(now=1e13) == []
+    assert sorted(outbox.states_for_report("1.2.3.100")) == ["dead", "dead"]
+    assert RetryPolicy(base_delay_s=2, max_delay_s=10).delay(1) == 2
+    assert RetryPolicy(base_delay_s=2, max_delay_s=10).delay(3) == 8
+    assert RetryPolicy(base_delay_s=2, max_delay_s=10).delay(9) == 10
+
+
+def test_nested_transactions_commit_together_or_not_at_all(db):
+    jobs = JobStore(db)
+    ledger = BillingLedger(db)
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            receive(jobs)
+            ledger.record(ExtensionEntry("ACC1", ("a", "b", "c"), ("d", "e", "f"), "1.2.3", "1.2.3.1"))
+            raise RuntimeError("crash in the middle")
+    assert jobs.get("1.2.3") is None and ledger.rows() == []

@@ -7,5 +7,5 @@ setup:
 serve: setup
 	.venv/bin/lungscreen serve
 
-test: setup
-	.venv/bin/python -m pytest -q
+test:
+	scripts/test.sh

@@ -36,6 +36,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from dicom_io.store import InstanceStore, InvalidUID
+from dicom_io.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class InstanceSink(Protocol):
 
     def instance_stored(self, instance: ReceivedInstance) -> None: ...
 
+    def instance_ignored(self, study_uid: str | None, sop_class_uid: str, calling_ae: str) -> None:
+        """A non-CT instance, accepted and dropped; it never triggers processing."""
+
     def instance_rejected(self, study_uid: str | None, reason: str, calling_ae: str) -> None: ...
 
 
@@ -107,11 +111,14 @@ def _store_handler(event, store: InstanceStore, sink: InstanceSink):
     calling_ae = event.assoc.requestor.ae_title
     sop_class_uid = str(event.request.AffectedSOPClassUID)
     sop_uid = str(event.request.AffectedSOPInstanceUID)
-    if sop_class_uid not in CT_STORAGE_CLASSES or sink.is_own_instance(sop_uid):
-        log.debug("ignored instance of SOP class %s", sop_class_uid)
-        return STATUS_SUCCESS
     study_uid = None
     try:
+        if sink.is_own_instance(sop_uid):
+            return STATUS_SUCCESS  # loop guard: our own report coming back
+        if sop_class_uid not in CT_STORAGE_CLASSES:
+            study_uid = str(event.dataset.get("StudyInstanceUID", ""))
+            sink.instance_ignored(study_uid if is_valid_uid(study_uid) else None, sop_class_uid, calling_ae)
+            return STATUS_SUCCESS
         refusal = sink.refusal_reason()
         if refusal:
             log.warning("refused instance from %s: %s", calling_ae, refusal)

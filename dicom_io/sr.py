@@ -207,18 +207,7 @@ class BillingCodes:
         _check_code("fallback_procedure_code", self.fallback_procedure_code)
 
 
-def main_exam_procedure(ct_header: Dataset, fallback: tuple[str, str, str]) -> hd.sr.CodedConcept:
-    """The procedure code of the main exam item that produced the CT.
-
-    Looked up in this order: ProcedureCodeSequence (General Study), RequestedProcedureCodeSequence,
-    the first RequestAttributesSequence item that has a RequestedProcedureCodeSequence;
-    otherwise ``fallback`` ``(value, scheme designator, meaning)``.
-
-    Raises
-    ------
-    ReportError
-        When the first code found is not a valid Code Sequence item.
-    """
+def _main_exam_code(ct_header: Dataset, billing: BillingCodes) -> hd.sr.CodedConcept:
     sequences = [ct_header.get("ProcedureCodeSequence"), ct_header.get("RequestedProcedureCodeSequence")]
     sequences += [
         request.get("RequestedProcedureCodeSequence")
@@ -230,7 +219,23 @@ def main_exam_procedure(ct_header: Dataset, fallback: tuple[str, str, str]) -> h
                 return hd.sr.CodedConcept.from_dataset(sequence[0])
             except (AttributeError, TypeError, ValueError) as error:
                 raise ReportError(f"the CT's procedure code cannot be read: {error}") from error
-    return _coded(fallback)
+    return _coded(billing.fallback_procedure_code)
+
+
+def main_exam_procedure(ct_header: Dataset, billing: BillingCodes) -> tuple[str, str, str]:
+    """``(value, scheme designator, meaning)`` of the main exam item that produced the CT.
+
+    The SR's Procedure Reported (121058, DCM). Looked up in this order: ProcedureCodeSequence
+    (General Study), RequestedProcedureCodeSequence, the first RequestAttributesSequence item
+    with a RequestedProcedureCodeSequence; otherwise ``billing.fallback_procedure_code``.
+
+    Raises
+    ------
+    ReportError
+        When the first code found is not a valid Code Sequence item.
+    """
+    code = _main_exam_code(ct_header, billing)
+    return code.value, code.scheme_designator, code.meaning
 
 
 def _referenced_requests(ct_header: Dataset) -> list[Dataset]:
@@ -276,11 +281,11 @@ def _evidence_by_sop_uid(evidence: Sequence[Dataset], volume: Volume) -> dict[st
 
 
 def _with_type2_study_attributes(header: Dataset) -> Dataset:
-    """A shallow copy of ``header`` in which missing Type 2 patient/study attributes are empty."""
+    """A copy of ``header`` in which missing Type 2 patient/study attributes are empty."""
     missing = [keyword for keyword in _TYPE2_STUDY_KEYWORDS if keyword not in header]
     if not missing:
         return header
-    completed = copy.copy(header)
+    completed = copy.deepcopy(header)
     for keyword in missing:
         setattr(completed, keyword, None)
     return completed
@@ -602,7 +607,7 @@ def build_sr(
         library_images[middle.SOPInstanceUID] = middle
 
     first = _with_type2_study_attributes(evidence[0])
-    procedure = main_exam_procedure(first, billing.fallback_procedure_code)
+    procedure = _main_exam_code(first, billing)
     ai_extension = _coded(billing.ai_extension_code)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

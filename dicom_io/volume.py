@@ -11,12 +11,15 @@ Conventions (kept identical in every stage):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.multival import MultiValue
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage
 
 from dicom_io.errors import VolumeError
 
@@ -59,13 +62,10 @@ class Volume:
         return (lps - self.affine[:3, 3]) @ np.linalg.inv(self.affine[:3, :3]).T
 
 
-# Supported SOP classes: one frame per instance, or many frames with functional groups.
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+# CT image SOP classes: one frame per instance, or many frames with functional groups.
+CT_SOP_CLASSES = frozenset({CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage})
 
-# Value written over padding voxels (PS3.3 C.7.5.1.1.2): air.
-PADDING_HU = -1024.0
+_PADDING_HU = -1024.0  # written over pixel padding (PS3.3 C.7.5.1.1.2): air
 
 _ORIENTATION_TOLERANCE = 1e-3  # on the direction cosines of ImageOrientationPatient
 _PIXEL_SPACING_TOLERANCE_MM = 1e-3
@@ -87,10 +87,9 @@ class FrameHeader:
     sop_class_uid: str
     sop_instance_uid: str
     frame_number: int | None  # 1-based, only for multi-frame instances
-    image_position: tuple[float, float, float] | None
-    image_orientation: tuple[float, float, float, float, float, float] | None
-    pixel_spacing: tuple[float, float] | None
-    slice_thickness: float | None
+    image_position: tuple[float, ...] | None  # 3 values, LPS mm
+    image_orientation: tuple[float, ...] | None  # 6 values: row cosines, column cosines
+    pixel_spacing: tuple[float, ...] | None  # 2 values: between rows, between columns (mm)
     rows: int | None
     columns: int | None
     rescale_slope: float
@@ -129,6 +128,65 @@ def frame_headers(dataset: pydicom.Dataset) -> tuple[FrameHeader, ...]:
     )
 
 
+@dataclass(frozen=True)
+class StackGeometry:
+    """The validated geometry of a regular stack of slices (PS3.3 C.7.6.2.1.1).
+
+    ``order`` lists the frame indices sorted along ``normal``, the cross product of the
+    row and column direction cosines; ``step`` is the median distance between neighbours.
+    """
+
+    order: tuple[int, ...]
+    row_cosines: np.ndarray  # direction of increasing column index i
+    column_cosines: np.ndarray  # direction of increasing row index j
+    normal: np.ndarray
+    step: float
+    pixel_spacing: tuple[float, float]  # between rows (along column_cosines), between columns
+    image_size: tuple[int, int]  # rows, columns
+    origin: np.ndarray  # ImagePositionPatient of the first slice
+
+    @property
+    def affine(self) -> np.ndarray:
+        """Homogeneous ``(k, j, i, 1)`` index to LPS mm, as in :class:`Volume`."""
+        affine = np.eye(4)
+        affine[:3, 0] = self.normal * self.step
+        affine[:3, 1] = self.column_cosines * self.pixel_spacing[0]
+        affine[:3, 2] = self.row_cosines * self.pixel_spacing[1]
+        affine[:3, 3] = self.origin
+        return affine
+
+
+def stack_geometry(frames: Sequence[FrameHeader]) -> StackGeometry:
+    """Check that ``frames`` form one regular, untilted stack and describe it.
+
+    Every frame needs the Image Plane attributes (PS3.3 C.7.6.2) and all must share one
+    orientation, pixel spacing and image size; there is no gantry tilt, neither recorded
+    (GantryDetectorTilt) nor visible as slice positions drifting within the image plane;
+    no two slices share a location; every gap is within 10% of the median step.
+
+    Raises:
+        VolumeError: with the reason the frames do not form such a stack.
+    """
+    if len(frames) < 2:
+        raise VolumeError("a single slice is not a volume" if frames else "no slices")
+    row_cosines, column_cosines, pixel_spacing, image_size = _common_geometry(frames)
+    normal = np.cross(row_cosines, column_cosines)
+    normal /= np.linalg.norm(normal)
+    positions = np.array([frame.image_position for frame in frames], dtype=np.float64)
+    order = np.argsort(positions @ normal, kind="stable")
+    step = _check_stack(positions[order], normal, min(pixel_spacing))
+    return StackGeometry(
+        order=tuple(int(index) for index in order),
+        row_cosines=row_cosines,
+        column_cosines=column_cosines,
+        normal=normal,
+        step=step,
+        pixel_spacing=pixel_spacing,
+        image_size=image_size,
+        origin=positions[order[0]],
+    )
+
+
 def read_series_volume(paths: Sequence[Path], *, min_slices: int = 10) -> Volume:
     """Assemble the CT series stored in ``paths`` into a :class:`Volume` in HU.
 
@@ -139,7 +197,7 @@ def read_series_volume(paths: Sequence[Path], *, min_slices: int = 10) -> Volume
     slices like single-frame images (PS3.3 C.7.6.16). Stored values equal to
     PixelPaddingValue, or within the range up to PixelPaddingRangeLimit, become air
     (PS3.3 C.7.5.1.1.2); the others are rescaled to HU with RescaleSlope and
-    RescaleIntercept (PS3.3 C.11.1.1.2).
+    RescaleIntercept (PS3.3 C.11.1; per frame for multi-frame instances, C.7.6.16.2.9).
 
     Headers are read first, so a series that cannot form a volume is rejected before any
     pixel data is decoded; each file's pixel data is then decoded exactly once, through
@@ -171,19 +229,16 @@ def read_series_volume(paths: Sequence[Path], *, min_slices: int = 10) -> Volume
 
     frames_per_file = [frame_headers(header) for header in headers]
     frames = [frame for file_frames in frames_per_file for frame in file_frames]
-    if len(frames) == 1:
-        raise VolumeError("a single slice is not a volume")
-    if len(frames) < min_slices:
+    not_ct = sorted({frame.sop_class_uid for frame in frames} - CT_SOP_CLASSES)
+    if not_ct:
+        raise VolumeError(f"not a CT image series (SOP class {', '.join(not_ct)})")
+    if 1 < len(frames) < min_slices:  # a single slice gets its own reason from stack_geometry
         raise VolumeError(f"only {len(frames)} slices, at least {min_slices} needed")
+    geometry = stack_geometry(frames)
 
-    row_cosines, column_cosines, (row_spacing, column_spacing), (rows, columns) = _common_geometry(frames)
-    normal = np.cross(row_cosines, column_cosines)
-    positions = np.array([frame.image_position for frame in frames], dtype=np.float64)
-    order = np.argsort(positions @ normal, kind="stable")
-    step = _check_stack(positions[order], normal, min(row_spacing, column_spacing))
-
+    rows, columns = geometry.image_size
     slice_of_frame = np.empty(len(frames), dtype=np.intp)
-    slice_of_frame[order] = np.arange(len(frames))
+    slice_of_frame[list(geometry.order)] = np.arange(len(frames))
     voxels = np.empty((len(frames), rows, columns), dtype=np.float32)
     first_frame = 0
     for path, header, file_frames in zip(paths, headers, frames_per_file):
@@ -193,24 +248,268 @@ def read_series_volume(paths: Sequence[Path], *, min_slices: int = 10) -> Volume
             target = voxels[slice_of_frame[first_frame + index_in_file]]
             target[...] = stored[index_in_file] * frame.rescale_slope + frame.rescale_intercept
             if padding is not None:
-                target[padding[index_in_file]] = PADDING_HU
+                target[padding[index_in_file]] = _PADDING_HU
         first_frame += len(file_frames)
 
-    affine = np.eye(4)
-    affine[:3, 0] = normal * step
-    affine[:3, 1] = column_cosines * row_spacing
-    affine[:3, 2] = row_cosines * column_spacing
-    affine[:3, 3] = positions[order[0]]
     first = headers[0]
     return Volume(
         voxels=voxels,
-        affine=affine,
-        spacing=(step, row_spacing, column_spacing),
+        affine=geometry.affine,
+        spacing=(geometry.step, *geometry.pixel_spacing),
         frame_of_reference_uid=frame_of_reference_uids[0],
         study_instance_uid=str(first.get("StudyInstanceUID", "")),
         series_instance_uid=series_uids[0],
         slices=tuple(
             SliceRef(frames[index].sop_class_uid, frames[index].sop_instance_uid, frames[index].frame_number)
-            for index in order
+            for index in geometry.order
         ),
     )
+
+
+def _read_header(path: Path) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many exception types for files it cannot parse
+        raise VolumeError(f"cannot read the DICOM header of file {path.name}: {type(exc).__name__}: {exc}") from exc
+
+
+def _floats(item: pydicom.Dataset, keyword: str, count: int, owner: str) -> tuple[float, ...] | None:
+    """The ``count`` numbers of a DS attribute, or ``None`` when it is absent or empty."""
+    value = item.get(keyword)
+    if value is None or value == "":
+        return None
+    values = tuple(float(v) for v in (value if isinstance(value, MultiValue) else [value]))
+    if len(values) != count or not all(math.isfinite(v) for v in values):
+        raise VolumeError(f"{owner}: {keyword} must hold {count} finite numbers, got {len(values)} value(s)")
+    return values
+
+
+def _float_or(item: pydicom.Dataset, keyword: str, default: float) -> float:
+    value = _optional_float(item, keyword)
+    return default if value is None else value
+
+
+def _optional_float(item: pydicom.Dataset, keyword: str) -> float | None:
+    value = item.get(keyword)
+    return None if value is None or value == "" else float(value)
+
+
+def _optional_int(item: pydicom.Dataset, keyword: str) -> int | None:
+    value = item.get(keyword)
+    return None if value is None or value == "" else int(value)
+
+
+def _single_frame_header(dataset: pydicom.Dataset, sop_instance_uid: str) -> FrameHeader:
+    owner = f"SOP instance {sop_instance_uid}"
+    return FrameHeader(
+        sop_class_uid=str(dataset.get("SOPClassUID", "")),
+        sop_instance_uid=sop_instance_uid,
+        frame_number=None,
+        image_position=_floats(dataset, "ImagePositionPatient", 3, owner),
+        image_orientation=_floats(dataset, "ImageOrientationPatient", 6, owner),
+        pixel_spacing=_floats(dataset, "PixelSpacing", 2, owner),
+        rows=_optional_int(dataset, "Rows"),
+        columns=_optional_int(dataset, "Columns"),
+        rescale_slope=_float_or(dataset, "RescaleSlope", 1.0),
+        rescale_intercept=_float_or(dataset, "RescaleIntercept", 0.0),
+        gantry_tilt_deg=_optional_float(dataset, "GantryDetectorTilt"),
+    )
+
+
+def _multi_frame_header(
+    dataset: pydicom.Dataset,
+    shared: pydicom.Dataset,
+    per_frame: pydicom.Dataset,
+    frame_number: int,
+    sop_instance_uid: str,
+) -> FrameHeader:
+    """Attributes of one frame; a functional group macro may sit in either the per-frame
+    or the shared functional groups, the per-frame item taking precedence (PS3.3 C.7.6.16)."""
+
+    def macro(sequence_keyword: str) -> pydicom.Dataset:
+        for groups in (per_frame, shared):
+            sequence = groups.get(sequence_keyword)
+            if sequence:
+                return sequence[0]
+        return pydicom.Dataset()
+
+    owner = f"SOP instance {sop_instance_uid} frame {frame_number}"
+    measures = macro("PixelMeasuresSequence")
+    transformation = macro("PixelValueTransformationSequence")
+    # Enhanced CT keeps the tilt in the CT Acquisition Details macro (PS3.3 C.8.15.3);
+    # Legacy Converted Enhanced CT keeps it among the unassigned converted attributes.
+    tilt_sources = (
+        macro("CTAcquisitionDetailsSequence"),
+        macro("UnassignedPerFrameConvertedAttributesSequence"),
+        macro("UnassignedSharedConvertedAttributesSequence"),
+        dataset,
+    )
+    return FrameHeader(
+        sop_class_uid=str(dataset.get("SOPClassUID", "")),
+        sop_instance_uid=sop_instance_uid,
+        frame_number=frame_number,
+        image_position=_floats(macro("PlanePositionSequence"), "ImagePositionPatient", 3, owner),
+        image_orientation=_floats(macro("PlaneOrientationSequence"), "ImageOrientationPatient", 6, owner),
+        pixel_spacing=_floats(measures, "PixelSpacing", 2, owner),
+        rows=_optional_int(dataset, "Rows"),
+        columns=_optional_int(dataset, "Columns"),
+        rescale_slope=_float_or(transformation, "RescaleSlope", 1.0),
+        rescale_intercept=_float_or(transformation, "RescaleIntercept", 0.0),
+        gantry_tilt_deg=next(
+            (tilt for source in tilt_sources if (tilt := _optional_float(source, "GantryDetectorTilt")) is not None),
+            None,
+        ),
+    )
+
+
+def _common_geometry(
+    frames: Sequence[FrameHeader],
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float], tuple[int, int]]:
+    """Row cosines, column cosines, pixel spacing and image size shared by all frames."""
+    for frame in frames:
+        for keyword, value in (
+            ("ImagePositionPatient", frame.image_position),
+            ("ImageOrientationPatient", frame.image_orientation),
+            ("PixelSpacing", frame.pixel_spacing),
+            ("Rows", frame.rows),
+            ("Columns", frame.columns),
+        ):
+            if value is None:
+                raise VolumeError(f"{frame.label} has no {keyword}")
+        if frame.gantry_tilt_deg is not None and abs(frame.gantry_tilt_deg) > 1e-3:
+            raise VolumeError(
+                f"gantry tilt of {frame.gantry_tilt_deg:g}° (GantryDetectorTilt of {frame.label}); "
+                "resampling a tilted stack is out of scope"
+            )
+
+    orientations = np.array([frame.image_orientation for frame in frames], dtype=np.float64)
+    orientation_spread = float(np.abs(orientations - orientations[0]).max())
+    if orientation_spread > _ORIENTATION_TOLERANCE:
+        raise VolumeError(
+            f"mixed orientations: ImageOrientationPatient differs between slices by up to "
+            f"{orientation_spread:.4f} (tolerance {_ORIENTATION_TOLERANCE:g})"
+        )
+    sizes = sorted({(frame.rows, frame.columns) for frame in frames})
+    if len(sizes) > 1:
+        listed = ", ".join(f"{rows}x{columns}" for rows, columns in sizes)
+        raise VolumeError(f"mixed image sizes (rows x columns): {listed}")
+    spacings = np.array([frame.pixel_spacing for frame in frames], dtype=np.float64)
+    if float(np.abs(spacings - spacings[0]).max()) > _PIXEL_SPACING_TOLERANCE_MM:
+        listed = ", ".join(f"{row:g}/{column:g}" for row, column in np.unique(spacings, axis=0))
+        raise VolumeError(f"mixed pixel spacing (row/column mm): {listed}")
+    if (spacings[0] <= 0).any():
+        raise VolumeError(f"PixelSpacing must be positive, got {spacings[0].tolist()}")
+
+    row_cosines, column_cosines = orientations[0, :3], orientations[0, 3:]
+    if (
+        abs(np.linalg.norm(row_cosines) - 1) > 1e-2
+        or abs(np.linalg.norm(column_cosines) - 1) > 1e-2
+        or abs(float(row_cosines @ column_cosines)) > 1e-2
+    ):
+        raise VolumeError(
+            f"ImageOrientationPatient {orientations[0].tolist()} is not a pair of orthogonal unit vectors"
+        )
+    (rows, columns), = sizes
+    return (
+        row_cosines / np.linalg.norm(row_cosines),
+        column_cosines / np.linalg.norm(column_cosines),
+        (float(spacings[0, 0]), float(spacings[0, 1])),
+        (int(rows), int(columns)),
+    )
+
+
+def _check_stack(sorted_positions: np.ndarray, normal: np.ndarray, smallest_pixel_mm: float) -> float:
+    """Check slice positions sorted along ``normal``; return the median slice step in mm."""
+    along = sorted_positions @ normal
+    gaps = np.diff(along)
+    duplicates = np.flatnonzero(gaps < _DUPLICATE_TOLERANCE_MM)
+    if duplicates.size:
+        raise VolumeError(
+            f"duplicate slice positions: {duplicates.size} slice(s) share the location of another "
+            f"(first at {along[duplicates[0]]:.2f} mm along the slice normal); the series holds "
+            "repeated or overlapping images"
+        )
+
+    offsets = sorted_positions - sorted_positions[0]
+    in_plane = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
+    worst = int(np.argmax(in_plane))
+    # Half a pixel: beyond that a straight stack misplaces voxels by more than their size.
+    if in_plane[worst] > smallest_pixel_mm / 2:
+        distance = along[worst] - along[0]
+        angle = math.degrees(math.atan2(in_plane[worst], distance))
+        raise VolumeError(
+            f"gantry tilt: slice positions drift {in_plane[worst]:.2f} mm within the image plane over "
+            f"{distance:.2f} mm along the slice normal (about {angle:.1f}°); resampling a tilted stack "
+            "is out of scope"
+        )
+
+    step = float(np.median(gaps))
+    uneven = np.flatnonzero(np.abs(gaps - step) > _GAP_TOLERANCE * step)
+    if uneven.size:
+        listed = "; ".join(_describe_gap(along[i], along[i + 1], step) for i in uneven[:_MAX_LISTED_GAPS])
+        if uneven.size > _MAX_LISTED_GAPS:
+            listed += f"; and {uneven.size - _MAX_LISTED_GAPS} more"
+        raise VolumeError(
+            f"missing slices or uneven spacing: {uneven.size} of {gaps.size} gaps deviate from the "
+            f"median step {step:.2f} mm by more than {_GAP_TOLERANCE:.0%} ({listed}; positions in mm "
+            "along the slice normal)"
+        )
+    return step
+
+
+def _describe_gap(start: float, end: float, step: float) -> str:
+    ratio = (end - start) / step
+    missing = round(ratio) - 1
+    hint = f", about {missing} slice(s) missing" if missing >= 1 and abs(ratio - round(ratio)) <= _GAP_TOLERANCE else ""
+    return f"gap of {end - start:.2f} mm between {start:.2f} and {end:.2f}{hint}"
+
+
+def _decode_pixels(path: Path, header: pydicom.Dataset, frame_count: int, rows: int, columns: int) -> np.ndarray:
+    """Stored values of every frame of one file, shape ``(frames, rows, columns)``."""
+    owner = f"SOP instance {header.get('SOPInstanceUID', '')}"
+    try:
+        dataset = pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises many exception types for files it cannot parse
+        raise VolumeError(f"{owner}: cannot read the file: {type(exc).__name__}: {exc}") from exc
+    if "PixelData" not in dataset:
+        raise VolumeError(f"{owner} has no pixel data (PixelData is missing)")
+    try:
+        pixels = dataset.pixel_array
+    except Exception as exc:  # decoders (GDCM, OpenJPEG, CharLS, RLE) each raise their own types
+        transfer_syntax = dataset.file_meta.get("TransferSyntaxUID")
+        syntax_name = transfer_syntax.name if transfer_syntax else "unknown transfer syntax"
+        raise VolumeError(
+            f"{owner}: pixel data cannot be decoded ({syntax_name}): {type(exc).__name__}: {exc}"
+        ) from exc
+    if frame_count == 1 and pixels.ndim == 2:
+        pixels = pixels[np.newaxis]
+    if pixels.shape != (frame_count, rows, columns):
+        raise VolumeError(
+            f"{owner}: decoded pixel data has shape {pixels.shape}, expected {(frame_count, rows, columns)} "
+            "(one sample per pixel)"
+        )
+    return pixels
+
+
+def _padding_mask(header: pydicom.Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """Where ``stored`` holds pixel padding (PS3.3 C.7.5.1.1.2), or ``None`` without padding.
+
+    Padding is compared on stored values, before the rescale; with PixelPaddingRangeLimit
+    every value between it and PixelPaddingValue (inclusive) is padding.
+    """
+    value = _optional_int(header, "PixelPaddingValue")
+    if value is None:
+        return None
+    signed = header.get("PixelRepresentation", 0) == 1
+    low = _as_stored_value(value, signed)
+    limit = _optional_int(header, "PixelPaddingRangeLimit")
+    if limit is None:
+        return stored == low
+    low, high = sorted((low, _as_stored_value(limit, signed)))
+    return (stored >= low) & (stored <= high)
+
+
+def _as_stored_value(value: int, signed: bool) -> int:
+    # The padding attributes are US or SS (16 bits); a file may carry a signed value under
+    # VR US (LIDC writes -2000 as 63536), so reinterpret it for signed pixel data.
+    return value - 0x10000 if signed and value > 0x7FFF else value

@@ -47,10 +47,16 @@ def _separable_blur(graph_nodes: list, initializers: list, source: str, sigma_vo
         shape[2 + axis] = len(kernel)
         weight_name = f"{tag}_w{axis}"
         initializers.append(numpy_helper.from_array(kernel.reshape(shape), weight_name))
-        pads = [0, 0, 0, 0, 0, 0]
-        pads[axis] = pads[axis + 3] = radius
+        # Edge padding, not Conv's zero padding: zeros (air) next to a body cut by the
+        # first or last slice would look like a bright blob.
+        pads = [0] * 10
+        pads[2 + axis] = pads[7 + axis] = radius
+        pads_name = f"{tag}_p{axis}"
+        initializers.append(numpy_helper.from_array(np.array(pads, np.int64), pads_name))
+        padded = f"{tag}_padded{axis}"
+        graph_nodes.append(helper.make_node("Pad", [current, pads_name], [padded], mode="edge"))
         out = f"{tag}_a{axis}"
-        graph_nodes.append(helper.make_node("Conv", [current, weight_name], [out], pads=pads))
+        graph_nodes.append(helper.make_node("Conv", [padded, weight_name], [out]))
         current = out
     return current
 

@@ -19,8 +19,10 @@ import jsonschema
 from models.errors import ModelError
 
 SCHEMA_PATH = Path(__file__).with_name("schema") / "model_card.schema.json"
-# Until the trained detector lands, the bundled default is the fixed-weight test model.
-DEFAULT_MODEL_CARD = Path(__file__).with_name("blob-filter") / "model_card.json"
+# The fixed-weight test model (models/blob_filter.py): deterministic, finds planted spheres.
+BLOB_FILTER_CARD = Path(__file__).with_name("blob-filter") / "model_card.json"
+# Until the trained detector lands, the bundled default is the test model.
+DEFAULT_MODEL_CARD = BLOB_FILTER_CARD
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from dicom_io.errors import DeliveryError, LungScreenError
 from dicom_io.scp import ListenerSettings, ReceivedInstance, start_listener
@@ -39,6 +39,11 @@ from server.pipeline import AnalysisResult, Analyzer, NoEligibleSeries, analyze_
 log = logging.getLogger(__name__)
 
 MIN_FREE_BYTES = 512 * 1024**2  # refuse new instances below this much free disk
+
+
+def sop_class_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name != uid else f"SOP class {uid}"
 
 
 def installation_uid(data_dir: Path) -> str:
@@ -157,9 +162,14 @@ class LungScreenServer:
 
     def instance_stored(self, instance: ReceivedInstance) -> None:
         self.jobs.record_instance(
-            instance.study_uid, instance.series_uid, instance.sop_uid, instance.sop_class_uid, instance.path
+            instance.study_uid, instance.series_uid, instance.sop_uid, instance.sop_class_uid, instance.path,
+            content_changed=instance.created,
         )
         self.metrics.instances_received.inc()
+
+    def instance_ignored(self, study_uid: str | None, sop_class_uid: str, calling_ae: str) -> None:
+        if study_uid:
+            self.jobs.record_ignored(study_uid, sop_class_name(sop_class_uid))
 
     def instance_rejected(self, study_uid: str | None, reason: str, calling_ae: str) -> None:
         self.jobs.record_rejection(study_uid, calling_ae, reason)

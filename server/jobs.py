@@ -60,16 +60,32 @@ class JobStore:
 
     # --- ingest -------------------------------------------------------------------------
     def record_instance(
-        self, study_uid: str, series_uid: str, sop_uid: str, sop_class_uid: str, path: Path, *, now: float | None = None
-    ) -> None:
-        """Register a stored instance and (re)start its study's quiet period."""
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        sop_class_uid: str,
+        path: Path,
+        *,
+        content_changed: bool = True,
+        now: float | None = None,
+    ) -> bool:
+        """Register a stored instance and (re)start its study's quiet period.
+
+        An identical re-send of a known instance (``content_changed=False``) changes
+        nothing, so a PACS pushing a study again does not trigger a new run. Returns
+        whether the study's job was touched.
+        """
         now = time.time() if now is None else now
         with self.db.transaction() as c:
             new = c.execute(
                 "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
                 (sop_uid, study_uid, series_uid, sop_class_uid, str(path), now),
             ).rowcount
+            if not new and not content_changed:
+                return False
             self._touch(c, study_uid, now, instances=new, rejected=0)
+            return True
 
     def record_rejection(self, study_uid: str | None, calling_ae: str, reason: str, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -80,6 +96,17 @@ class JobStore:
             )
             if study_uid:
                 self._touch(c, study_uid, now, instances=0, rejected=1)
+
+    def record_ignored(self, study_uid: str, what: str, *, now: float | None = None) -> None:
+        """A study seen only through non-CT instances gets a failed job that says so; a study
+        that already has a job is left alone (its SRs, SEGs and the like change nothing)."""
+        now = time.time() if now is None else now
+        with self.db.transaction() as c:
+            c.execute(
+                """INSERT INTO jobs (study_uid, state, reason, first_received_at, last_received_at, updated_at)
+                   VALUES (?, 'failed', ?, ?, ?, ?) ON CONFLICT (study_uid) DO NOTHING""",
+                (study_uid, f"not a CT study: received {what} instances only, nothing to analyse", now, now, now),
+            )
 
     @staticmethod
     def _touch(c, study_uid: str, now: float, *, instances: int, rejected: int) -> None:

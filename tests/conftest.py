@@ -64,3 +64,28 @@ def lidc_volume(lidc_headers):
 
 
 # --- end of LIDC-IDRI-0001 fixtures ---
+
+
+# --- Real data from ../shared/data, located next to the repository (used by test_volume.py, test_select.py) ---
+
+_SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-data folder (read only; see SOURCES.md there); tests using it skip without it."""
+    if not _SHARED_DATA.is_dir():
+        pytest.skip(f"real data not available: {_SHARED_DATA} is missing (see shared/data/SOURCES.md)")
+    return _SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def lidc_series_dir(shared_data: Path) -> Path:
+    """The folder of the 133 CT slices of LIDC-IDRI-0001 (GE, 2.5 mm)."""
+    first = next((shared_data / "lidc_idri" / "LIDC-IDRI-0001").rglob("*.dcm"), None)
+    if first is None:
+        pytest.skip(f"LIDC-IDRI-0001 DICOM files not found under {shared_data / 'lidc_idri'}")
+    return first.parent
+
+
+# --- end of shared-data fixtures ---

@@ -228,23 +228,22 @@ def _ordered_ct_header(header: Dataset) -> Dataset:
 
 class TestMainExamProcedure:
     def test_fallback_without_codes(self, lidc_headers):
-        code = main_exam_procedure(lidc_headers[0], FALLBACK_PROCEDURE)
-        assert (code.value, code.scheme_designator, code.meaning) == FALLBACK_PROCEDURE
+        assert main_exam_procedure(lidc_headers[0], BILLING) == FALLBACK_PROCEDURE
 
     def test_procedure_code_sequence_first(self, lidc_headers):
-        code = main_exam_procedure(_ordered_ct_header(lidc_headers[0]), FALLBACK_PROCEDURE)
-        assert (code.value, code.scheme_designator) == ("CT-THX", "99HOSP")
+        header = _ordered_ct_header(lidc_headers[0])
+        assert main_exam_procedure(header, BILLING) == ("CT-THX", "99HOSP", "CT thorax")
 
     def test_requested_procedure_code(self, lidc_headers):
         header = _ordered_ct_header(lidc_headers[0])
         del header.ProcedureCodeSequence
-        assert main_exam_procedure(header, FALLBACK_PROCEDURE).value == "CT-THX-REQ"
+        assert main_exam_procedure(header, BILLING) == ("CT-THX-REQ", "99HOSP", "CT thorax (requested)")
 
     def test_unreadable_code(self, lidc_headers):
         header = copy.deepcopy(lidc_headers[0])
         header.ProcedureCodeSequence = [Dataset()]
         with pytest.raises(ReportError, match="procedure code"):
-            main_exam_procedure(header, FALLBACK_PROCEDURE)
+            main_exam_procedure(header, BILLING)
 
 
 class TestBuildSR:

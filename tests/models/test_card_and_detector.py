@@ -8,14 +8,14 @@ import pytest
 
 from models.blob_filter import build_model, model_card
 from models.calibrate import calibrate
-from models.card import DEFAULT_MODEL_CARD, load_card, validate_card
+from models.card import BLOB_FILTER_CARD, DEFAULT_MODEL_CARD, load_card, validate_card
 from models.detector import Detector, choose_providers
 from models.errors import ModelError
 
 
 @pytest.fixture(scope="module")
 def detector():
-    return Detector(load_card(DEFAULT_MODEL_CARD))
+    return Detector(load_card(BLOB_FILTER_CARD))
 
 
 def sphere_volume(spheres, shape=(100, 200, 200), spacing=(1.25, 0.75, 0.75), seed=0):
@@ -32,15 +32,16 @@ def sphere_volume(spheres, shape=(100, 200, 200), spacing=(1.25, 0.75, 0.75), se
     return hu, affine
 
 
-def test_bundled_card_validates_and_says_research_use():
-    card = load_card(DEFAULT_MODEL_CARD)
+@pytest.mark.parametrize("path", [DEFAULT_MODEL_CARD, BLOB_FILTER_CARD])
+def test_bundled_cards_validate_and_say_research_use(path):
+    card = load_card(path)
     assert "not for diagnostic use" in card.intended_use.lower()
     assert card.operating_point().name == card.default_operating_point == "screening"
     assert card.operating_point("high-sensitivity").threshold < card.operating_point("screening").threshold
 
 
 def test_card_written_by_builder_matches_the_committed_one():
-    committed = json.loads(DEFAULT_MODEL_CARD.read_text())
+    committed = json.loads(BLOB_FILTER_CARD.read_text())
     assert committed == model_card("blob_filter.onnx")
 
 
@@ -64,7 +65,7 @@ def test_invalid_cards_are_rejected_naming_the_field(mutate, match):
 
 def test_unknown_operating_point_is_a_model_error():
     with pytest.raises(ModelError, match="no operating point 'fast'"):
-        load_card(DEFAULT_MODEL_CARD).operating_point("fast")
+        load_card(BLOB_FILTER_CARD).operating_point("fast")
 
 
 @pytest.mark.parametrize(
@@ -117,7 +118,7 @@ def test_sliding_window_matches_single_pass(detector):
     """A volume larger than the patch goes through sliding windows; findings do not change."""
     spheres = [((40, 100, 100), 12.0)]
     hu, affine = sphere_volume(spheres, shape=(80, 200, 200))
-    windowed_card = load_card(DEFAULT_MODEL_CARD)
+    windowed_card = load_card(BLOB_FILTER_CARD)
     windowed_card.raw["inference"]["patch_size"] = [64, 64, 64]
     windowed_detector = Detector(windowed_card)
     image = detector.preprocess(hu, affine)

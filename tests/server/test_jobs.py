@@ -32,11 +32,24 @@ def test_quiet_period_is_restarted_by_each_instance(db):
     assert jobs.get("1.2.3").instances == 3
 
 
-def test_resend_is_not_counted_twice(db):
+def test_identical_resend_changes_nothing_but_a_changed_instance_reruns(db):
     jobs = JobStore(db)
     receive(jobs, n=3, t=100.0)
-    receive(jobs, n=3, t=100.0)
-    assert jobs.get("1.2.3").instances == 3
+    jobs.queue_quiet_studies(0.5, now=1e9)
+    jobs.claim("1.2.3")
+    jobs.finish("1.2.3", REPORTED)
+    args = ("1.2.3", "1.2.3.1", "1.2.3.1.0.100", "1.2.840.10008.5.1.4.1.1.2", "/x/0")
+    assert not jobs.record_instance(*args, content_changed=False)
+    assert jobs.get("1.2.3").state == REPORTED and jobs.get("1.2.3").instances == 3
+    assert jobs.record_instance(*args, content_changed=True)
+    assert jobs.get("1.2.3").state == RECEIVING and jobs.get("1.2.3").instances == 3
+
+
+def test_instance_whose_row_was_lost_is_recorded_on_resend(db):
+    """A crash between the file write and the row commit: the identical re-send still counts."""
+    jobs = JobStore(db)
+    assert jobs.record_instance("1.2.3", "1.2.3.1", "1.2.3.1.7", "1.2.840.10008.5.1.4.1.1.2", "/x", content_changed=False)
+    assert jobs.get("1.2.3").instances == 1
 
 
 def test_run_lifecycle_and_rerun_after_late_instances(db):
@@ -128,3 +141,14 @@ def test_nested_transactions_commit_together_or_not_at_all(db):
             ledger.record(ExtensionEntry("ACC1", ("a", "b", "c"), ("d", "e", "f"), "1.2.3", "1.2.3.1"))
             raise RuntimeError("crash in the middle")
     assert jobs.get("1.2.3") is None and ledger.rows() == []
+
+
+def test_non_ct_study_gets_a_failed_job_but_never_overrides_a_ct_job(db):
+    jobs = JobStore(db)
+    jobs.record_ignored("1.2.9", "MR Image Storage")
+    assert jobs.get("1.2.9").state == FAILED and "not a CT study" in jobs.get("1.2.9").reason
+    receive(jobs, study="1.2.3")
+    jobs.record_ignored("1.2.3", "Comprehensive SR Storage")
+    assert jobs.get("1.2.3").state == RECEIVING and jobs.get("1.2.3").reason is None
+    receive(jobs, study="1.2.9", series="1.2.9.1")
+    assert jobs.get("1.2.9").state == RECEIVING, "CT images arriving later start a normal job"

@@ -151,7 +151,9 @@ def _store_handler(event, store: InstanceStore, sink: InstanceSink):
 
 
 def _log_association(event, allowed: tuple[str, ...]) -> None:
-    calling_ae = event.assoc.requestor.ae_title
+    # At EVT_REQUESTED only the A-ASSOCIATE-RQ primitive is known; pynetdicom's
+    # require_calling_aet then rejects the caller, this handler says why in the log.
+    calling_ae = event.assoc.requestor.primitive.calling_ae_title
     address = event.assoc.requestor.address
     if allowed and calling_ae not in allowed:
         log.warning("association from %s rejected: calling AE title %r is not in the allowlist", address, calling_ae)

@@ -33,3 +33,4 @@ def configure_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # one line per copied module

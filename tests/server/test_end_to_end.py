@@ -57,10 +57,11 @@ def sr_findings(sr: pydicom.Dataset) -> list[dict]:
     out = []
     for group in groups:
         region = group.roi
+        (source,) = [item for item in region.ContentSequence if item.RelationshipType == "SELECTED FROM"]
         out.append(
             {
                 "tracking_uid": group.tracking_uid,
-                "sop_instance_uid": region.ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
+                "sop_instance_uid": source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
                 "points": np.asarray(region.value, dtype=float).reshape(-1, 2),
                 "long_axis_mm": next(m.value for m in group.get_measurements() if m.name.meaning.lower().startswith("long")),
             }
@@ -131,7 +132,7 @@ def test_pacs_push_to_storescp_with_a_valid_sr(tmp_path, lidc_files, lidc_header
         rows = json.loads(billing.stdout)
         assert len(rows) == 1 and rows[0]["study_uid"] == study_uid
         header = next(iter(lidc_headers.values()))
-        assert str(header.PatientID) not in server.log() and str(header.PatientName) not in server.log()
+        assert header.PatientID and header.PatientID not in server.log(), "no patient IDs in the log"
 
 
 # --- synthetic studies: small, fast, with known spheres ---------------------------------------
@@ -249,7 +250,7 @@ def test_bad_input_gets_clear_reasons_and_good_studies_still_work(tmp_path):
 
         storescu(list(good.paths), server.port)
         expected = {
-            single.study_instance_uid: "1 slice",
+            single.study_instance_uid: "too few slices: 1 <",
             gap.study_instance_uid: "gap",
             corrupt.study_instance_uid: "",
             no_pixels.study_instance_uid: "pixel data",
@@ -335,3 +336,15 @@ def test_orthanc_as_pacs_gets_the_sr_in_the_same_study(tmp_path, lidc_files):
         time.sleep(3)
         job = server.study(study_uid)
         assert job["runs"] == 1 and job["state"] == "delivered", job
+
+
+def test_unknown_calling_ae_is_rejected_with_a_clear_log_line(tmp_path):
+    study = phantom_study(tmp_path / "study")
+    server = LungScreen(tmp_path, extra_args=["--allow-ae", "TRUSTED"])
+    with server.running():
+        refused = storescu(list(study.paths[:2]), server.port, calling="INTRUDER", check=False)
+        assert refused.returncode != 0
+        echo = subprocess.run(["echoscu", "-aet", "TRUSTED", "-aec", "LUNGSCREEN", "127.0.0.1", str(server.port)])
+        assert echo.returncode == 0, "C-ECHO from an allowed caller"
+        assert server.study(study.study_instance_uid) is None, "nothing from the rejected caller was stored"
+    assert "calling AE title 'INTRUDER' is not in the allowlist" in server.log()

@@ -280,6 +280,30 @@ def _evidence_by_sop_uid(evidence: Sequence[Dataset], volume: Volume) -> dict[st
     return by_uid
 
 
+def _library_view(volume: Volume, k: int, header: Dataset) -> Dataset:
+    """What highdicom's Image Library entry (TID 1601/1604) reads, for slice ``k``.
+
+    highdicom takes PixelSpacing, ImageOrientationPatient, ImagePositionPatient and
+    SliceThickness from the top level of the dataset, where a multi-frame (Enhanced) CT has
+    none: they sit in its functional groups (PS3.3 C.7.6.16). For a frame, the view carries
+    them as measured by the volume (the geometry of frame ``k``).
+    """
+    if volume.slices[k].frame_number is None:
+        return header
+    view = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "Modality", "StudyInstanceUID",
+                    "SeriesInstanceUID", "FrameOfReferenceUID"):
+        if keyword in header:
+            setattr(view, keyword, header[keyword].value)
+    column_axis = volume.affine[:3, 2] / np.linalg.norm(volume.affine[:3, 2])
+    row_axis = volume.affine[:3, 1] / np.linalg.norm(volume.affine[:3, 1])
+    view.ImageOrientationPatient = [round(float(v), 6) for v in (*column_axis, *row_axis)]
+    view.ImagePositionPatient = [round(float(v), 4) for v in volume.index_to_lps((k, 0, 0))]
+    view.PixelSpacing = [round(volume.spacing[1], 6), round(volume.spacing[2], 6)]
+    view.SliceThickness = round(volume.spacing[0], 4)
+    return view
+
+
 def _with_type2_study_attributes(header: Dataset) -> Dataset:
     """A copy of ``header`` in which missing Type 2 patient/study attributes are empty."""
     missing = [keyword for keyword in _TYPE2_STUDY_KEYWORDS if keyword not in header]
@@ -601,10 +625,11 @@ def build_sr(
         tracking_uid = generate_uid(entropy_srcs=[sop_instance_uid, f"Nodule {number}"])
         group, header = _measurement_group(finding, number, volume, headers, tracking_uid, algorithm_id)
         groups.append(group)
-        library_images[header.SOPInstanceUID] = header
+        library_images.setdefault(header.SOPInstanceUID, _library_view(volume, round(finding.center_kji[0]), header))
     if not library_images:
-        middle = _slice_header(volume, len(volume.slices) // 2, headers, "image library")
-        library_images[middle.SOPInstanceUID] = middle
+        k = len(volume.slices) // 2
+        middle = _slice_header(volume, k, headers, "image library")
+        library_images[middle.SOPInstanceUID] = _library_view(volume, k, middle)
 
     first = _with_type2_study_attributes(evidence[0])
     procedure = _main_exam_code(first, billing)

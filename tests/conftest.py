@@ -8,21 +8,32 @@ import numpy as np
 import pydicom
 import pytest
 
-# --- LIDC-IDRI-0001 headers and a pixel-free Volume (used by tests/dicom_io/test_sr.py) ---
-
-LIDC_0001_SERIES = Path(
-    "/work/shared/data/lidc_idri/LIDC-IDRI-0001/1.3.6.1.4.1.14519.5.2.1.6279.6001.298806137288633453246975630178"
-    "/1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
-)
+# Real, licensed data lives next to the repository in ../shared/data (see SOURCES.md there);
+# it is never copied into the repository. Tests that need it skip without it.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
-def lidc_headers() -> tuple[pydicom.Dataset, ...]:
+def shared_data() -> Path:
+    """The shared real-data folder (read only)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not available: {SHARED_DATA} is missing (see shared/data/SOURCES.md)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def lidc_series_dir(shared_data: Path) -> Path:
+    """The folder of the 133 CT slices of LIDC-IDRI-0001 (GE, 2.5 mm)."""
+    first = next((shared_data / "lidc_idri" / "LIDC-IDRI-0001").rglob("*.dcm"), None)
+    if first is None:
+        pytest.skip(f"LIDC-IDRI-0001 DICOM files not found under {shared_data / 'lidc_idri'}")
+    return first.parent
+
+
+@pytest.fixture(scope="session")
+def lidc_headers(lidc_series_dir: Path) -> tuple[pydicom.Dataset, ...]:
     """Headers of the 133 LIDC-IDRI-0001 slices (no pixels), sorted by ImagePositionPatient z."""
-    files = sorted(LIDC_0001_SERIES.glob("*.dcm"))
-    if not files:
-        pytest.skip(f"LIDC-IDRI-0001 not found under {LIDC_0001_SERIES}")
-    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(lidc_series_dir.glob("*.dcm"))]
     return tuple(sorted(headers, key=lambda header: float(header.ImagePositionPatient[2])))
 
 
@@ -61,31 +72,3 @@ def lidc_volume(lidc_headers):
         series_instance_uid=first.SeriesInstanceUID,
         slices=tuple(SliceRef(header.SOPClassUID, header.SOPInstanceUID) for header in lidc_headers),
     )
-
-
-# --- end of LIDC-IDRI-0001 fixtures ---
-
-
-# --- Real data from ../shared/data, located next to the repository (used by test_volume.py, test_select.py) ---
-
-_SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The shared real-data folder (read only; see SOURCES.md there); tests using it skip without it."""
-    if not _SHARED_DATA.is_dir():
-        pytest.skip(f"real data not available: {_SHARED_DATA} is missing (see shared/data/SOURCES.md)")
-    return _SHARED_DATA
-
-
-@pytest.fixture(scope="session")
-def lidc_series_dir(shared_data: Path) -> Path:
-    """The folder of the 133 CT slices of LIDC-IDRI-0001 (GE, 2.5 mm)."""
-    first = next((shared_data / "lidc_idri" / "LIDC-IDRI-0001").rglob("*.dcm"), None)
-    if first is None:
-        pytest.skip(f"LIDC-IDRI-0001 DICOM files not found under {shared_data / 'lidc_idri'}")
-    return first.parent
-
-
-# --- end of shared-data fixtures ---

@@ -19,7 +19,6 @@ import pytest
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 from peers import (
-    SHARED_DATA,
     LungScreen,
     Orthanc,
     dciodvfy_errors,
@@ -33,21 +32,17 @@ from peers import (
 
 pytestmark = [pytest.mark.slow, needs_binary("storescu", "storescp", "dciodvfy", "dsrdump")]
 
-LIDC_DIR = SHARED_DATA / "lidc_idri" / "LIDC-IDRI-0001"
 TERMINAL = ("delivered", "failed", "reported")
 
 
 @pytest.fixture(scope="module")
-def lidc_files() -> list[Path]:
-    files = sorted(LIDC_DIR.rglob("*.dcm"))
-    if len(files) != 133:
-        pytest.skip(f"LIDC-IDRI-0001 not found under {LIDC_DIR}")
-    return files
+def lidc_files(lidc_series_dir) -> list[Path]:
+    return sorted(lidc_series_dir.glob("*.dcm"))
 
 
 @pytest.fixture(scope="module")
-def lidc_headers(lidc_files):
-    return {str(h.SOPInstanceUID): h for h in (pydicom.dcmread(f, stop_before_pixels=True) for f in lidc_files)}
+def lidc_headers_by_uid(lidc_headers) -> dict[str, pydicom.Dataset]:
+    return {str(h.SOPInstanceUID): h for h in lidc_headers}
 
 
 def sr_findings(sr: pydicom.Dataset) -> list[dict]:
@@ -99,19 +94,19 @@ def check_sr(sr_path: Path, ct_headers: dict[str, pydicom.Dataset], job: dict) -
 
 
 @needs_netns
-def test_pacs_push_to_storescp_with_a_valid_sr(tmp_path, lidc_files, lidc_headers):
+def test_pacs_push_to_storescp_with_a_valid_sr(tmp_path, lidc_files, lidc_headers_by_uid):
     dest_port = free_port()
     with storescp(tmp_path / "received", dest_port, "DEST", log_path=tmp_path / "storescp.log"):
         server = LungScreen(tmp_path, destinations=[f"DEST@127.0.0.1:{dest_port}"], idle_seconds=1.0)
         with server.running():
             storescu(lidc_files, server.port)
-            study_uid = next(iter(lidc_headers.values())).StudyInstanceUID
+            study_uid = next(iter(lidc_headers_by_uid.values())).StudyInstanceUID
             job = server.wait_for_state(study_uid, ("delivered", "failed"), timeout=180)
             assert job["state"] == "delivered", job
             assert job["instances"] == 133 and job["runs"] == 1
             received = wait_until(lambda: list((tmp_path / "received").glob("SR*")), 10, what="SR at storescp")
             assert len(received) == 1
-            check_sr(received[0], lidc_headers, job)
+            check_sr(received[0], lidc_headers_by_uid, job)
             assert job["details"]["operating_point"] == "screening"
             assert set(job["details"]["timings_s"]) >= {"assemble", "select", "volume", "preprocess", "inference", "report"}
             # the local copy is kept
@@ -131,7 +126,7 @@ def test_pacs_push_to_storescp_with_a_valid_sr(tmp_path, lidc_files, lidc_header
         )
         rows = json.loads(billing.stdout)
         assert len(rows) == 1 and rows[0]["study_uid"] == study_uid
-        header = next(iter(lidc_headers.values()))
+        header = next(iter(lidc_headers_by_uid.values()))
         assert header.PatientID and header.PatientID not in server.log(), "no patient IDs in the log"
 
 
@@ -191,7 +186,8 @@ def test_compressed_transfer_syntaxes_give_the_same_findings(tmp_path, lidc_file
 
 
 def test_lossy_jpeg2000_is_received_and_analysed(tmp_path, lidc_files):
-    files = reencode(lidc_files[40:100], tmp_path / "j2k-lossy", JPEG2000, j2k_cr=[20])
+    by_position = sorted(lidc_files, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    files = reencode(by_position[40:100], tmp_path / "j2k-lossy", JPEG2000, j2k_cr=[20])
     server = LungScreen(tmp_path, idle_seconds=0.5)
     with server.running():
         storescu(files, server.port, propose=("-xw",))

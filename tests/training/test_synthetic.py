@@ -85,7 +85,7 @@ def test_compressed_transfer_syntaxes_are_lossless(tmp_path: Path, transfer_synt
 
 
 # ============================================================================ synthetic chest CT
-LIDC_CASE = Path("/work/shared/data/lidc_idri/LIDC-IDRI-0001")
+LIDC_CASE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lidc_idri" / "LIDC-IDRI-0001"
 PLANTED = (
     NoduleSpec(10.0, "solid", "isolated"),
     NoduleSpec(10.0, "ground-glass", "isolated"),

@@ -62,7 +62,8 @@ class RetinaNetSpec:
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ModelError(f"backbone {self.backbone!r} is not a MONAI ResNet ({', '.join(BACKBONES)})")
-        if list(self.returned_layers) != sorted(set(self.returned_layers)) or not set(self.returned_layers) <= {1, 2, 3, 4}:
+        layers = list(self.returned_layers)
+        if not layers or layers != sorted(set(layers)) or not set(layers) <= {1, 2, 3, 4}:
             raise ModelError(f"returned_layers must increase within 1..4, got {list(self.returned_layers)}")
         if len(self.conv1_t_size) != SPATIAL_DIMS or len(self.conv1_t_stride) != SPATIAL_DIMS:
             raise ModelError("conv1_t_size and conv1_t_stride need one value per spatial axis")

@@ -39,6 +39,7 @@ fi
 stamp=.venv/.lungscreen-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     echo "bootstrap: installing lungscreen"
-    "${pip[@]}" -e ".[test]"
+    # setuptools' editable-install warnings are noise; the log is shown when pip fails.
+    "${pip[@]}" -e ".[test]" >.venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
     touch "$stamp"
 fi

@@ -104,7 +104,7 @@ def train(args: argparse.Namespace) -> Path:
             optimiser.step()
             step += 1
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
             if step % args.log_every == 0 or step == args.steps:
                 n = args.log_every if step % args.log_every == 0 else step % args.log_every
                 rate = (step - start_step) / (time.perf_counter() - t_start)

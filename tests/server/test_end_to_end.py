@@ -344,3 +344,47 @@ def test_unknown_calling_ae_is_rejected_with_a_clear_log_line(tmp_path):
         assert echo.returncode == 0, "C-ECHO from an allowed caller"
         assert server.study(study.study_instance_uid) is None, "nothing from the rejected caller was stored"
     assert "calling AE title 'INTRUDER' is not in the allowlist" in server.log()
+
+
+@needs_netns
+def test_late_instances_rerun_and_the_new_sr_supersedes_the_first(tmp_path):
+    study_uid = generate_uid()
+    first = phantom_study(tmp_path / "first", study_uid=study_uid, series_number=1)
+    late = phantom_study(tmp_path / "late", study_uid=study_uid, series_number=2, spheres=(((20, 40, 90), 12.0),),
+                         slice_thickness=1.25)
+    dest_port = free_port()
+    with storescp(tmp_path / "received", dest_port, "DEST", log_path=tmp_path / "storescp.log"):
+        server = LungScreen(tmp_path, destinations=[f"DEST@127.0.0.1:{dest_port}"], idle_seconds=0.5)
+        with server.running():
+            storescu(list(first.paths), server.port)
+            server.wait_for_state(study_uid, ("delivered",), timeout=60)
+            storescu(list(late.paths), server.port)  # a second series, after the first SR went out
+            job = wait_until(lambda: (j := server.study(study_uid))["runs"] == 2 and j["state"] == "delivered" and j, 60,
+                             what="second run delivered")
+            assert job["instances"] == 80
+        received = sorted((tmp_path / "received").glob("SR*"), key=lambda p: pydicom.dcmread(p).InstanceNumber)
+        assert len(received) == 2
+        old, new = (pydicom.dcmread(p) for p in received)
+        assert old.SeriesInstanceUID == new.SeriesInstanceUID, "re-runs go into the same SR series"
+        predecessor = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert predecessor.ReferencedSOPInstanceUID == old.SOPInstanceUID
+        rows = json.loads(subprocess.run(
+            [".venv/bin/lungscreen", "billing", "export", "--data-dir", str(server.data_dir), "--format", "json"],
+            capture_output=True, text=True, check=True,
+        ).stdout)
+        assert len(rows) == 1, "re-processing never adds a second billing entry"
+
+
+def test_restart_resumes_unfinished_jobs(tmp_path):
+    study = phantom_study(tmp_path / "study")
+    port, http_port = free_port(), free_port()
+    slow = LungScreen(tmp_path, idle_seconds=60, port=port, http_port=http_port)
+    with slow.running():
+        storescu(list(study.paths), slow.port)
+        assert slow.study(study.study_instance_uid)["state"] == "receiving"
+        slow.proc.kill()  # kill -9: no clean shutdown
+        slow.proc.wait()
+    restarted = LungScreen(tmp_path, idle_seconds=0.5, port=port, http_port=http_port)
+    with restarted.running():
+        job = restarted.wait_for_state(study.study_instance_uid, ("reported",), timeout=60)
+    assert job["instances"] == 40 and job["runs"] == 1

@@ -53,6 +53,7 @@ __all__ = [
     "AlgorithmIdentity",
     "BillingCodes",
     "build_sr",
+    "finding_label",
     "main_exam_procedure",
 ]
 
@@ -67,6 +68,18 @@ POLYLINE_VERTICES = 32
 """Vertices of the circle drawn around a nodule; the closed polyline repeats the first one."""
 
 _LO_MAX = 64  # Long String (LO) value length, PS3.5 6.2
+
+
+def finding_label(number: int, diameter_mm: float, probability: float, lung_rads: str) -> str:
+    """The one-line label a radiologist reads next to a nodule, e.g.
+    ``"Nodule 1 · 23.4 mm · p 0.91 · Lung-RADS 4B"``.
+
+    Shared by the SR, the GSPS and the review page so that every view names a nodule alike.
+    The separator is U+00B7 MIDDLE DOT (in ISO-IR 100 and ISO-IR 192); at most 64 characters.
+    """
+    if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+        raise ValueError(f"number must be a positive int, got {number!r}")
+    return f"Nodule {number} · {float(diameter_mm):.1f} mm · p {float(probability):.2f} · Lung-RADS {lung_rads}"
 
 
 def _local(value: str, meaning: str) -> hd.sr.CodedConcept:

@@ -105,3 +105,4 @@ def _refine_peak(score: torch.Tensor, peak: tuple[int, int, int]) -> tuple[float
 
 DECODERS = {"multiscale_heatmap": decode_multiscale_heatmap}
 DECODERS["center_heatmap_size"] = __import__("models.decoding_heatmap", fromlist=["_"]).decode_center_heatmap
+DECODERS["retinanet"] = __import__("models.decoding_retinanet", fromlist=["_"]).decode_retinanet

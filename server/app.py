@@ -15,18 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.uid import UID, generate_uid
 
 from dicom_io.errors import DeliveryError, LungScreenError
 from dicom_io.scp import ListenerSettings, ReceivedInstance, start_listener
-from dicom_io.select import SelectionRules
 from dicom_io.send import Destination, send_file
-from dicom_io.sr import AlgorithmIdentity, BillingCodes
 from dicom_io.store import InstanceStore
 from models.card import load_card
-from models.detector import Detector
-from models.rules import ClinicalRules
 from server import __version__
 from server.billing import BillingLedger, ExtensionEntry
 from server.config import Settings
@@ -34,7 +29,8 @@ from server.db import Database
 from server.jobs import FAILED, REPORTED, JobStore
 from server.metrics import Metrics
 from server.outbox import Outbox, OutboxItem, RetryPolicy
-from server.pipeline import AnalysisResult, Analyzer, NoEligibleSeries, analyze_study
+from server.pipeline import AnalysisResult, NoEligibleSeries
+from server.workers import AnalysisPool
 
 log = logging.getLogger(__name__)
 
@@ -46,36 +42,6 @@ def sop_class_name(uid: str) -> str:
     return name if name != uid else f"SOP class {uid}"
 
 
-def installation_uid(data_dir: Path) -> str:
-    """A stable Device UID for this installation (IHE AIR Contributing Equipment)."""
-    path = data_dir / "device-uid"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(generate_uid() + "\n")
-    return path.read_text().strip()
-
-
-def build_analyzer(settings: Settings) -> Analyzer:
-    card = load_card(settings.model)
-    return Analyzer(
-        detector=Detector(card, providers=list(settings.providers) or None),
-        algorithm=AlgorithmIdentity(
-            manufacturer="LungScreen project",
-            model_name=card.name,
-            software_version=__version__,
-            model_version=card.version,
-            device_uid=installation_uid(settings.data_dir),
-            institution=settings.institution,
-        ),
-        billing=BillingCodes(
-            ai_extension_code=settings.ai_extension_code, fallback_procedure_code=settings.fallback_procedure_code
-        ),
-        rules=ClinicalRules.from_mapping(settings.clinical_rules),
-        selection=SelectionRules.from_mapping(settings.series_selection),
-        operating_point=settings.operating_point,
-    )
-
-
 def report_uids(study_uid: str, run: int) -> tuple[str, str]:
     """SR series and instance UIDs, derived from the study and run: a retried run writes
     the same instance again instead of a second copy."""
@@ -84,7 +50,7 @@ def report_uids(study_uid: str, run: int) -> tuple[str, str]:
 
 
 class LungScreenServer:
-    def __init__(self, settings: Settings, analyzer: Analyzer | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.db = Database(settings.db_path)
         self.jobs = JobStore(self.db)
@@ -94,12 +60,13 @@ class LungScreenServer:
         self.ledger = BillingLedger(self.db)
         self.images = InstanceStore(settings.images_dir)
         self.reports = InstanceStore(settings.reports_dir)
-        self.analyzer = analyzer or build_analyzer(settings)
+        self.card = load_card(settings.model)  # fail at start-up on a bad model, not on the first study
+        self.analysis = AnalysisPool(settings)
         self.metrics = Metrics(self.jobs)
         self.destinations = [Destination.parse(d) for d in settings.destination]
         self._stop = threading.Event()
         self._wake_outbox = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="analyze")
+        self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="job")
         self._in_flight: set[str] = set()
         self._in_flight_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -112,6 +79,7 @@ class LungScreenServer:
         resumed = self.jobs.resume_after_restart()
         if resumed:
             log.info("resuming %d interrupted job(s)", len(resumed))
+        self.analysis.warm_up()
         self._listener = start_listener(
             ListenerSettings(
                 ae_title=self.settings.ae_title,
@@ -131,10 +99,8 @@ class LungScreenServer:
 
             self._http = start_http(self, self.settings.http_host, self.settings.http_port)
         log.info(
-            "LungScreen %s ready: AE %s on %s:%d, model %s %s (%s)",
-            __version__, self.settings.ae_title, self.settings.host, self.settings.port,
-            self.analyzer.detector.card.name, self.analyzer.detector.card.version,
-            ", ".join(self.analyzer.detector.providers),
+            "LungScreen %s ready: AE %s on %s:%d, model %s %s",
+            __version__, self.settings.ae_title, self.settings.host, self.settings.port, self.card.name, self.card.version,
         )
 
     def stop(self) -> None:
@@ -147,6 +113,7 @@ class LungScreenServer:
         for thread in self._threads:
             thread.join(timeout=10)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.analysis.shutdown()
         self.db.close()
 
     # --- InstanceSink (called by the DICOM listener) ------------------------------------------
@@ -207,14 +174,13 @@ class LungScreenServer:
         started = time.perf_counter()
         paths = self.jobs.instance_paths(study_uid)
         previous = self.jobs.latest_report(study_uid)
-        predecessor = dcmread(previous, stop_before_pixels=True) if previous and previous.exists() else None
         sr_series_uid, sr_sop_uid = report_uids(study_uid, run)
         try:
             if not paths:
                 raise NoEligibleSeries((), ("no CT image was stored for this study",))
-            result = analyze_study(
-                paths, self.analyzer, sr_series_uid=sr_series_uid, sr_sop_uid=sr_sop_uid,
-                sr_instance_number=run, predecessor=predecessor,
+            result = self.analysis.analyze(
+                paths, sr_series_uid=sr_series_uid, sr_sop_uid=sr_sop_uid, run=run,
+                predecessor=previous if previous and previous.exists() else None,
             )
         except LungScreenError as exc:
             details = {"rejected_series": [r.__dict__ for r in getattr(exc, "rejected", ())]}
@@ -239,7 +205,7 @@ class LungScreenServer:
                     ExtensionEntry(
                         accession_number=result.accession_number,
                         main_item=result.main_exam_item,
-                        extension_item=self.analyzer.billing.ai_extension_code,
+                        extension_item=self.settings.ai_extension_code,
                         study_uid=study_uid,
                         report_sop_uid=result.sr.SOPInstanceUID,
                     )

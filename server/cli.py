@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from server.app import build_analyzer, report_uids
+    from server.workers import build_analyzer
     from server.pipeline import analyze_study
 
     settings = _settings(args)

@@ -28,7 +28,8 @@ class Settings:
     model: Path = DEFAULT_MODEL_CARD
     operating_point: str | None = None  # None: the model card's default
     providers: tuple[str, ...] = ()  # ONNX Runtime providers; empty = best available
-    workers: int = 1  # studies analysed at once
+    workers: int = 1  # studies analysed at once, each in its own worker process
+    analysis_timeout_s: float = 600.0  # a run taking longer is stopped and the study fails
     send_timeout_s: float = 30.0
     max_delivery_attempts: int = 8
     retry_base_delay_s: float = 2.0

@@ -34,3 +34,8 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one line per copied module
+    # pydicom warns about each invalid value it parses; the listener logs one clear line per
+    # rejected instance instead.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)

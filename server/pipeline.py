@@ -40,6 +40,10 @@ class NoEligibleSeries(NotEligible):
         reasons += list(extra)
         super().__init__("no CT series eligible for analysis" + (": " + "; ".join(reasons) if reasons else ""))
         self.rejected = rejected
+        self.extra = extra
+
+    def __reduce__(self):  # picklable, so a worker process can return it
+        return (type(self), (self.rejected, self.extra))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ threshold, like the pipeline's postprocess stage. So evaluation numbers are the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -44,16 +45,13 @@ class ScanDetections:
     def findings(self, calibration: dict, threshold: float, rules: ClinicalRules) -> tuple[Finding, ...]:
         """What the report would list at ``threshold`` (calibrated), after the clinical rules."""
         probs = self.probabilities(calibration)
-        from dataclasses import replace
-
         findings = [replace(f, probability=float(p)) for f, p in zip(self.findings_template, probs)]
         kept, _ = apply_rules(findings, threshold, rules)
         return kept
 
 
 def detect_scan(detector: Detector, scan: Scan) -> ScanDetections:
-    import time
-
+    """Candidates of ``scan`` as the server finds them, timed (preprocessing included)."""
     start = time.perf_counter()
     candidates, _ = detector.detect(scan.voxels, scan.affine)
     shape = np.array(scan.voxels.shape)

@@ -152,3 +152,16 @@ def test_non_ct_study_gets_a_failed_job_but_never_overrides_a_ct_job(db):
     assert jobs.get("1.2.3").state == RECEIVING and jobs.get("1.2.3").reason is None
     receive(jobs, study="1.2.9", series="1.2.9.1")
     assert jobs.get("1.2.9").state == RECEIVING, "CT images arriving later start a normal job"
+
+
+def test_pipeline_errors_survive_the_trip_from_a_worker_process():
+    import pickle
+
+    from dicom_io.errors import VolumeError
+    from dicom_io.select import SeriesRejection
+    from server.pipeline import NoEligibleSeries
+
+    error = NoEligibleSeries((SeriesRejection("1.2.3", "scout", "localizer images"),), ("unreadable file x.dcm",))
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == str(error) and copy.rejected == error.rejected
+    assert str(pickle.loads(pickle.dumps(VolumeError("gap")))) == "gap"

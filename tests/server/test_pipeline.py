@@ -37,7 +37,7 @@ def phantom(shape=(40, 128, 128), spacing=SPACING, spheres=SPHERES) -> np.ndarra
 
 @pytest.fixture(scope="module")
 def analyzer(tmp_path_factory):
-    from server.app import build_analyzer
+    from server.workers import build_analyzer
 
     return build_analyzer(load_settings(model=BLOB_FILTER_CARD, data_dir=tmp_path_factory.mktemp("data")))
 

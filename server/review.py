@@ -1,0 +1,291 @@
+"""Review pages: what a radiologist sees of LungScreen's work, as HTML and PNG.
+
+Pure renderers, no I/O besides reading the one CT image of a key image: the HTTP server
+(``server/http.py``) decides routes and hands in job dicts as :meth:`server.jobs.Job.as_dict`
+returns them, ``details`` as written by :func:`server.app.job_details`. Every value is
+HTML-escaped; job dicts carry no patient names or IDs and none are added here.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from dicom_io.presentation import LUNG_WINDOW, key_slice
+from dicom_io.sr import RESEARCH_USE_NOTICE, finding_label
+
+__all__ = ["KEY_IMAGE_OUTLINE_RGB", "ohif_viewer_url", "render_key_image", "render_study", "render_study_list"]
+
+KEY_IMAGE_OUTLINE_RGB = (255, 220, 0)
+"""Colour of the nodule outline in key images (yellow: never a grey value of the CT)."""
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:0;color:#111;background:#fafafa}
+header{background:#222;color:#fff;padding:.6em 1em}
+header a{color:#fff}
+.notice{background:#b00020;color:#fff;font-weight:bold;font-size:1.15em;padding:.6em 1em;margin:0}
+main{padding:1em}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+th,td{border:1px solid #bbb;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#eee}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.state-failed{color:#b00020;font-weight:bold}
+.state-delivered,.state-reported{color:#1b5e20}
+figure{display:inline-block;margin:.5em 1em .5em 0}
+figure img{width:384px;height:384px;image-rendering:auto;background:#000}
+"""
+
+
+def _e(value: Any) -> str:
+    """Escaped text of ``value``; an em dash for nothing."""
+    if value is None or value == "":
+        return "—"
+    return html.escape(str(value), quote=True)
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{_e(title)} · LungScreen</title><style>{_STYLE}</style></head><body>"
+        f"<p class=\"notice\" role=\"alert\" id=\"research-notice\">{_e(RESEARCH_USE_NOTICE)}</p>"
+        f"<header><strong>LungScreen</strong> · {_e(title)}</header><main>{body}</main></body></html>\n"
+    )
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "—"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(epoch)))
+
+
+def _seconds(start: float | None, end: float | None) -> str:
+    if start is None or end is None:
+        return "—"
+    return f"{float(end) - float(start):.1f} s"
+
+
+def _number(value: Any, digits: int) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return _e(value)
+    return f"{value:.{digits}f}"
+
+
+def render_study_list(jobs: Sequence[Mapping[str, Any]], *, study_href: str = "/review/{study_uid}") -> str:
+    """HTML list of studies: state, reason, instances, findings, received/processed times.
+
+    ``study_href`` is formatted with the URL-quoted ``study_uid`` for each study's link.
+    """
+    rows = []
+    for job in jobs:
+        details = job.get("details") or {}
+        uid = str(job.get("study_uid", ""))
+        findings = details.get("findings")
+        href = study_href.format(study_uid=quote(uid, safe=""))
+        state = str(job.get("state", ""))
+        rows.append(
+            "<tr>"
+            f"<td><a href=\"{_e(href)}\">{_e(uid)}</a></td>"
+            f"<td class=\"state-{_e(state)}\">{_e(state)}</td>"
+            f"<td>{_e(job.get('reason'))}</td>"
+            f"<td class=\"num\">{_e(job.get('instances'))}</td>"
+            f"<td class=\"num\">{_e(len(findings) if isinstance(findings, list) else None)}</td>"
+            f"<td>{_when(job.get('last_received_at'))}</td>"
+            f"<td class=\"num\">{_seconds(job.get('last_received_at'), job.get('started_at'))}</td>"
+            f"<td class=\"num\">{_seconds(job.get('started_at'), job.get('finished_at'))}</td>"
+            "</tr>"
+        )
+    table = (
+        "<table id=\"studies\"><thead><tr><th>Study Instance UID</th><th>State</th><th>Reason</th>"
+        "<th>Instances</th><th>Findings</th><th>Last received</th><th>Waited</th><th>Processing</th>"
+        "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )
+    if not rows:
+        table = "<p>No studies yet.</p>"
+    return _page("Studies", f"<h1>Studies</h1>{table}")
+
+
+def ohif_viewer_url(ohif_url: str, study_uid: str, sr_series_uid: str | None = None) -> str:
+    """OHIF v3 link that opens the study, and the SR view when its series is known."""
+    query = {"StudyInstanceUIDs": study_uid}
+    if sr_series_uid:
+        query["initialSeriesInstanceUID"] = sr_series_uid
+    return f"{ohif_url.rstrip('/')}/viewer?{urlencode(query)}"
+
+
+def _finding_rows(findings: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for number, finding in enumerate(findings, start=1):
+        try:
+            label = finding_label(
+                number, float(finding["diameter_mm"]), float(finding["probability"]), str(finding["lung_rads"])
+            )
+        except (KeyError, TypeError, ValueError):
+            label = f"Nodule {number}"
+        actionable = finding.get("actionable")
+        rows.append(
+            f"<tr id=\"finding-{number}\">"
+            f"<td>{_e(label)}</td>"
+            f"<td class=\"num\">{_number(finding.get('diameter_mm'), 1)}</td>"
+            f"<td class=\"num\">{_number(finding.get('volume_mm3'), 0)}</td>"
+            f"<td>{_e(finding.get('nodule_type'))}</td>"
+            f"<td>{_e(finding.get('lung_rads'))}</td>"
+            f"<td class=\"num\">{_number(finding.get('probability'), 2)}</td>"
+            f"<td>{_e({True: 'yes', False: 'no'}.get(actionable, actionable))}</td>"
+            f"<td>{_e(', '.join(_number(v, 1) for v in finding.get('center_lps_mm') or []))}</td>"
+            "</tr>"
+        )
+    return (
+        "<table id=\"findings\"><thead><tr><th>Nodule</th><th>Long axis (mm)</th><th>Volume (mm³)</th>"
+        "<th>Type</th><th>Lung-RADS v2022 (suggested)</th><th>Probability</th><th>Actionable</th>"
+        "<th>Centre LPS (mm)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )
+
+
+def render_study(
+    job: Mapping[str, Any],
+    *,
+    ohif_url: str | None,
+    key_image_href: str | None = "{study_uid}/key/{number}.png",
+) -> str:
+    """HTML page of one study: state, findings table, operating point, suppressed candidates,
+    per-stage timings, rejected series, key images and a link to OHIF.
+
+    ``key_image_href`` is formatted with the URL-quoted ``study_uid`` and the 1-based finding
+    ``number`` (``None``: no key images). ``ohif_url`` is the OHIF root (``None``: no link); the
+    link opens the SR view when ``details["sr_series_uid"]`` is set.
+    """
+    details = job.get("details") or {}
+    uid = str(job.get("study_uid", ""))
+    findings = details.get("findings") or []
+    parts = [f"<h1>Study {_e(uid)}</h1>"]
+    parts.append(
+        "<table id=\"job\"><tbody>"
+        f"<tr><th>State</th><td class=\"state-{_e(job.get('state'))}\">{_e(job.get('state'))}</td></tr>"
+        f"<tr><th>Reason</th><td>{_e(job.get('reason'))}</td></tr>"
+        f"<tr><th>Runs</th><td>{_e(job.get('runs'))}</td></tr>"
+        f"<tr><th>Instances (rejected)</th><td>{_e(job.get('instances'))} ({_e(job.get('rejected_instances'))})</td></tr>"
+        f"<tr><th>Received</th><td>{_when(job.get('first_received_at'))} – {_when(job.get('last_received_at'))}</td></tr>"
+        f"<tr><th>Processing</th><td>{_when(job.get('started_at'))} – {_when(job.get('finished_at'))} "
+        f"({_seconds(job.get('started_at'), job.get('finished_at'))})</td></tr>"
+        f"<tr><th>Model</th><td>{_e(details.get('model'))}</td></tr>"
+        f"<tr><th>Operating point</th><td>{_e(details.get('operating_point'))} "
+        f"(score threshold {_e(details.get('score_threshold'))})</td></tr>"
+        f"<tr><th>Analysed series</th><td>{_e(details.get('series_uid'))}</td></tr>"
+        f"<tr><th>Report (SR)</th><td>{_e(details.get('sr_sop_uid'))}</td></tr>"
+        "</tbody></table>"
+    )
+    if ohif_url and uid:
+        link = ohif_viewer_url(ohif_url, uid, details.get("sr_series_uid"))
+        parts.append(f"<p><a id=\"ohif-link\" href=\"{_e(link)}\">Open in OHIF viewer</a></p>")
+
+    parts.append("<h2>Findings</h2>")
+    if findings:
+        parts.append(_finding_rows(findings))
+    elif job.get("state") in ("reported", "delivered"):
+        parts.append("<p id=\"no-findings\">No nodule reported at this operating point.</p>")
+    else:
+        parts.append("<p>No results yet.</p>")
+
+    if findings and key_image_href:
+        figures = []
+        for number, finding in enumerate(findings, start=1):
+            src = key_image_href.format(study_uid=quote(uid, safe=""), number=number)
+            figures.append(
+                f"<figure><img src=\"{_e(src)}\" alt=\"Key image of nodule {number}\" width=\"384\" height=\"384\">"
+                f"<figcaption>Nodule {number} · image {_e(finding.get('sop_instance_uid'))}"
+                + (f" frame {_e(finding.get('frame_number'))}" if finding.get("frame_number") else "")
+                + "</figcaption></figure>"
+            )
+        parts.append("<h2>Key images</h2><div id=\"key-images\">" + "".join(figures) + "</div>")
+
+    suppressed = details.get("suppressed") or {}
+    if suppressed or "candidates" in details:
+        rows = "".join(
+            f"<tr><td>{_e(rule)}</td><td class=\"num\">{_e(count)}</td></tr>"
+            for rule, count in sorted(suppressed.items(), key=lambda item: str(item[0]))
+        )
+        parts.append(
+            "<h2>Candidates suppressed by clinical rules</h2>"
+            f"<p>Detector candidates: {_e(details.get('candidates'))}</p>"
+            "<table id=\"suppressed\"><thead><tr><th>Rule</th><th>Candidates suppressed</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>"
+        )
+    timings = details.get("timings_s") or {}
+    if timings:
+        rows = "".join(
+            f"<tr><td>{_e(stage)}</td><td class=\"num\">{_number(seconds, 2)}</td></tr>"
+            for stage, seconds in timings.items()
+        )
+        parts.append(
+            "<h2>Timings</h2><table id=\"timings\"><thead><tr><th>Stage</th><th>Seconds</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>"
+        )
+    rejected = details.get("rejected_series") or []
+    if rejected:
+        rows = "".join(
+            f"<tr><td>{_e(r.get('series_uid') if isinstance(r, Mapping) else r)}</td>"
+            f"<td>{_e(r.get('reason') if isinstance(r, Mapping) else '')}</td></tr>"
+            for r in rejected
+        )
+        parts.append(
+            "<h2>Series not analysed</h2><table id=\"rejected\"><thead><tr><th>Series</th><th>Reason</th></tr>"
+            f"</thead><tbody>{rows}</tbody></table>"
+        )
+    return _page(f"Study {uid}", "".join(parts))
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def render_key_image(
+    ct_path: Path, finding: Mapping[str, Any], *, frame_number: int | None = None, number: int | None = None
+) -> bytes:
+    """PNG of the CT image ``ct_path`` in the lung window (W 1500 / L -600), the nodule outlined.
+
+    ``finding`` is a findings row (``center_lps_mm``, ``diameter_mm``; with ``number``, its
+    ``probability`` and ``lung_rads`` make the caption :func:`dicom_io.sr.finding_label`). The
+    outline is a circle of the nodule's diameter around its centre projected on the image; the
+    research notice is written at the bottom.
+    """
+    ks = key_slice(Path(ct_path), finding["center_lps_mm"], frame_number=frame_number)
+    centre, width = LUNG_WINDOW
+    low = centre - width / 2
+    grey = np.clip((ks.hu - low) / width * 255.0, 0, 255).astype(np.uint8)
+    image = Image.fromarray(grey, mode="L").convert("RGB")
+    draw = ImageDraw.Draw(image)
+    column, row = ks.center_column_row
+    radius_mm = float(finding["diameter_mm"]) / 2
+    rx, ry = radius_mm / ks.pixel_spacing[1], radius_mm / ks.pixel_spacing[0]
+    line = max(2, round(min(image.size) / 256))
+    # Pixel (column, row) covers [column - 0.5, column + 0.5] in image space.
+    draw.ellipse(
+        [column + 0.5 - rx - line, row + 0.5 - ry - line, column + 0.5 + rx + line, row + 0.5 + ry + line],
+        outline=KEY_IMAGE_OUTLINE_RGB,
+        width=line,
+    )
+    font = _font(max(12, image.size[0] // 32))
+    if number is not None and {"probability", "lung_rads"} <= set(finding):
+        caption = finding_label(number, float(finding["diameter_mm"]), float(finding["probability"]), str(finding["lung_rads"]))
+    else:
+        caption = f"{float(finding['diameter_mm']):.1f} mm"
+    height = draw.textbbox((0, 0), "Ag", font=font)[3]
+    for text, y in ((caption, 6), (RESEARCH_USE_NOTICE, image.size[1] - height - 8)):
+        box = draw.textbbox((8, y), text, font=font)
+        draw.rectangle([box[0] - 4, box[1] - 3, box[2] + 4, box[3] + 3], fill=(0, 0, 0))
+        draw.text((8, y), text, font=font, fill=(255, 255, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()

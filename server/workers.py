@@ -1,0 +1,144 @@
+"""Analysis runs in worker processes, so a crash or a hang inside a decoder or the model
+ends that study's run with a reason and never takes the server down.
+
+Each worker process loads the model once (ONNX Runtime session reused across studies).
+When a worker dies (segfault, out of memory) or a run exceeds its time limit, the pool is
+replaced and the study fails with the reason; the next study gets a fresh worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from dicom_io.errors import LungScreenError
+from dicom_io.select import SelectionRules
+from dicom_io.sr import AlgorithmIdentity, BillingCodes
+from models.card import load_card
+from models.detector import Detector
+from models.rules import ClinicalRules
+from server import __version__
+from server.config import Settings
+from server.pipeline import AnalysisResult, Analyzer, analyze_study
+
+log = logging.getLogger(__name__)
+
+
+class AnalysisCrashed(LungScreenError):
+    """The worker process died or the run exceeded its time limit."""
+
+
+def installation_uid(data_dir: Path) -> str:
+    """A stable Device UID for this installation (IHE AIR Contributing Equipment)."""
+    path = data_dir / "device-uid"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(generate_uid() + "\n")
+    return path.read_text().strip()
+
+
+def build_analyzer(settings: Settings) -> Analyzer:
+    card = load_card(settings.model)
+    return Analyzer(
+        detector=Detector(card, providers=list(settings.providers) or None),
+        algorithm=AlgorithmIdentity(
+            manufacturer="LungScreen project",
+            model_name=card.name,
+            software_version=__version__,
+            model_version=card.version,
+            device_uid=installation_uid(settings.data_dir),
+            institution=settings.institution,
+        ),
+        billing=BillingCodes(
+            ai_extension_code=settings.ai_extension_code, fallback_procedure_code=settings.fallback_procedure_code
+        ),
+        rules=ClinicalRules.from_mapping(settings.clinical_rules),
+        selection=SelectionRules.from_mapping(settings.series_selection),
+        operating_point=settings.operating_point,
+    )
+
+
+_analyzer: Analyzer | None = None  # one per worker process
+
+
+def _init_worker(settings: Settings, log_level: int) -> None:
+    from server.logs import configure_logging
+
+    global _analyzer
+    configure_logging(logging.getLevelName(log_level))
+    _analyzer = build_analyzer(settings)
+
+
+def _warm_up() -> list[str]:
+    return _analyzer.detector.providers
+
+
+def _analyze(
+    paths: list[Path], sr_series_uid: str, sr_sop_uid: str, run: int, predecessor: Path | None
+) -> AnalysisResult:
+    previous = dcmread(predecessor, stop_before_pixels=True) if predecessor else None
+    return analyze_study(
+        paths, _analyzer, sr_series_uid=sr_series_uid, sr_sop_uid=sr_sop_uid, sr_instance_number=run,
+        predecessor=previous,
+    )
+
+
+class AnalysisPool:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._executor = self._new_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=self.settings.workers,
+            # spawn, not fork: the server process has threads (listener, scheduler, outbox)
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self.settings, logging.getLogger().level),
+        )
+
+    def warm_up(self) -> None:
+        """Start the workers and load the model now rather than on the first study."""
+        future = self._executor.submit(_warm_up)
+        future.add_done_callback(
+            lambda f: log.info("analysis worker ready, providers %s", f.result()) if not f.exception() else None
+        )
+
+    def analyze(
+        self, paths: list[Path], *, sr_series_uid: str, sr_sop_uid: str, run: int, predecessor: Path | None
+    ) -> AnalysisResult:
+        with self._lock:
+            executor = self._executor
+        try:
+            future = executor.submit(_analyze, paths, sr_series_uid, sr_sop_uid, run, predecessor)
+            return future.result(timeout=self.settings.analysis_timeout_s)
+        except BrokenProcessPool:
+            self._replace(executor, kill=False)
+            raise AnalysisCrashed("the analysis process died (crash or out of memory) while analysing this study")
+        except FutureTimeout:
+            self._replace(executor, kill=True)
+            raise AnalysisCrashed(f"analysis exceeded its time limit of {self.settings.analysis_timeout_s:g} s")
+
+    def _replace(self, broken: ProcessPoolExecutor, *, kill: bool) -> None:
+        with self._lock:
+            if self._executor is not broken:
+                return  # another thread replaced it already
+            if kill:
+                for process in list(broken._processes.values()):  # no public API to stop a hung task
+                    process.kill()
+            broken.shutdown(wait=False, cancel_futures=True)
+            self._executor = self._new_executor()
+            log.warning("analysis worker pool replaced")
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._executor.shutdown(wait=True, cancel_futures=True)

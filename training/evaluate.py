@@ -1,0 +1,271 @@
+"""Evaluate a model card on annotated scans, through the server's own code path.
+
+``python -m training.evaluate --model models/nodulenet --synthetic 50 --real --out runs/eval``
+(also ``lungscreen evaluate ...`` once :func:`add_cli` is wired). Each scan goes through
+:class:`models.detector.Detector`, :mod:`models.calibrate` and :mod:`models.rules`
+(:mod:`training.inference`), so the numbers are the product's. Reported:
+
+* LUNA16 protocol on the raw candidates: FROC, CPM (mean sensitivity at 1/8..8 FP/scan),
+  with bootstrap 95 % intervals over scans;
+* at each operating point of the card, on the report (after the clinical rules): FP per scan,
+  sensitivity overall and by size band (<6, 6-8, 8-15, >=15 mm);
+* ECE of the calibrated candidate probabilities;
+* real scans (``--real``): whether the annotated nodule is reported at each operating point and
+  how many other actionable findings there are; a 300-slice CT timing (``--timing``).
+
+Outputs ``OUT/metrics.json`` and ``OUT/froc.png``; ``--write-card`` copies the headline numbers
+(exactly as printed) into the card's ``metrics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from models.card import ModelCard, load_card, validate_card
+from models.detector import Detector
+from models.rules import ClinicalRules
+from training.calibrate import labels_of
+from training.froc_plot import draw_froc
+from training.inference import ScanDetections, detect_scan
+from training.metrics import (
+    SIZE_BANDS_MM,
+    ScanMatches,
+    at_threshold,
+    bootstrap_ci,
+    cpm,
+    expected_calibration_error,
+    froc,
+    match,
+)
+from training.readers import read_dicom_csv, read_luna16, read_nifti, read_nrrd_with_mask
+from training.scan import Scan
+from training.sources import SEED_RANGES, read_lidc_0001, synthetic_scan
+
+SHARED_DATA = Path("/work/shared/data")
+LUNG1_IMAGE = SHARED_DATA / "pyradiomics_lung" / "lung1_image.nrrd"
+LUNG1_LABEL = SHARED_DATA / "pyradiomics_lung" / "lung1_label.nrrd"
+CONTRAST_CT = SHARED_DATA / "totalsegmentator" / "example_ct_chest_cta_1.5mm.nii.gz"
+BOOTSTRAP_RESAMPLES = 1000
+# The timing case: LIDC-IDRI-0001 (512 x 512, 0.70 mm pixels) resampled to 300 slices.
+TIMING_SLICES = 300
+
+
+def candidate_matches(det: ScanDetections) -> ScanMatches:
+    hit = match(det.centres_lps, [n.center_lps_mm for n in det.nodules], [n.diameter_mm for n in det.nodules])
+    return ScanMatches(det.scores, hit, np.array([n.diameter_mm for n in det.nodules]))
+
+
+def report_matches(det: ScanDetections, card: ModelCard, point: str, rules: ClinicalRules) -> ScanMatches:
+    """The report at ``point`` as matches; every reported finding gets score 1."""
+    findings = det.findings(card.calibration, card.operating_point(point).threshold, rules)
+    centres = np.array([f.center_lps_mm for f in findings]).reshape(-1, 3)
+    hit = match(centres, [n.center_lps_mm for n in det.nodules], [n.diameter_mm for n in det.nodules])
+    return ScanMatches(np.ones(len(findings)), hit, np.array([n.diameter_mm for n in det.nodules]))
+
+
+def evaluate_set(detections: Sequence[ScanDetections], card: ModelCard, rules: ClinicalRules, seed: int = 0) -> dict:
+    """LUNA16 metrics on candidates, report metrics per operating point, ECE, bootstrap CIs."""
+    cands = [candidate_matches(d) for d in detections]
+    score, points = cpm(cands)
+    rng = np.random.default_rng(seed)
+    result: dict = {
+        "scans": len(detections),
+        "nodules": int(sum(len(d.nodules) for d in detections)),
+        "cpm": score,
+        "cpm_ci95": bootstrap_ci(lambda idx: cpm([cands[i] for i in idx])[0], len(cands), rng, BOOTSTRAP_RESAMPLES),
+        "froc_points": {f"{k:g}": v for k, v in points.items()},
+    }
+    probs = np.concatenate([d.probabilities(card.calibration) for d in detections])
+    labels = np.concatenate([labels_of(d) for d in detections])
+    result["ece"] = expected_calibration_error(probs, labels)
+    result["operating_points"] = {}
+    for name in card.raw["operating_points"]:
+        reports = [report_matches(d, card, name, rules) for d in detections]
+        stats = at_threshold(reports, 1.0)
+        for key, fn in {
+            "fp_per_scan": lambda r: at_threshold(r, 1.0)["fp_per_scan"],
+            "sensitivity": lambda r: at_threshold(r, 1.0)["sensitivity"],
+            "sensitivity_ge6mm": lambda r: _sensitivity_ge6(r),
+        }.items():
+            stats[f"{key}_ci95"] = bootstrap_ci(lambda idx, fn=fn: fn([reports[i] for i in idx]), len(reports), rng, BOOTSTRAP_RESAMPLES)
+        stats["sensitivity_ge6mm"] = _sensitivity_ge6(reports)
+        stats["threshold"] = card.operating_point(name).threshold
+        result["operating_points"][name] = stats
+    _, fps, sens = froc(cands)
+    result["_froc_curve"] = (fps, sens)
+    result["seconds_per_scan"] = float(np.mean([d.seconds for d in detections]))
+    return result
+
+
+def _sensitivity_ge6(reports: Sequence[ScanMatches]) -> float:
+    found = n = 0
+    for r in reports:
+        big = r.diameters_mm >= 6.0
+        n += int(big.sum())
+        found += sum(1 for i in np.flatnonzero(big) if np.any(r.hit == i))
+    return found / n if n else float("nan")
+
+
+def evaluate_real(det: ScanDetections, card: ModelCard, rules: ClinicalRules) -> dict:
+    """Per operating point: nodules found, reported and actionable findings, other actionable ones."""
+    out: dict = {"nodules": [round(n.diameter_mm, 2) for n in det.nodules], "seconds": round(det.seconds, 2)}
+    for name, point in card.raw["operating_points"].items():
+        findings = det.findings(card.calibration, point["threshold"], rules)
+        centres = np.array([f.center_lps_mm for f in findings]).reshape(-1, 3)
+        hit = match(centres, [n.center_lps_mm for n in det.nodules], [n.diameter_mm for n in det.nodules])
+        out[name] = {
+            "nodules_found": int(len(set(hit[hit >= 0].tolist()))),
+            "findings": len(findings),
+            "actionable_findings": int(sum(f.actionable for f in findings)),
+            "other_actionable_findings": int(sum(f.actionable and h < 0 for f, h in zip(findings, hit))),
+        }
+    best = candidate_matches(det)
+    true_scores = best.scores[best.hit >= 0]
+    out["best_true_candidate_probability"] = (
+        float(det.probabilities(card.calibration)[best.hit >= 0].max()) if len(true_scores) else None
+    )
+    return out
+
+
+def real_scans() -> Iterable[Scan]:
+    yield read_lidc_0001()
+    yield read_nrrd_with_mask(LUNG1_IMAGE, LUNG1_LABEL, "pyradiomics-lung1")
+    yield read_nifti(CONTRAST_CT, "totalsegmentator-contrast-chest")
+
+
+def timing_300_slices(detector: Detector) -> float:
+    """Seconds for Detector.detect (preprocessing included) on a 512 x 512 x 300 chest CT."""
+    lidc = read_lidc_0001()
+    factor = TIMING_SLICES / lidc.voxels.shape[0]
+    voxels = ndimage.zoom(lidc.voxels, (factor, 1.0, 1.0), order=1).astype(np.float32)
+    affine = lidc.affine.copy()
+    affine[:3, 0] /= voxels.shape[0] / lidc.voxels.shape[0]
+    start = time.perf_counter()
+    detector.detect(voxels, affine)
+    return time.perf_counter() - start
+
+
+def headline_metrics(result: dict) -> list[dict]:
+    """The card's ``metrics``: name, value (rounded as printed), data set."""
+    rows = []
+    for set_name, res in result["sets"].items():
+        dataset = res["dataset"]
+        if "cpm" in res:
+            rows.append({"name": "CPM (LUNA16 protocol)", "value": round(res["cpm"], 4), "dataset": dataset})
+            rows.append({"name": "ECE (calibrated candidates)", "value": round(res["ece"], 4), "dataset": dataset})
+            for point, stats in res["operating_points"].items():
+                for key in ("fp_per_scan", "sensitivity", "sensitivity_ge6mm"):
+                    rows.append({"name": f"{point}: {key}", "value": round(stats[key], 4), "dataset": dataset})
+        else:
+            for point in result["operating_points"]:
+                for key in ("nodules_found", "actionable_findings", "other_actionable_findings"):
+                    rows.append({"name": f"{point}: {key}", "value": res[point][key], "dataset": dataset})
+    if "timing_300_slices_s" in result:
+        rows.append({"name": "seconds per 300-slice CT (Detector.detect)", "value": round(result["timing_300_slices_s"], 2),
+                     "dataset": result["timing_dataset"]})  # fmt: skip
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    card = load_card(args.model)
+    detector = Detector(card, intra_op_threads=args.threads)
+    rules = ClinicalRules()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"model": f"{card.name} {card.version}", "operating_points": list(card.raw["operating_points"]), "sets": {}}
+
+    def scans_of(source: Iterable[Scan], label: str) -> list[ScanDetections]:
+        dets = []
+        for i, scan in enumerate(source):
+            dets.append(detect_scan(detector, scan))
+            print(f"{label} {i + 1}: {scan.name} {len(dets[-1].candidates)} candidates {dets[-1].seconds:.1f} s", flush=True)
+        return dets
+
+    labelled: dict[str, tuple[str, list[ScanDetections]]] = {}
+    if args.synthetic:
+        first = SEED_RANGES["test"][0] + args.first_seed
+        dataset = f"synthetic test, {args.synthetic} scans, seeds {first}-{first + args.synthetic - 1} (never trained or calibrated on)"
+        labelled["synthetic_test"] = (dataset, scans_of((synthetic_scan(first + i) for i in range(args.synthetic)), "synthetic"))
+    if args.luna16:
+        labelled["luna16"] = (f"LUNA16 {args.luna16}", scans_of(read_luna16(args.luna16), "luna16"))
+    if args.dicom:
+        labelled["dicom"] = (f"DICOM {args.dicom}", scans_of(read_dicom_csv(args.dicom, args.csv), "dicom"))
+    for name, (dataset, dets) in labelled.items():
+        res = evaluate_set(dets, card, rules)
+        fps, sens = res.pop("_froc_curve")
+        title = f"{card.name} {card.version}, {name} ({res['scans']} scans): CPM {res['cpm']:.3f}"
+        draw_froc(fps, sens, {float(k): v for k, v in res["froc_points"].items()}, title, out / f"froc_{name}.png")
+        res["dataset"] = dataset
+        result["sets"][name] = res
+    if args.real:
+        for det in scans_of(real_scans(), "real"):
+            res = evaluate_real(det, card, rules)
+            res["dataset"] = f"real CT {det.name}" + (" (no nodules)" if not det.nodules else "")
+            result["sets"][det.name] = res
+    if args.timing:
+        result["timing_300_slices_s"] = timing_300_slices(detector)
+        result["timing_dataset"] = f"LIDC-IDRI-0001 resampled to 512x512x{TIMING_SLICES}, ONNX Runtime CPU, {args.threads or 'all'} threads"
+    result["metrics"] = headline_metrics(result)
+    text = json.dumps(_finite(result), indent=2, default=float)
+    (out / "metrics.json").write_text(text + "\n")
+    print(text)
+    if args.write_card:
+        raw = dict(card.raw, metrics=result["metrics"])
+        validate_card(raw)
+        card.path.write_text(json.dumps(raw, indent=2) + "\n")
+        print(f"wrote {len(result['metrics'])} metrics into {card.path}")
+    return result
+
+
+def _finite(value):
+    """``value`` with NaN (an empty size band) as null, so the file is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="model card (JSON) or its folder")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="folder for metrics.json and FROC PNGs")
+    p.add_argument("--synthetic", type=int, default=0, help="number of held-out synthetic test scans")
+    p.add_argument("--first-seed", type=int, default=0, help="offset into the test seed block")
+    p.add_argument("--luna16", type=Path, help="LUNA16 folder (.mhd/.raw + annotations.csv)")
+    p.add_argument("--dicom", type=Path, help="folder of DICOM series (one per subfolder)")
+    p.add_argument("--csv", type=Path, help="LUNA16-style CSV for --dicom (default DICOM/annotations.csv)")
+    p.add_argument("--real", action="store_true", help="the bundled real scans (LIDC-IDRI-0001, lung1, contrast CT)")
+    p.add_argument("--timing", action="store_true", help="time a 300-slice CT")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    p.add_argument("--write-card", action="store_true", help="store the headline metrics in the model card")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    run(args)
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``lungscreen evaluate``."""
+    p = subparsers.add_parser("evaluate", help="evaluate a model card on annotated scans (FROC, CPM, ECE)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

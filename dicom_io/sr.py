@@ -9,7 +9,7 @@ The report goes back to the PACS next to the analysed CT and follows IHE AI Resu
   needed: Comprehensive SR suffices and is read by more systems than Comprehensive 3D SR
   (OHIF draws both; Orthanc Stone reads Comprehensive SR).
 * Per nodule: Tracking Identifier "Nodule n" and its own Tracking Unique Identifier
-  (TID 4108), finding type Nodule, finding site lung or lobe, a closed circle on the centre
+  (TID 4108), finding type Nodule, finding site (the lobe, when known), a closed circle on the centre
   slice, Long axis (mm), Volume (mm3), Certainty of Finding (%), nodule type, suggested
   Lung-RADS v2022 category, whether the clinical rules call it actionable, and the
   algorithm (TID 4019) with its operating point.
@@ -335,16 +335,22 @@ def _slice_header(volume: Volume, k: int, evidence: Mapping[str, Dataset], what:
     return evidence[uid]
 
 
-def _finding_site(finding: Finding, number: int) -> hd.sr.FindingSite:
+def _finding_sites(finding: Finding, number: int) -> list[hd.sr.FindingSite]:
+    """TID 1419 Finding Site: the lobe when known, else none.
+
+    A bare "Lung" adds nothing to a lung nodule (finding type Nodule) and OHIF 3 prints a
+    finding site as "363698007: <meaning>" (its concept code, not its name) in the label it
+    draws, so the site is written only when it tells the reader something.
+    """
     if finding.lobe is None:
-        return hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)
+        return []
     try:
         location, laterality = _LOBES[finding.lobe.strip().lower()]
     except KeyError:
         raise ReportError(
             f"nodule {number}: unknown lobe {finding.lobe!r}; known: {sorted(_LOBES)}"
         ) from None
-    return hd.sr.FindingSite(anatomic_location=location, laterality=laterality)
+    return [hd.sr.FindingSite(anatomic_location=location, laterality=laterality)]
 
 
 def _circle_on_slice(finding: Finding, volume: Volume, header: Dataset, number: int) -> np.ndarray:
@@ -400,7 +406,7 @@ def _measurement_group(
         finding_type=codes.SCT.Nodule,
         finding_category=codes.SCT.MorphologicallyAbnormalStructure,
         algorithm_id=algorithm,
-        finding_sites=[_finding_site(finding, number)],
+        finding_sites=_finding_sites(finding, number) or None,
         measurements=[
             hd.sr.Measurement(
                 name=codes.SCT.LongAxis, value=float(finding.diameter_mm), unit=codes.UCUM.Millimeter

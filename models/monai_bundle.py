@@ -5,6 +5,9 @@ Users download the bundle themselves (MONAI Model Zoo). The folder needs ``model
 and every setting missing from them falls back to the bundle's documented value
 (:class:`BundleSpec`).
 
+Importing this module is cheap (PyTorch, MONAI and ONNX load only when a bundle is converted), so
+the ``lungscreen`` parser can register :func:`add_cli` without slowing other commands.
+
 The ONNX graph (``image`` in, ``head_outputs`` out) pads its input like MONAI's detector and
 returns the per-level class logits and box regressions packed into one map on the coarsest
 feature grid (:class:`models.retinanet.PackedRetinaNet`). One fixed-channel output map is what
@@ -29,17 +32,13 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import onnx
-import onnxruntime as ort
-import torch
-from monai.apps.detection.networks.retinanet_network import RetinaNet
+from typing import TYPE_CHECKING, Any
 
 from models.card import validate_card
 from models.errors import ModelError
-from models.retinanet import PackedRetinaNet, RetinaNetSpec, build_retinanet
+
+if TYPE_CHECKING:
+    from monai.apps.detection.networks.retinanet_network import RetinaNet
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,46 @@ INFERENCE_CONFIG = Path("configs") / "inference.json"
 METADATA = Path("configs") / "metadata.json"
 # ONNX Runtime against PyTorch on a small input, checked after every export.
 EXPORT_TOLERANCE = 1e-3
+BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200")
+
+
+@dataclass(frozen=True)
+class RetinaNetSpec:
+    """The architecture parameters that the bundle's ``inference.json`` sets (defaults: the bundle's)."""
+
+    backbone: str = "resnet50"
+    conv1_t_size: tuple[int, int, int] = (7, 7, 7)
+    conv1_t_stride: tuple[int, int, int] = (2, 2, 1)
+    returned_layers: tuple[int, ...] = (1, 2)
+    num_classes: int = 1
+    num_anchors: int = 3
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ModelError(f"backbone {self.backbone!r} is not a MONAI ResNet ({', '.join(BACKBONES)})")
+        layers = list(self.returned_layers)
+        if not layers or layers != sorted(set(layers)) or not set(layers) <= {1, 2, 3, 4}:
+            raise ModelError(f"returned_layers must increase within 1..4, got {list(self.returned_layers)}")
+        if len(self.conv1_t_size) != SPATIAL_DIMS or len(self.conv1_t_stride) != SPATIAL_DIMS:
+            raise ModelError("conv1_t_size and conv1_t_stride need one value per spatial axis")
+
+    @property
+    def feature_map_strides(self) -> list[tuple[int, int, int]]:
+        """Input voxels per feature-map cell, per FPN level, finest first.
+
+        The stem (``conv1`` then the stride-2 ``maxpool``) divides by ``2 * conv1_t_stride``;
+        ``layer1`` keeps the size and each later layer halves it (``ResNet._make_layer``);
+        ``LastLevelMaxPool`` adds one more level at half the last one.
+        """
+        strides = [tuple(2 * s * 2 ** (layer - 1) for s in self.conv1_t_stride) for layer in self.returned_layers]
+        strides.append(tuple(2 * s for s in strides[-1]))
+        return strides
+
+    @property
+    def size_divisible(self) -> tuple[int, int, int]:
+        """What MONAI's ``retinanet_resnet50_fpn_detector`` computes: the coarsest stride."""
+        return self.feature_map_strides[-1]
+
 
 
 @dataclass(frozen=True)
@@ -81,7 +120,9 @@ class BundleSpec:
 
     def __post_init__(self) -> None:
         if self.network.num_classes != 1:
-            raise ModelError(f"only a one-class (nodule) RetinaNet is supported, the bundle has {self.network.num_classes}")
+            raise ModelError(
+                f"only a one-class (nodule) RetinaNet is supported, the bundle has {self.network.num_classes}"
+            )
         if self.network.num_anchors != len(self.base_anchor_shapes):
             raise ModelError(
                 f"num_anchors {self.network.num_anchors} != {len(self.base_anchor_shapes)} base_anchor_shapes"
@@ -122,11 +163,12 @@ def read_bundle_spec(bundle_dir: Path) -> BundleSpec:
         raise ModelError(f"cannot read {path}: {exc}") from None
 
     network: dict[str, Any] = {}
-    name, args, kwargs = _parse_target(config.get("backbone"), config)
+    name, _, kwargs = _parse_target(config.get("backbone"), config)
     if name:
         network["backbone"] = name
-    if kwargs.get("n_input_channels", 1) != 1:
-        raise ModelError(f"the backbone takes {kwargs['n_input_channels']} input channels; CT needs 1")
+    channels = kwargs.get("n_input_channels", 1)
+    if isinstance(channels, int) and channels != 1:
+        raise ModelError(f"the backbone takes {channels} input channels; CT needs 1")
     _take(network, "conv1_t_size", kwargs.get("conv1_t_size"), _triple)
     _take(network, "conv1_t_stride", kwargs.get("conv1_t_stride"), _triple)
     _, args, kwargs = _parse_target(config.get("feature_extractor"), config)
@@ -244,6 +286,10 @@ def _shapes(raw: Any) -> tuple[tuple[float, float, float], ...]:
 
 def load_network(weights: Path, spec: RetinaNetSpec) -> RetinaNet:
     """The bundle's RetinaNet with its weights (``torch.load(weights_only=True)``, strict key match)."""
+    import torch  # here, like the other heavy imports, so that registering the CLI stays cheap
+
+    from models.retinanet import build_retinanet
+
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
@@ -273,6 +319,13 @@ def export_onnx(network: RetinaNet, spec: RetinaNetSpec, path: Path, *, opset: i
     on a small random input of another size than the traced one, not a multiple of the coarsest
     stride. Returns that largest difference.
     """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from models.retinanet import PackedRetinaNet
+
     packed = PackedRetinaNet(network, spec).eval()
     example = torch.zeros(1, 1, *(2 * k for k in spec.size_divisible))
     axes = {0: "batch", 2: "x", 3: "y", 4: "z"}
@@ -372,7 +425,7 @@ def model_card(spec: BundleSpec, *, version: str, provenance: str, licence: str,
 
 
 def import_monai_bundle(bundle_dir: Path, out_dir: Path, *, opset: int = 17) -> Path:
-    """Convert the bundle in ``bundle_dir`` to ``out_dir/{ONNX_FILE}`` plus ``model_card.json``; return the card path."""
+    """Convert the bundle to ``out_dir/``:data:`ONNX_FILE` plus ``model_card.json``; return the card's path."""
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     weights = bundle_dir / WEIGHTS
     if not weights.is_file():
@@ -419,8 +472,9 @@ def _licence(bundle_dir: Path) -> str:
         return "no LICENSE file in the bundle folder; the MONAI Model Zoo publishes it under Apache-2.0"
     text = path.read_text(errors="replace")
     name = "Apache-2.0" if "Apache License" in text and "2.0" in text else "see its LICENSE file"
-    third_party = " and docs/license.txt for third-party data" if (bundle_dir / "docs" / "license.txt").is_file() else ""
-    return f"{name}, per its LICENSE file{third_party}"
+    third_party = (bundle_dir / "docs" / "license.txt").is_file()
+    notes = " and docs/license.txt for third-party data" if third_party else ""
+    return f"{name}, per its LICENSE file{notes}"
 
 
 # --- command line -----------------------------------------------------------------------------------

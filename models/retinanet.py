@@ -31,7 +31,7 @@ single output that whole-volume and sliding-window inference both handle.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -42,48 +42,12 @@ from torch import Tensor, nn
 
 from models.errors import ModelError
 
+if TYPE_CHECKING:
+    from models.monai_bundle import RetinaNetSpec
+
 SPATIAL_DIMS = 3
 BOX_CODE_SIZE = 2 * SPATIAL_DIMS  # (dx, dy, dz, dw, dh, dd) per anchor
 FPN_CHANNELS = 256  # ``out_channels`` in MONAI's ``_resnet_fpn_extractor``
-BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200")
-
-
-@dataclass(frozen=True)
-class RetinaNetSpec:
-    """The architecture parameters that the bundle's ``inference.json`` sets (defaults: the bundle's)."""
-
-    backbone: str = "resnet50"
-    conv1_t_size: tuple[int, int, int] = (7, 7, 7)
-    conv1_t_stride: tuple[int, int, int] = (2, 2, 1)
-    returned_layers: tuple[int, ...] = (1, 2)
-    num_classes: int = 1
-    num_anchors: int = 3
-
-    def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ModelError(f"backbone {self.backbone!r} is not a MONAI ResNet ({', '.join(BACKBONES)})")
-        layers = list(self.returned_layers)
-        if not layers or layers != sorted(set(layers)) or not set(layers) <= {1, 2, 3, 4}:
-            raise ModelError(f"returned_layers must increase within 1..4, got {list(self.returned_layers)}")
-        if len(self.conv1_t_size) != SPATIAL_DIMS or len(self.conv1_t_stride) != SPATIAL_DIMS:
-            raise ModelError("conv1_t_size and conv1_t_stride need one value per spatial axis")
-
-    @property
-    def feature_map_strides(self) -> list[tuple[int, int, int]]:
-        """Input voxels per feature-map cell, per FPN level, finest first.
-
-        The stem (``conv1`` then the stride-2 ``maxpool``) divides by ``2 * conv1_t_stride``;
-        ``layer1`` keeps the size and each later layer halves it (``ResNet._make_layer``);
-        ``LastLevelMaxPool`` adds one more level at half the last one.
-        """
-        strides = [tuple(2 * s * 2 ** (layer - 1) for s in self.conv1_t_stride) for layer in self.returned_layers]
-        strides.append(tuple(2 * s for s in strides[-1]))
-        return strides
-
-    @property
-    def size_divisible(self) -> tuple[int, int, int]:
-        """What MONAI's ``retinanet_resnet50_fpn_detector`` computes: the coarsest stride."""
-        return self.feature_map_strides[-1]
 
 
 class LayerGetter(nn.ModuleDict):
@@ -145,8 +109,8 @@ class ResNetFPNFeatureExtractor(nn.Module):
         return self.fpn(self.body(x))
 
 
-def build_retinanet(spec: RetinaNetSpec = RetinaNetSpec()) -> RetinaNet:
-    """MONAI's ``RetinaNet`` exactly as the bundle's ``network_def`` builds it, in eval mode."""
+def build_retinanet(spec: RetinaNetSpec) -> RetinaNet:
+    """MONAI's ``RetinaNet`` as the bundle's ``network_def`` builds it (:class:`~models.monai_bundle.RetinaNetSpec`), in eval mode."""
     backbone = getattr(resnet, spec.backbone)(
         spatial_dims=SPATIAL_DIMS,
         n_input_channels=1,

@@ -138,6 +138,7 @@ class AnalysisPool:
             broken.shutdown(wait=False, cancel_futures=True)
             self._executor = self._new_executor()
             log.warning("analysis worker pool replaced")
+        self.warm_up()
 
     def shutdown(self) -> None:
         with self._lock:

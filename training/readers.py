@@ -85,13 +85,31 @@ def read_luna16_annotations(csv_path: Path | str) -> dict[str, tuple[Nodule, ...
     return {uid: tuple(v) for uid, v in nodules.items()}
 
 
+class Luna16Folder:
+    """A LUNA16 folder: every ``*.mhd`` under it (subsets included) and ``annotations.csv``.
+
+    Scans are read one at a time (:meth:`scan`), since the 888 LUNA16 volumes do not fit in memory.
+    """
+
+    def __init__(self, folder: Path | str, annotations: Path | str | None = None) -> None:
+        folder = Path(folder)
+        self.paths = sorted(folder.rglob("*.mhd"))
+        self.nodules = read_luna16_annotations(annotations or folder / "annotations.csv")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def scan(self, index: int) -> Scan:
+        path = self.paths[index]
+        voxels, affine = read_metaimage(path)
+        return Scan(path.stem, voxels, affine, self.nodules.get(path.stem, ()))
+
+
 def read_luna16(folder: Path | str, annotations: Path | str | None = None) -> Iterator[Scan]:
-    """Every ``*.mhd`` under ``folder`` (subsets included) with its nodules, in name order."""
-    folder = Path(folder)
-    table = read_luna16_annotations(annotations or folder / "annotations.csv")
-    for mhd in sorted(folder.rglob("*.mhd")):
-        voxels, affine = read_metaimage(mhd)
-        yield Scan(mhd.stem, voxels, affine, table.get(mhd.stem, ()))
+    """Every LUNA16 scan under ``folder`` with its nodules, in name order, read lazily."""
+    luna = Luna16Folder(folder, annotations)
+    for index in range(len(luna)):
+        yield luna.scan(index)
 
 
 def read_dicom_csv(root: Path | str, csv_path: Path | str | None = None) -> Iterator[Scan]:

@@ -23,7 +23,7 @@ import torch
 from training.dataset import PreparedVolume, VolumePool, intensity_augmentation, make_batch, prepare
 from training.losses import detection_loss
 from training.network import NoduleNet
-from training.readers import read_luna16
+from training.readers import Luna16Folder
 from training.scan import Scan
 from training.sources import SEED_RANGES, RealBackground, read_lidc_0001, synthetic_scan
 
@@ -37,15 +37,16 @@ TRAIN_NODULES_PER_SCAN = (1, 6)
 def build_source(args: argparse.Namespace) -> Callable[[int], PreparedVolume]:
     """``index -> prepared volume``: which source and which seed follow from the index alone."""
     real = None if args.real_fraction <= 0 else RealBackground(read_lidc_0001())
-    luna = list(read_luna16(args.luna16)) if args.luna16 else []
+    luna = Luna16Folder(args.luna16) if args.luna16 else None
     first_seed = SEED_RANGES["train"][0] + args.seed * 100_000
 
     def make(index: int) -> PreparedVolume:
         draw = np.random.default_rng([args.seed, index, 3]).random()
         scan: Scan
-        if luna and draw < args.luna16_fraction:
-            scan = luna[index % len(luna)]
-        elif real is not None and draw < args.luna16_fraction * bool(luna) + args.real_fraction:
+        luna_share = args.luna16_fraction if luna else 0.0
+        if luna and draw < luna_share:
+            scan = luna.scan(index % len(luna))
+        elif real is not None and draw < luna_share + args.real_fraction:
             scan = real.sample(first_seed + index)
         else:
             scan = synthetic_scan(first_seed + index, TRAIN_NODULES_PER_SCAN)

@@ -328,9 +328,9 @@ class TestBuildSR:
         (lobe,) = lobe_group.finding_sites
         assert lobe.value == codes.SCT.LowerLobeOfLung
         assert lobe.laterality == codes.SCT.Right
-        (lung,) = lung_group.finding_sites
-        assert lung.value == codes.SCT.Lung
-        assert lung.laterality is None
+        # Without a lobe no finding site: a bare "Lung" says nothing and OHIF would label it
+        # "363698007: Lung" (see dicom_io.sr._finding_sites).
+        assert lung_group.finding_sites == []
 
     def test_qualitative_evaluations_use_the_declared_local_scheme(self, sr):
         group = sr.content.get_planar_roi_measurement_groups()[0]

@@ -22,8 +22,10 @@ from monai.apps.detection.networks import retinanet_network
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 from monai.apps.detection.utils.detector_utils import pad_images
+from monai.data import MetaTensor
 from monai.networks.blocks import backbone_fpn_utils
 from monai.networks.nets import resnet
+from monai.transforms import Compose, Orientation, ScaleIntensityRange, Spacing
 from torch import nn
 
 from models.calibrate import calibrate
@@ -33,7 +35,7 @@ from models.decoding_retinanet import anchors_at
 from models.detector import Detector
 from models.errors import ModelError
 from models.monai_bundle import BundleSpec, add_cli, cmd_import_monai_bundle, import_monai_bundle, read_bundle_spec
-from models.preprocess import PreprocessedImage, build_transform, preprocess
+from models.preprocess import LPS_TO_RAS, PreprocessedImage, build_transform, preprocess
 from models.retinanet import (
     RetinaNetSpec,
     build_retinanet,
@@ -129,7 +131,8 @@ def _monai_retinanet() -> nn.Module:
     ``_validate_trainable_layers`` (``resnet_fpn_feature_extractor``); the test swaps those
     attributes of the MONAI modules for the stand-ins above, for this call only.
     """
-    fake_models = types.SimpleNamespace(_utils=types.SimpleNamespace(IntermediateLayerGetter=_TorchvisionIntermediateLayerGetter))
+    fake_utils = types.SimpleNamespace(IntermediateLayerGetter=_TorchvisionIntermediateLayerGetter)
+    fake_models = types.SimpleNamespace(_utils=fake_utils)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(backbone_fpn_utils, "torchvision_models", fake_models)
         patch.setattr(retinanet_network, "_validate_trainable_layers", _validate_trainable_layers)
@@ -182,15 +185,22 @@ def test_pack_and_unpack_are_inverse():
 
 def test_anchors_of_selected_rows_are_monais():
     generator = AnchorGeneratorWithAnchorShape((1, 2, 4), ((6, 8, 4), (8, 6, 5), (10, 10, 6)))
-    grid, stride = [5, 6, 7], [4, 4, 2]
-    everything = generator.grid_anchors([grid], [[torch.tensor(s) for s in stride]])[0]
-    rows = torch.randperm(len(everything), generator=torch.Generator().manual_seed(0))[:50]
-    got = anchors_at(generator.cell_anchors[0], grid, stride, rows // 3, rows % 3)
-    assert torch.equal(got, everything[rows])
+    grids = [[10, 12, 14], [5, 6, 7], [3, 3, 4]]
+    strides = SPEC.feature_map_strides
+    everything = generator.grid_anchors(grids, [[torch.tensor(s) for s in stride] for stride in strides])
+    for level, (grid, stride) in enumerate(zip(grids, strides)):
+        rows = torch.randperm(len(everything[level]), generator=torch.Generator().manual_seed(level))[:50]
+        got = anchors_at(generator.cell_anchors[level], grid, list(stride), rows // 3, rows % 3)
+        assert torch.equal(got, everything[level][rows])
+
+
+def _packed(heads: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+    factors = packing_factors(SPEC.feature_map_strides)
+    return pack_head_outputs(heads["classification"], heads["box_regression"], factors)
 
 
 def test_onnx_output_matches_pytorch(imported, torch_heads, onnx_output):
-    expected = pack_head_outputs(torch_heads["classification"], torch_heads["box_regression"], packing_factors(SPEC.feature_map_strides))
+    expected = _packed(torch_heads)
     assert onnx_output.shape == expected.shape[1:] == (1533, 4, 4, 4)
     diff = float(np.abs(onnx_output - expected[0].numpy()).max())
     print(f"ONNX vs PyTorch max abs diff {diff:.2e}; import {imported[1]:.1f} s; "
@@ -240,7 +250,7 @@ def test_decoding_matches_monai_detector(imported, network, image, torch_heads, 
     boxes = reference["boxes"].double().numpy()
     assert len(boxes) > 100  # the raised bias: thousands pass score_thresh, top-k per level and NMS leave these
 
-    packed = pack_head_outputs(torch_heads["classification"], torch_heads["box_regression"], packing_factors(SPEC.feature_map_strides))
+    packed = _packed(torch_heads)
     torch_side = _as_arrays(decode(packed[0].numpy(), spacing, params))
     np.testing.assert_allclose(torch_side[0], (boxes[:, :3] + boxes[:, 3:]) / 2, atol=1e-4)
     np.testing.assert_allclose(torch_side[1], ((boxes[:, 3:] - boxes[:, :3]) * spacing).mean(axis=1), atol=1e-4)
@@ -290,14 +300,27 @@ def test_model_card(imported):
     assert card.operating_point("all-candidates").threshold == 0.02
 
 
-def test_card_orientation_and_spacing_follow_the_bundle(imported):
-    """``RAS`` as the bundle's ``Orientationd(axcodes="RAS")``: model axes run to patient right, anterior, superior."""
+@pytest.mark.filterwarnings("ignore:.*Orientation.__init__.labels:FutureWarning")  # the bundle passes no labels
+def test_card_preprocessing_is_the_bundles(imported):
+    """Our preprocessing from the card equals the bundle's transforms on the volume its LoadImaged would give.
+
+    The bundle reads images with ``affine_lps_to_ras=True`` (a RAS affine), then ``Orientationd(axcodes="RAS")``,
+    ``Spacingd(pixdim=[0.703125, 0.703125, 1.25])``, ``ScaleIntensityRanged(-1024, 300, 0, 1, clip=True)``.
+    """
     card = load_card(imported[0])
-    affine_lps = np.diag([0.8, 0.8, 2.5, 1.0])  # DICOM-like: i to patient left, j posterior, k superior
-    out = preprocess(np.zeros((8, 10, 10), np.float32), affine_lps, build_transform(card.preprocessing))
-    directions = out.index_to_lps[:3, :3]
-    np.testing.assert_allclose(np.linalg.norm(directions, axis=0), [0.703125, 0.703125, 1.25])
-    np.testing.assert_allclose(np.sign(np.diag(directions)), [-1, -1, 1])  # LPS: R is -x, A is -y, S is +z
+    hu = np.random.default_rng(0).uniform(-1100, 400, (12, 16, 16)).astype(np.float32)  # [k, j, i]
+    affine_lps = np.array([[0, 0, 0.8, -150.0], [0, 0.8, 0, -120.0], [2.5, 0, 0, -300.0], [0, 0, 0, 1]])
+    ours = preprocess(hu, affine_lps, build_transform(card.preprocessing))
+    bundle_transforms = Compose([
+        Orientation(axcodes="RAS"),
+        Spacing(pixdim=[0.703125, 0.703125, 1.25]),
+        ScaleIntensityRange(a_min=-1024.0, a_max=300.0, b_min=0.0, b_max=1.0, clip=True),
+    ])
+    theirs = bundle_transforms(MetaTensor(torch.from_numpy(hu)[None], affine=torch.from_numpy(LPS_TO_RAS @ affine_lps)))
+    np.testing.assert_allclose(ours.index_to_lps, LPS_TO_RAS @ theirs.affine.numpy(), atol=1e-9)
+    np.testing.assert_allclose(ours.tensor.numpy(), theirs.as_tensor().numpy(), atol=1e-5)
+    # Model axes run to patient right, anterior, superior: -x, -y, +z in LPS.
+    np.testing.assert_allclose(np.sign(np.diag(ours.index_to_lps[:3, :3])), [-1, -1, 1])
 
 
 INFERENCE_JSON = {  # the shape of the bundle's configs/inference.json, abridged
@@ -319,8 +342,10 @@ INFERENCE_JSON = {  # the shape of the bundle's configs/inference.json, abridged
     "preprocessing": {"_target_": "Compose", "transforms": [
         {"_target_": "LoadImaged", "keys": "image"},
         {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
-        {"_target_": "Spacingd", "keys": "image", "pixdim": [0.703125, 0.703125, 1.25], "_disabled_": "@whether_resampled_luna16"},
-        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -1024.0, "a_max": 300.0, "b_min": 0.0, "b_max": 1.0, "clip": True},
+        {"_target_": "Spacingd", "keys": "image", "pixdim": [0.703125, 0.703125, 1.25],
+         "_disabled_": "@whether_resampled_luna16"},
+        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -1024.0, "a_max": 300.0, "b_min": 0.0,
+         "b_max": 1.0, "clip": True},
     ]},
 }
 
@@ -332,7 +357,8 @@ def _with_config(tmp_path: Path, config: dict) -> Path:
 
 
 def test_bundle_config_gives_the_documented_settings(tmp_path):
-    assert read_bundle_spec(_with_config(tmp_path, INFERENCE_JSON)) == BundleSpec() == read_bundle_spec(tmp_path / "none")
+    assert read_bundle_spec(_with_config(tmp_path, INFERENCE_JSON)) == BundleSpec()
+    assert read_bundle_spec(tmp_path / "no-configs") == BundleSpec()
 
 
 def test_bundle_config_values_are_taken(tmp_path):

@@ -132,7 +132,9 @@ def static_handler(root: Path, *, spa_fallback: bool = False, proxy: dict[str, s
             return super().do_GET()
 
         def _proxy(self, url: str):
-            headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "range")}
+            # Host is forwarded so that URLs Orthanc writes into DICOMweb JSON (BulkDataURI)
+            # point at this origin, not at Orthanc's port.
+            headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "range", "host")}
             request = urllib.request.Request(url, headers=headers)
             try:
                 with urllib.request.urlopen(request, timeout=60) as response:

@@ -67,6 +67,11 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_DOES_NOT_MATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
+# A-ASSOCIATE-RJ parameters (PS3.8 9.3.4)
+REJECTED_PERMANENT, REJECTED_TRANSIENT = 0x01, 0x02
+SOURCE_SERVICE_USER, SOURCE_PROVIDER_PRESENTATION = 0x01, 0x03
+DIAG_NO_REASON, DIAG_LOCAL_LIMIT_EXCEEDED = 0x01, 0x02
+
 
 @dataclass(frozen=True)
 class ReceivedInstance:
@@ -102,6 +107,7 @@ class ListenerSettings:
     host: str = "127.0.0.1"
     port: int = 11112
     allowed_calling_aes: tuple[str, ...] = ()  # empty: any caller
+    allowed_hosts: tuple[str, ...] = ()  # peer IP addresses allowed to connect; empty: any
     ssl_context: ssl.SSLContext | None = None
     network_timeout_s: float = 60.0
     dimse_timeout_s: float = 60.0
@@ -150,15 +156,25 @@ def _store_handler(event, store: InstanceStore, sink: InstanceSink):
     return STATUS_SUCCESS
 
 
-def _log_association(event, allowed: tuple[str, ...]) -> None:
+def _on_association_request(event, settings: ListenerSettings, sink: InstanceSink) -> None:
+    """Say who is calling, and turn away what must be turned away before any data is sent."""
     # At EVT_REQUESTED only the A-ASSOCIATE-RQ primitive is known; pynetdicom's
-    # require_calling_aet then rejects the caller, this handler says why in the log.
+    # require_calling_aet then rejects an unknown caller, this handler says why in the log.
     calling_ae = event.assoc.requestor.primitive.calling_ae_title
     address = event.assoc.requestor.address
-    if allowed and calling_ae not in allowed:
+    if settings.allowed_calling_aes and calling_ae not in settings.allowed_calling_aes:
         log.warning("association from %s rejected: calling AE title %r is not in the allowlist", address, calling_ae)
-    else:
-        log.info("association from %s, calling AE title %r", address, calling_ae)
+        return
+    if settings.allowed_hosts and address not in settings.allowed_hosts:
+        log.warning("association from %s (calling AE title %r) rejected: address not in the allowlist", address, calling_ae)
+        event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, DIAG_NO_REASON)
+        return
+    refusal = sink.refusal_reason()
+    if refusal:
+        log.warning("association from %s (calling AE title %r) refused: %s", address, calling_ae, refusal)
+        event.assoc.acse.send_reject(REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, DIAG_LOCAL_LIMIT_EXCEEDED)
+        return
+    log.info("association from %s, calling AE title %r", address, calling_ae)
 
 
 def build_ae(settings: ListenerSettings) -> AE:
@@ -180,7 +196,7 @@ def start_listener(settings: ListenerSettings, store: InstanceStore, sink: Insta
     ae = build_ae(settings)
     handlers = [
         (evt.EVT_C_STORE, _store_handler, [store, sink]),
-        (evt.EVT_REQUESTED, _log_association, [settings.allowed_calling_aes]),
+        (evt.EVT_REQUESTED, _on_association_request, [settings, sink]),
     ]
     server = ae.start_server(
         (settings.host, settings.port), block=False, evt_handlers=handlers, ssl_context=settings.ssl_context

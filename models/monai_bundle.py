@@ -56,7 +56,10 @@ BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resne
 
 @dataclass(frozen=True)
 class RetinaNetSpec:
-    """The architecture parameters that the bundle's ``inference.json`` sets (defaults: the bundle's)."""
+    """The RetinaNet parameters that the bundle's ``inference.json`` sets (defaults: the bundle's).
+
+    :func:`models.retinanet.build_retinanet` builds the network from it.
+    """
 
     backbone: str = "resnet50"
     conv1_t_size: tuple[int, int, int] = (7, 7, 7)
@@ -71,7 +74,7 @@ class RetinaNetSpec:
         layers = list(self.returned_layers)
         if not layers or layers != sorted(set(layers)) or not set(layers) <= {1, 2, 3, 4}:
             raise ModelError(f"returned_layers must increase within 1..4, got {list(self.returned_layers)}")
-        if len(self.conv1_t_size) != SPATIAL_DIMS or len(self.conv1_t_stride) != SPATIAL_DIMS:
+        if len(self.conv1_t_size) != 3 or len(self.conv1_t_stride) != 3:
             raise ModelError("conv1_t_size and conv1_t_stride need one value per spatial axis")
 
     @property
@@ -90,7 +93,6 @@ class RetinaNetSpec:
     def size_divisible(self) -> tuple[int, int, int]:
         """What MONAI's ``retinanet_resnet50_fpn_detector`` computes: the coarsest stride."""
         return self.feature_map_strides[-1]
-
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ Two names on that path come from torchvision, both through ``monai.utils.optiona
 the MONAI modules import without it and fail only when these are called:
 
 * ``_validate_trainable_layers`` in ``resnet_fpn_feature_extractor``
-  (``monai/apps/detection/networks/retinanet_network.py``): it only decides which backbone layers
-  keep ``requires_grad``, which inference does not need;
+  (``monai/apps/detection/networks/retinanet_network.py``): it only counts the backbone layers
+  that ``_resnet_fpn_extractor`` leaves trainable (all of them for the bundle's
+  ``pretrained_backbone=False``); inference needs no freezing, so it is left out;
 * ``IntermediateLayerGetter`` in ``BackboneWithFPN.__init__``
   (``monai/networks/blocks/backbone_fpn_utils.py``): replaced here by :class:`LayerGetter`.
 
@@ -21,7 +22,7 @@ Everything else is MONAI's own code: ``ResNet`` (``monai/networks/nets/resnet.py
 ``FeaturePyramidNetwork`` with ``LastLevelMaxPool``
 (``monai/networks/blocks/feature_pyramid_network.py``), and ``RetinaNet`` with its
 classification and regression heads. The module tree, hence every state-dict key, is MONAI's,
-so the bundle's ``models/model.pt`` loads with ``strict=True``.
+so a state dict of MONAI's network, the bundle's ``models/model.pt``, loads with ``strict=True``.
 
 For ONNX, :class:`PackedRetinaNet` pads the input as MONAI's detector does and packs the per-level
 head outputs into ONE map on the coarsest grid (:func:`pack_head_outputs`), so the graph has a
@@ -110,7 +111,7 @@ class ResNetFPNFeatureExtractor(nn.Module):
 
 
 def build_retinanet(spec: RetinaNetSpec) -> RetinaNet:
-    """MONAI's ``RetinaNet`` as the bundle's ``network_def`` builds it (:class:`~models.monai_bundle.RetinaNetSpec`), in eval mode."""
+    """MONAI's ``RetinaNet`` as the bundle's ``network_def`` builds it, in eval mode."""
     backbone = getattr(resnet, spec.backbone)(
         spatial_dims=SPATIAL_DIMS,
         n_input_channels=1,

@@ -43,3 +43,4 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     "${pip[@]}" -e ".[test]" >.venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
     touch "$stamp"
 fi
+[[ ${LUNGSCREEN_NO_VIEWER:-} == 1 ]] || scripts/install_viewer.sh || echo "bootstrap: viewer set-up failed; tests/viewer will be skipped" >&2

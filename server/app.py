@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,18 @@ from server.workers import AnalysisPool
 
 log = logging.getLogger(__name__)
 
-MIN_FREE_BYTES = 512 * 1024**2  # refuse new instances below this much free disk
+
+
+def listener_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context of the DICOM listener, or None for plain TCP."""
+    if settings.tls_cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(settings.tls_ca)
+    return context
 
 
 def sop_class_name(uid: str) -> str:
@@ -86,6 +98,8 @@ class LungScreenServer:
                 host=self.settings.host,
                 port=self.settings.port,
                 allowed_calling_aes=self.settings.allow_ae,
+                allowed_hosts=self.settings.allow_host,
+                ssl_context=listener_tls(self.settings),
             ),
             self.images,
             self,
@@ -119,10 +133,10 @@ class LungScreenServer:
     # --- InstanceSink (called by the DICOM listener) ------------------------------------------
     def refusal_reason(self) -> str | None:
         checked_at, ok = self._free_bytes_checked
-        if time.monotonic() - checked_at > 2.0:
-            ok = shutil.disk_usage(self.settings.data_dir).free >= MIN_FREE_BYTES
+        if time.monotonic() - checked_at > 1.0:  # cheap, but not once per instance
+            ok = shutil.disk_usage(self.settings.data_dir).free >= self.settings.min_free_mb * 1024**2
             self._free_bytes_checked = (time.monotonic(), ok)
-        return None if ok else f"less than {MIN_FREE_BYTES // 1024**2} MiB free in the data folder"
+        return None if ok else f"less than {self.settings.min_free_mb} MiB free in the data folder"
 
     def is_own_instance(self, sop_uid: str) -> bool:
         return self.jobs.is_report(sop_uid)

@@ -21,6 +21,11 @@ class Settings:
     port: int = 11112
     data_dir: Path = Path("data")
     allow_ae: tuple[str, ...] = ()  # calling AE titles allowed to connect; empty = any
+    allow_host: tuple[str, ...] = ()  # peer IP addresses allowed to connect; empty = any
+    tls_cert: Path | None = None  # PEM certificate + key: DICOM TLS on the listener (PS3.15 B.1)
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # PEM CA bundle: when set, callers must present a certificate it signed
+    min_free_mb: int = 512  # below this much free disk in data_dir, new instances are refused
     destination: tuple[str, ...] = ()  # AE@host:port, where reports are sent
     idle_seconds: float = 5.0  # quiet period after a study's last instance
     http_host: str = "127.0.0.1"
@@ -42,6 +47,8 @@ class Settings:
     series_selection: dict[str, Any] = field(default_factory=dict)  # see dicom_io.select.SelectionRules
 
     def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
         if self.idle_seconds < 0.2:
             raise ValueError("idle_seconds must be at least 0.2")
         if self.workers < 1:
@@ -62,15 +69,15 @@ class Settings:
         return self.data_dir / "reports"
 
 
-_TUPLES = {"allow_ae", "destination", "providers", "ai_extension_code", "fallback_procedure_code"}
-_PATHS = {"data_dir", "model"}
+_TUPLES = {"allow_ae", "allow_host", "destination", "providers", "ai_extension_code", "fallback_procedure_code"}
+_PATHS = {"data_dir", "model", "tls_cert", "tls_key", "tls_ca"}
 
 
 def _coerce(name: str, value: Any) -> Any:
     if name in _TUPLES:
         return tuple(value)
     if name in _PATHS:
-        return Path(value)
+        return None if value is None else Path(value)
     return value
 
 

@@ -88,14 +88,20 @@ def http_json(url: str, data: bytes | None = None, method: str | None = None, ti
 class LungScreen:
     """``lungscreen serve`` as a subprocess with its own data folder and ports."""
 
-    def __init__(self, tmp: Path, *, destinations=(), idle_seconds=1.0, extra_args=(), port=None, http_port=None):
+    def __init__(
+        self, tmp: Path, *, destinations=(), idle_seconds=1.0, extra_args=(), port=None, http_port=None, config=None
+    ):
         self.data_dir = tmp / "lungscreen-data"
         self.port = port or free_port()
         self.http_port = http_port or free_port()
         self.log_path = tmp / "lungscreen.log"
+        # Test machines may have little free disk; the studies here are small.
+        settings = {"min_free_mb": 16, **(config or {})}
+        config_path = tmp / "lungscreen.toml"
+        config_path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
         self.args = [
-            sys.executable, "-m", "server.cli", "serve", "--data-dir", str(self.data_dir), "--port", str(self.port),
-            "--http-port", str(self.http_port), "--idle-seconds", str(idle_seconds), "--ae-title", "LUNGSCREEN",
+            sys.executable, "-m", "server.cli", "serve", "--config", str(config_path), "--data-dir", str(self.data_dir),
+            "--port", str(self.port), "--http-port", str(self.http_port), "--idle-seconds", str(idle_seconds), "--ae-title", "LUNGSCREEN",
             "--model", str(BLOB_FILTER_CARD),  # the deterministic test model: these tests prove the path
             *[a for d in destinations for a in ("--destination", d)], *extra_args,
         ]

@@ -34,10 +34,16 @@ from models.decoding import decode
 from models.decoding_retinanet import anchors_at
 from models.detector import Detector
 from models.errors import ModelError
-from models.monai_bundle import BundleSpec, add_cli, cmd_import_monai_bundle, import_monai_bundle, read_bundle_spec
+from models.monai_bundle import (
+    BundleSpec,
+    RetinaNetSpec,
+    add_cli,
+    cmd_import_monai_bundle,
+    import_monai_bundle,
+    read_bundle_spec,
+)
 from models.preprocess import LPS_TO_RAS, PreprocessedImage, build_transform, preprocess
 from models.retinanet import (
-    RetinaNetSpec,
     build_retinanet,
     pack_head_outputs,
     packing_factors,
@@ -46,7 +52,7 @@ from models.retinanet import (
 )
 
 SPEC = RetinaNetSpec()
-CLS_BIAS = -3.0  # sigmoid(-3) = 0.047 > score_thresh 0.02: thousands of anchors pass, NMS keeps 300
+CLS_BIAS = -3.0  # sigmoid(-3) = 0.047 > score_thresh 0.02: thousands of anchors pass, NMS keeps hundreds
 IMAGE_SHAPE = (64, 64, 32)
 
 
@@ -392,6 +398,15 @@ def test_inconsistent_bundle_config_is_rejected(tmp_path, change, match):
 
 def test_bundle_without_weights_is_rejected(tmp_path):
     with pytest.raises(ModelError, match="models/model.pt"):
+        import_monai_bundle(tmp_path, tmp_path / "out")
+
+
+def test_weights_of_another_network_are_rejected(network, tmp_path):
+    state = network.state_dict()
+    state["classification_head.logits.bias"] = state.pop("classification_head.cls_logits.bias")
+    (tmp_path / "models").mkdir()
+    torch.save(state, tmp_path / "models" / "model.pt")
+    with pytest.raises(ModelError, match=r"1 missing key\(s\) \['classification_head.cls_logits.bias'\], 1 unexpected"):
         import_monai_bundle(tmp_path, tmp_path / "out")
 
 

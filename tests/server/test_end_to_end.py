@@ -271,10 +271,9 @@ def test_bad_input_gets_clear_reasons_and_good_studies_still_work(tmp_path):
 def test_destination_down_then_up_is_delivered(tmp_path):
     study = phantom_study(tmp_path / "study")
     dest_port = free_port()
-    config = tmp_path / "lungscreen.toml"
-    config.write_text("retry_base_delay_s = 0.5\nmax_delivery_attempts = 20\n")
     server = LungScreen(
-        tmp_path, destinations=[f"DEST@127.0.0.1:{dest_port}"], idle_seconds=0.5, extra_args=["--config", str(config)]
+        tmp_path, destinations=[f"DEST@127.0.0.1:{dest_port}"], idle_seconds=0.5,
+        config={"retry_base_delay_s": 0.5, "max_delivery_attempts": 20},
     )
     with server.running():
         storescu(list(study.paths), server.port)

@@ -127,9 +127,7 @@ def test_dead_worker_fails_one_study_and_the_server_keeps_serving(tmp_path, lidc
 def test_hung_analysis_is_stopped_at_its_time_limit(tmp_path, lidc_series_dir):
     files = sorted(lidc_series_dir.glob("*.dcm"))
     study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
-    config = tmp_path / "lungscreen.toml"
-    config.write_text("analysis_timeout_s = 1.0\n")
-    server = LungScreen(tmp_path, idle_seconds=0.5, extra_args=["--config", str(config)])
+    server = LungScreen(tmp_path, idle_seconds=0.5, config={"analysis_timeout_s": 1.0})
     with server.running():
         wait_until(lambda: "analysis worker ready" in server.log(), 60, what="worker ready")
         storescu(files, server.port)
@@ -143,10 +141,8 @@ def test_hung_analysis_is_stopped_at_its_time_limit(tmp_path, lidc_series_dir):
 def test_hung_destination_is_bounded_by_the_send_timeout(tmp_path):
     study = phantom_study(tmp_path / "study")
     dest_port = free_port()
-    config = tmp_path / "lungscreen.toml"
-    config.write_text("send_timeout_s = 1.0\nretry_base_delay_s = 60\n")
     server = LungScreen(tmp_path, destinations=[f"DEST@127.0.0.1:{dest_port}"], idle_seconds=0.5,
-                        extra_args=["--config", str(config)])
+                        config={"send_timeout_s": 1.0, "retry_base_delay_s": 60})
     (tmp_path / "slow").mkdir()
     hung = ["storescp", "-aet", "DEST", "--sleep-during", "60", "-od", str(tmp_path / "slow"), str(dest_port)]
     with process(hung, tmp_path / "storescp.log"), server.running():

@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import onnxruntime as ort
 import torch
+from monai.apps.detection.utils.detector_utils import pad_images
 from monai.inferers import sliding_window_inference
 
 from models.card import ModelCard
@@ -63,6 +64,12 @@ class Detector:
         patch = tuple(spec["patch_size"])
         tensor = image.tensor[None]  # (1, 1, X, Y, Z)
         input_name = spec["input_name"]
+        divisible = spec.get("size_divisible_by")
+        if divisible:
+            # Zero-pad at the end (voxel indices unchanged) so that every window starts on the
+            # network's grid; sliding_window_inference would otherwise pad symmetrically.
+            tensor, _ = pad_images(tensor, 3, divisible)
+            patch = tuple(min(p, s) for p, s in zip(patch, tensor.shape[2:]))
 
         def run(batch: torch.Tensor) -> torch.Tensor:
             (out,) = self.session.run(None, {input_name: batch.numpy()})

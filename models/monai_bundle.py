@@ -359,7 +359,9 @@ def export_onnx(network: RetinaNet, spec: RetinaNetSpec, path: Path, *, opset: i
     return diff
 
 
-def model_card(spec: BundleSpec, *, version: str, provenance: str, licence: str, bundle_intended_use: str) -> dict:
+def model_card(
+    spec: BundleSpec, *, version: str, provenance: str, licence: str, bundle_intended_use: str | None
+) -> dict:
     """The LungScreen model card for the imported bundle (validated by :func:`models.card.validate_card`)."""
     net = spec.network
     return {
@@ -376,8 +378,8 @@ def model_card(spec: BundleSpec, *, version: str, provenance: str, licence: str,
         ),
         "intended_use": (
             "Research use only. Not for diagnostic use. The weights are the user's own download of the MONAI "
-            f"bundle lung_nodule_ct_detection, used under that bundle's licence ({licence}). "
-            f"The bundle's metadata says: {bundle_intended_use!r}."
+            f"bundle lung_nodule_ct_detection, used under that bundle's licence ({licence})."
+            + (f" The bundle's metadata says: {bundle_intended_use!r}." if bundle_intended_use else "")
         ),
         "onnx_file": ONNX_FILE,
         "training_data": "LUNA16 (from LIDC-IDRI), as documented by the bundle; no LungScreen data",
@@ -449,7 +451,7 @@ def import_monai_bundle(bundle_dir: Path, out_dir: Path, *, opset: int = 17) -> 
         version=str(metadata.get("version") or "unversioned"),
         provenance=f"{WEIGHTS} sha256 {digest[:16]}, ONNX opset {opset}, max abs diff {diff:.1g} vs PyTorch",
         licence=_licence(bundle_dir),
-        bundle_intended_use=str(metadata.get("intended_use", "not stated: configs/metadata.json is missing")),
+        bundle_intended_use=metadata.get("intended_use"),
     )
     validate_card(card)
     card_path = out_dir / "model_card.json"

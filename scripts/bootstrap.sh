@@ -43,4 +43,7 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     "${pip[@]}" -e ".[test]" >.venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
     touch "$stamp"
 fi
-[[ ${LUNGSCREEN_NO_VIEWER:-} == 1 ]] || scripts/install_viewer.sh || echo "bootstrap: viewer set-up failed; tests/viewer will be skipped" >&2
+# The browser tests (tests/viewer) need Chromium, Playwright and the prebuilt OHIF viewer.
+if ((want_test)); then
+    scripts/install_viewer.sh
+fi

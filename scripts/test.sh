@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${LUNGSCREEN_TEST_NETNS:-}" != 1 ]]; then
-    scripts/bootstrap.sh
+    scripts/bootstrap.sh --test
     if [[ $(id -u) -eq 0 ]] && unshare --net true 2>/dev/null; then
         exec unshare --net --fork -- env LUNGSCREEN_TEST_NETNS=1 bash -c \
             'ip link set lo up && exec "$0" "$@"' "$0" "$@"

@@ -31,7 +31,7 @@ from server.jobs import FAILED, REPORTED, JobStore
 from server.metrics import Metrics
 from server.outbox import Outbox, OutboxItem, RetryPolicy
 from server.pipeline import AnalysisResult, NoEligibleSeries
-from server.workers import AnalysisPool
+from server.workers import AnalysisPool, ReportUIDs
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,6 @@ def listener_tls(settings: Settings) -> ssl.SSLContext | None:
 def sop_class_name(uid: str) -> str:
     name = UID(uid).name
     return name if name != uid else f"SOP class {uid}"
-
-
-def report_uids(study_uid: str, run: int) -> tuple[str, str]:
-    """SR series and instance UIDs, derived from the study and run: a retried run writes
-    the same instance again instead of a second copy."""
-    series_uid = generate_uid(entropy_srcs=["lungscreen-sr-series", study_uid])
-    return series_uid, generate_uid(entropy_srcs=["lungscreen-sr", study_uid, str(run)])
 
 
 class LungScreenServer:
@@ -188,12 +181,12 @@ class LungScreenServer:
         started = time.perf_counter()
         paths = self.jobs.instance_paths(study_uid)
         previous = self.jobs.latest_report(study_uid)
-        sr_series_uid, sr_sop_uid = report_uids(study_uid, run)
+        uids = ReportUIDs.for_run(study_uid, run)
         try:
             if not paths:
                 raise NoEligibleSeries((), ("no CT image was stored for this study",))
             result = self.analysis.analyze(
-                paths, sr_series_uid=sr_series_uid, sr_sop_uid=sr_sop_uid, run=run,
+                paths, uids=uids, run=run,
                 predecessor=previous if previous and previous.exists() else None,
             )
         except LungScreenError as exc:
@@ -208,12 +201,16 @@ class LungScreenServer:
         self._complete(study_uid, run, result, time.perf_counter() - started)
 
     def _complete(self, study_uid: str, run: int, result: AnalysisResult, seconds: float) -> None:
-        buffer = BytesIO()
-        result.sr.save_as(buffer, enforce_file_format=True)
-        stored = self.reports.save(study_uid, result.sr.SeriesInstanceUID, result.sr.SOPInstanceUID, buffer.getvalue())
-        details = job_details(result, stored.path)
+        results = [("sr", result.sr)] + ([("gsps", result.gsps)] if result.gsps is not None else [])
+        stored = {kind: self._save_result(study_uid, ds) for kind, ds in results}
+        details = job_details(result, stored["sr"])
+        destinations = [str(d) for d in self.destinations]
+        # One transaction: the report, its billing entry, its deliveries and the job state
+        # are recorded together or not at all (a crash in between re-runs the whole step).
         with self.db.transaction():
-            self.jobs.record_report(result.sr.SOPInstanceUID, study_uid, run, stored.path)
+            for kind, ds in results:
+                self.jobs.record_report(ds.SOPInstanceUID, study_uid, run, stored[kind], kind=kind)
+                self.outbox.enqueue(study_uid, ds.SOPInstanceUID, stored[kind], destinations)
             if result.accession_number:
                 self.ledger.record(
                     ExtensionEntry(
@@ -226,7 +223,6 @@ class LungScreenServer:
                 )
             else:
                 details["billing"] = "no accession number on the CT: no ledger entry (the RIS cannot link it)"
-            self.outbox.enqueue(study_uid, result.sr.SOPInstanceUID, stored.path, [str(d) for d in self.destinations])
             state = self.jobs.finish(study_uid, REPORTED, details=details)
         for stage, value in result.timings.items():
             self.metrics.stage_seconds.labels(stage).observe(value)
@@ -236,6 +232,11 @@ class LungScreenServer:
             study_uid, run, state, len(result.findings), result.candidates, seconds,
         )
         self._wake_outbox.set()
+
+    def _save_result(self, study_uid: str, dataset) -> Path:
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return self.reports.save(study_uid, dataset.SeriesInstanceUID, dataset.SOPInstanceUID, buffer.getvalue()).path
 
     # --- delivery ---------------------------------------------------------------------------
     def _outbox_loop(self) -> None:
@@ -266,7 +267,7 @@ class LungScreenServer:
             return
         self.outbox.mark_sent(item)
         log.info("delivered %s to %s", item.report_sop_uid, destination)
-        if all(s == "sent" for s in self.outbox.states_for_report(item.report_sop_uid)):
+        if self.outbox.all_sent(item.study_uid):
             self.jobs.mark_delivered(item.study_uid)
 
 
@@ -283,6 +284,8 @@ def job_details(result: AnalysisResult, sr_path: Path) -> dict:
         "suppressed": report.suppressed,
         "findings": list(result.findings),
         "sr_sop_uid": str(result.sr.SOPInstanceUID),
+        "sr_series_uid": str(result.sr.SeriesInstanceUID),
+        "gsps_sop_uid": str(result.gsps.SOPInstanceUID) if result.gsps is not None else None,
         "sr_path": str(sr_path),
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
     }

@@ -4,6 +4,7 @@
     lungscreen analyze DICOM_DIR --out OUT_DIR
     lungscreen jobs [--data-dir DIR] [--json]
     lungscreen billing export [--data-dir DIR] [--format csv|json] [--out FILE]
+    lungscreen model import-monai-bundle PATH [--out DIR] [--opset N]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
+from models.monai_bundle import add_cli as add_model_cli
 from server.config import Settings, load_settings
 from server.logs import configure_logging
 
@@ -57,6 +59,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result.sr.save_as(out / "report_sr.dcm", enforce_file_format=True)
+    if result.gsps is not None:
+        result.gsps.save_as(out / "report_gsps.dcm", enforce_file_format=True)
     summary = {
         "study_instance_uid": result.study_uid,
         "series_instance_uid": result.series_uid,
@@ -146,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("csv", "json"), default="csv")
     export.add_argument("--out", type=Path)
     export.set_defaults(func=cmd_billing_export)
+
+    add_model_cli(sub)
     return parser
 
 

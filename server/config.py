@@ -39,6 +39,8 @@ class Settings:
     max_delivery_attempts: int = 8
     retry_base_delay_s: float = 2.0
     institution: str | None = None
+    presentation_state: bool = True  # also send a GSPS outlining the findings (viewers without SR support)
+    ohif_url: str | None = None  # e.g. http://pacs.example/ohif: the review page links to the SR view there
     # Billing: the AI extension item (PerformedProcedureCodeSequence) and the main exam code
     # used when the CT carries none (Procedure Reported).
     ai_extension_code: tuple[str, str, str] = ("LUNG-AI-EXT", "99LUNGSCR", "AI-assisted diagnosis, extension of the main CT exam item")

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS reports (
     sop_uid TEXT PRIMARY KEY,
     study_uid TEXT NOT NULL,
     run INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('sr', 'gsps')),
     path TEXT NOT NULL,
     created_at REAL NOT NULL
 );

@@ -1,4 +1,5 @@
-"""Read-only HTTP endpoint: ``/healthz``, ``/metrics`` (Prometheus), ``/studies`` (JSON).
+"""HTTP endpoint: ``/healthz``, ``/metrics`` (Prometheus), ``/studies`` (JSON) and the
+read-only review pages ``/review`` for the reading room.
 
 Binds to localhost by default. It exposes job states, reasons and findings keyed by
 Study Instance UID; no patient names or IDs.
@@ -7,12 +8,16 @@ Study Instance UID; no patient names or IDs.
 from __future__ import annotations
 
 import json
+import re
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
 from dicom_io.uids import is_valid_uid
+from server.review import render_key_image, render_study, render_study_list
+
+KEY_IMAGE = re.compile(r"^/review/([0-9.]+)/key/([0-9]{1,3})\.png$")
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +55,32 @@ def _handler_for(server_app):
                 body["rejected_instances_detail"] = server_app.jobs.rejections(study_uid)
                 body["deliveries"] = server_app.outbox.for_study(study_uid)
                 return self._json(200, body)
+            if path == "/review" or path == "":
+                jobs = [job.as_dict() for job in server_app.jobs.list()]
+                return self._send(200, render_study_list(jobs).encode(), "text/html; charset=utf-8")
+            if path.startswith("/review/"):
+                return self._review(path)
             return self._json(404, {"error": "not found"})
+
+        def _review(self, path: str):
+            key = KEY_IMAGE.match(path)
+            study_uid = key.group(1) if key else path.removeprefix("/review/")
+            job = server_app.jobs.get(study_uid) if is_valid_uid(study_uid) else None
+            if job is None:
+                return self._json(404, {"error": "no such study"})
+            if not key:
+                page = render_study(job.as_dict(), ohif_url=server_app.settings.ohif_url)
+                return self._send(200, page.encode(), "text/html; charset=utf-8")
+            findings = job.details.get("findings", [])
+            number = int(key.group(2))
+            if not 1 <= number <= len(findings):
+                return self._json(404, {"error": "no such finding"})
+            finding = findings[number - 1]
+            ct_path = server_app.jobs.instance_path(finding["sop_instance_uid"])
+            if ct_path is None or not ct_path.exists():
+                return self._json(410, {"error": "the image is no longer stored (purged)"})
+            png = render_key_image(ct_path, finding, frame_number=finding.get("frame_number"), number=number)
+            return self._send(200, png, "image/png")
 
     return Handler
 

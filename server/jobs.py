@@ -217,14 +217,27 @@ class JobStore:
         return [dict(r) for r in rows]
 
     # --- reports (also the loop guard) ----------------------------------------------------
-    def record_report(self, sop_uid: str, study_uid: str, run: int, path: Path) -> None:
+    def record_report(self, sop_uid: str, study_uid: str, run: int, path: Path, *, kind: str = "sr") -> None:
+        """A result this server produced (an SR or a GSPS); it never triggers processing."""
         with self.db.transaction() as c:
             c.execute(
-                "INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, ?)", (sop_uid, study_uid, run, str(path), time.time())
+                "INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, ?, ?)",
+                (sop_uid, study_uid, run, kind, str(path), time.time()),
             )
 
     def latest_report(self, study_uid: str) -> Path | None:
-        rows = self.db.query("SELECT path FROM reports WHERE study_uid = ? ORDER BY run DESC LIMIT 1", (study_uid,))
+        """The latest SR of the study (the one a new SR supersedes)."""
+        rows = self.db.query(
+            "SELECT path FROM reports WHERE study_uid = ? AND kind = 'sr' ORDER BY run DESC LIMIT 1", (study_uid,)
+        )
+        return Path(rows[0]["path"]) if rows else None
+
+    def report_path(self, sop_uid: str) -> Path | None:
+        rows = self.db.query("SELECT path FROM reports WHERE sop_uid = ?", (sop_uid,))
+        return Path(rows[0]["path"]) if rows else None
+
+    def instance_path(self, sop_uid: str) -> Path | None:
+        rows = self.db.query("SELECT path FROM instances WHERE sop_uid = ?", (sop_uid,))
         return Path(rows[0]["path"]) if rows else None
 
     def is_report(self, sop_uid: str) -> bool:

@@ -83,8 +83,10 @@ class Outbox:
             )
         return state
 
-    def states_for_report(self, report_sop_uid: str) -> list[str]:
-        return [r["state"] for r in self.db.query("SELECT state FROM outbox WHERE report_sop_uid = ?", (report_sop_uid,))]
+    def all_sent(self, study_uid: str) -> bool:
+        """True when every result of the study went to every destination."""
+        rows = self.db.query("SELECT 1 FROM outbox WHERE study_uid = ? AND state != 'sent' LIMIT 1", (study_uid,))
+        return not rows
 
     def for_study(self, study_uid: str) -> list[dict]:
         rows = self.db.query(

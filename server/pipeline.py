@@ -19,6 +19,7 @@ import numpy as np
 from pydicom import Dataset
 
 from dicom_io.errors import NotEligible, VolumeError
+from dicom_io.presentation import build_gsps
 from dicom_io.select import SelectionRules, SeriesRejection, choose_series
 from dicom_io.sr import AlgorithmIdentity, BillingCodes, build_sr, main_exam_procedure
 from dicom_io.study import index_study
@@ -56,6 +57,7 @@ class Analyzer:
     rules: ClinicalRules = ClinicalRules()
     selection: SelectionRules = SelectionRules()
     operating_point: str | None = None  # None: the model card's default
+    presentation_state: bool = True  # also a GSPS, for viewers that draw no SR
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class AnalysisResult:
     rejected_series: tuple[SeriesRejection, ...]
     report: NoduleReport
     sr: Dataset
+    gsps: Dataset | None
     findings: tuple[dict, ...]  # the findings.json rows
     candidates: int
     accession_number: str
@@ -87,7 +90,8 @@ def analyze_study(
     *,
     sr_series_uid: str | None = None,
     sr_sop_uid: str | None = None,
-    sr_instance_number: int = 1,
+    gsps_sop_uid: str | None = None,
+    instance_number: int = 1,
     predecessor: Dataset | None = None,
 ) -> AnalysisResult:
     """Run every stage on a study's files; raise a :class:`LungScreenError` with a clear reason."""
@@ -133,23 +137,31 @@ def analyze_study(
         )
     with _timed(timings, "report"):
         header = selected.headers[0]
+        evidence = _evidence_in_slice_order(selected.headers, volume)
         sr = build_sr(
-            _evidence_in_slice_order(selected.headers, volume),
+            evidence,
             volume,
             report,
             algorithm=analyzer.algorithm,
             billing=analyzer.billing,
             series_instance_uid=sr_series_uid,
             sop_instance_uid=sr_sop_uid,
-            instance_number=sr_instance_number,
+            instance_number=instance_number,
             predecessor=predecessor,
         )
+        gsps = None
+        if analyzer.presentation_state:
+            gsps = build_gsps(
+                evidence, volume, report, algorithm=analyzer.algorithm, sop_instance_uid=gsps_sop_uid,
+                instance_number=instance_number,
+            )
     return AnalysisResult(
         study_uid=volume.study_instance_uid,
         series_uid=volume.series_instance_uid,
         rejected_series=tuple(rejected),
         report=report,
         sr=sr,
+        gsps=gsps,
         findings=tuple(_finding_row(f, volume) for f in findings),
         candidates=len(candidates),
         accession_number=str(header.get("AccessionNumber", "") or ""),

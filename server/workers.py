@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
+from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -63,6 +64,7 @@ def build_analyzer(settings: Settings) -> Analyzer:
         rules=ClinicalRules.from_mapping(settings.clinical_rules),
         selection=SelectionRules.from_mapping(settings.series_selection),
         operating_point=settings.operating_point,
+        presentation_state=settings.presentation_state,
     )
 
 
@@ -81,14 +83,30 @@ def _warm_up() -> list[str]:
     return _analyzer.detector.providers
 
 
-def _analyze(
-    paths: list[Path], sr_series_uid: str, sr_sop_uid: str, run: int, predecessor: Path | None
-) -> AnalysisResult:
+def _analyze(paths: list[Path], uids: ReportUIDs, run: int, predecessor: Path | None) -> AnalysisResult:
     previous = dcmread(predecessor, stop_before_pixels=True) if predecessor else None
     return analyze_study(
-        paths, _analyzer, sr_series_uid=sr_series_uid, sr_sop_uid=sr_sop_uid, sr_instance_number=run,
-        predecessor=previous,
+        paths, _analyzer, sr_series_uid=uids.sr_series, sr_sop_uid=uids.sr, gsps_sop_uid=uids.gsps,
+        instance_number=run, predecessor=previous,
     )
+
+
+@dataclass(frozen=True)
+class ReportUIDs:
+    """UIDs of a run's results, derived from the study and run: a retried run writes the
+    same instances again instead of second copies."""
+
+    sr_series: str
+    sr: str
+    gsps: str
+
+    @classmethod
+    def for_run(cls, study_uid: str, run: int) -> "ReportUIDs":
+        return cls(
+            sr_series=generate_uid(entropy_srcs=["lungscreen-sr-series", study_uid]),
+            sr=generate_uid(entropy_srcs=["lungscreen-sr", study_uid, str(run)]),
+            gsps=generate_uid(entropy_srcs=["lungscreen-gsps", study_uid, str(run)]),
+        )
 
 
 class AnalysisPool:
@@ -113,13 +131,11 @@ class AnalysisPool:
             lambda f: log.info("analysis worker ready, providers %s", f.result()) if not f.exception() else None
         )
 
-    def analyze(
-        self, paths: list[Path], *, sr_series_uid: str, sr_sop_uid: str, run: int, predecessor: Path | None
-    ) -> AnalysisResult:
+    def analyze(self, paths: list[Path], *, uids: ReportUIDs, run: int, predecessor: Path | None) -> AnalysisResult:
         with self._lock:
             executor = self._executor
         try:
-            future = executor.submit(_analyze, paths, sr_series_uid, sr_sop_uid, run, predecessor)
+            future = executor.submit(_analyze, paths, uids, run, predecessor)
             return future.result(timeout=self.settings.analysis_timeout_s)
         except BrokenProcessPool:
             self._replace(executor, kill=False)

@@ -269,6 +269,10 @@ def test_decoding_matches_monai_detector(imported, network, image, torch_heads, 
     np.testing.assert_allclose(onnx_side[2], torch_side[2], atol=1e-4)
 
 
+def test_decoding_finds_nothing_below_the_score_threshold(imported):
+    assert decode(np.full((1533, 4, 4, 4), -10.0, np.float32), np.ones(3), load_card(imported[0]).decoding) == []
+
+
 def test_decoding_rejects_a_foreign_output(imported):
     with pytest.raises(ModelError, match="1533"):
         decode(np.zeros((5, 4, 4, 2), np.float32), np.ones(3), load_card(imported[0]).decoding)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterable
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 
 from dicom_io.select import SeriesCandidate
 
@@ -40,7 +39,7 @@ def index_study(paths: Iterable[Path]) -> StudyIndex:
             header = dcmread(path, stop_before_pixels=True)
             series_uid = str(header.SeriesInstanceUID)
             study_uids.add(str(header.StudyInstanceUID))
-        except (InvalidDicomError, OSError, AttributeError, ValueError, EOFError) as exc:
+        except Exception as exc:  # pydicom raises many exception types for files it cannot parse
             unreadable.append(UnreadableFile(path, f"unreadable DICOM file {path.name}: {type(exc).__name__}: {exc}"))
             continue
         grouped[series_uid].append((path, header))

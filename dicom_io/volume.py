@@ -24,6 +24,11 @@ from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, LegacyConvertedE
 from dicom_io.errors import VolumeError
 
 
+# A chest CT of 2,000 slices of 1024 x 1024 is 2.1e9 voxels (8 GB as float32); anything
+# declared larger is refused before memory is allocated for it.
+MAX_VOXELS = 2_200_000_000
+
+
 @dataclass(frozen=True)
 class SliceRef:
     """The image a slice of the volume came from (what an SR region references)."""
@@ -237,6 +242,16 @@ def read_series_volume(paths: Sequence[Path], *, min_slices: int = 10) -> Volume
     geometry = stack_geometry(frames)
 
     rows, columns = geometry.image_size
+    if len(frames) * rows * columns > MAX_VOXELS:
+        raise VolumeError(
+            f"declared size {len(frames)} x {rows} x {columns} voxels exceeds the limit of {MAX_VOXELS:.2g} voxels"
+        )
+    for frame in frames:
+        if not (math.isfinite(frame.rescale_slope) and math.isfinite(frame.rescale_intercept)):
+            raise VolumeError(
+                f"SOP instance {frame.sop_instance_uid}: rescale slope/intercept "
+                f"{frame.rescale_slope}/{frame.rescale_intercept} are not finite numbers"
+            )
     slice_of_frame = np.empty(len(frames), dtype=np.intp)
     slice_of_frame[list(geometry.order)] = np.arange(len(frames))
     voxels = np.empty((len(frames), rows, columns), dtype=np.float32)
@@ -278,25 +293,33 @@ def _floats(item: pydicom.Dataset, keyword: str, count: int, owner: str) -> tupl
     value = item.get(keyword)
     if value is None or value == "":
         return None
-    values = tuple(float(v) for v in (value if isinstance(value, MultiValue) else [value]))
+    values = tuple(_number(v, float, keyword, owner) for v in (value if isinstance(value, MultiValue) else [value]))
     if len(values) != count or not all(math.isfinite(v) for v in values):
         raise VolumeError(f"{owner}: {keyword} must hold {count} finite numbers, got {len(values)} value(s)")
     return values
 
 
-def _float_or(item: pydicom.Dataset, keyword: str, default: float) -> float:
-    value = _optional_float(item, keyword)
+def _float_or(item: pydicom.Dataset, keyword: str, default: float, owner: str) -> float:
+    value = _optional_float(item, keyword, owner)
     return default if value is None else value
 
 
-def _optional_float(item: pydicom.Dataset, keyword: str) -> float | None:
+def _optional_float(item: pydicom.Dataset, keyword: str, owner: str) -> float | None:
     value = item.get(keyword)
-    return None if value is None or value == "" else float(value)
+    return None if value is None or value == "" else _number(value, float, keyword, owner)
 
 
-def _optional_int(item: pydicom.Dataset, keyword: str) -> int | None:
+def _optional_int(item: pydicom.Dataset, keyword: str, owner: str) -> int | None:
     value = item.get(keyword)
-    return None if value is None or value == "" else int(value)
+    return None if value is None or value == "" else _number(value, int, keyword, owner)
+
+
+def _number(value: object, kind: type, keyword: str, owner: str):
+    """``kind(value)``, or a :class:`VolumeError` naming the attribute (a DS/IS holding text)."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise VolumeError(f"{owner}: {keyword} is not a number: {str(value)[:32]!r}") from None
 
 
 def _single_frame_header(dataset: pydicom.Dataset, sop_instance_uid: str) -> FrameHeader:
@@ -308,11 +331,11 @@ def _single_frame_header(dataset: pydicom.Dataset, sop_instance_uid: str) -> Fra
         image_position=_floats(dataset, "ImagePositionPatient", 3, owner),
         image_orientation=_floats(dataset, "ImageOrientationPatient", 6, owner),
         pixel_spacing=_floats(dataset, "PixelSpacing", 2, owner),
-        rows=_optional_int(dataset, "Rows"),
-        columns=_optional_int(dataset, "Columns"),
-        rescale_slope=_float_or(dataset, "RescaleSlope", 1.0),
-        rescale_intercept=_float_or(dataset, "RescaleIntercept", 0.0),
-        gantry_tilt_deg=_optional_float(dataset, "GantryDetectorTilt"),
+        rows=_optional_int(dataset, "Rows", owner),
+        columns=_optional_int(dataset, "Columns", owner),
+        rescale_slope=_float_or(dataset, "RescaleSlope", 1.0, owner),
+        rescale_intercept=_float_or(dataset, "RescaleIntercept", 0.0, owner),
+        gantry_tilt_deg=_optional_float(dataset, "GantryDetectorTilt", owner),
     )
 
 
@@ -351,12 +374,12 @@ def _multi_frame_header(
         image_position=_floats(macro("PlanePositionSequence"), "ImagePositionPatient", 3, owner),
         image_orientation=_floats(macro("PlaneOrientationSequence"), "ImageOrientationPatient", 6, owner),
         pixel_spacing=_floats(measures, "PixelSpacing", 2, owner),
-        rows=_optional_int(dataset, "Rows"),
-        columns=_optional_int(dataset, "Columns"),
-        rescale_slope=_float_or(transformation, "RescaleSlope", 1.0),
-        rescale_intercept=_float_or(transformation, "RescaleIntercept", 0.0),
+        rows=_optional_int(dataset, "Rows", owner),
+        columns=_optional_int(dataset, "Columns", owner),
+        rescale_slope=_float_or(transformation, "RescaleSlope", 1.0, owner),
+        rescale_intercept=_float_or(transformation, "RescaleIntercept", 0.0, owner),
         gantry_tilt_deg=next(
-            (tilt for source in tilt_sources if (tilt := _optional_float(source, "GantryDetectorTilt")) is not None),
+            (tilt for source in tilt_sources if (tilt := _optional_float(source, "GantryDetectorTilt", owner)) is not None),
             None,
         ),
     )
@@ -497,12 +520,13 @@ def _padding_mask(header: pydicom.Dataset, stored: np.ndarray) -> np.ndarray | N
     Padding is compared on stored values, before the rescale; with PixelPaddingRangeLimit
     every value between it and PixelPaddingValue (inclusive) is padding.
     """
-    value = _optional_int(header, "PixelPaddingValue")
+    owner = f"SOP instance {header.get('SOPInstanceUID', '')}"
+    value = _optional_int(header, "PixelPaddingValue", owner)
     if value is None:
         return None
     signed = header.get("PixelRepresentation", 0) == 1
     low = _as_stored_value(value, signed)
-    limit = _optional_int(header, "PixelPaddingRangeLimit")
+    limit = _optional_int(header, "PixelPaddingRangeLimit", owner)
     if limit is None:
         return stored == low
     low, high = sorted((low, _as_stored_value(limit, signed)))

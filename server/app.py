@@ -8,6 +8,8 @@ All state lives in SQLite and on disk, so a restart resumes where the last proce
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import shutil
 import ssl
 import threading
@@ -54,6 +56,17 @@ def sop_class_name(uid: str) -> str:
     return name if name != uid else f"SOP class {uid}"
 
 
+def api_token(data_dir: Path) -> str:
+    """The HTTP bearer token of this installation, made once and readable by its owner only."""
+    path = data_dir / "api-token"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
 class LungScreenServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -69,6 +82,7 @@ class LungScreenServer:
         self.analysis = AnalysisPool(settings)
         self.metrics = Metrics(self.jobs)
         self.destinations = [Destination.parse(d) for d in settings.destination]
+        self.api_token = settings.api_token or api_token(settings.data_dir)
         self._stop = threading.Event()
         self._wake_outbox = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="job")

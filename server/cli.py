@@ -5,6 +5,7 @@
     lungscreen jobs [--data-dir DIR] [--json]
     lungscreen billing export [--data-dir DIR] [--format csv|json] [--out FILE]
     lungscreen model import-monai-bundle PATH [--out DIR] [--opset N]
+    lungscreen purge --older-than DAYS [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -108,6 +109,17 @@ def cmd_billing_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    from dicom_io.store import InstanceStore
+    from server.db import Database
+    from server.retention import purge_images
+
+    settings = _settings(args)
+    purged = purge_images(Database(settings.db_path), InstanceStore(settings.images_dir), args.older_than * 86400)
+    print(f"purged the images of {len(purged)} stud{'y' if len(purged) == 1 else 'ies'}; reports and billing kept")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungscreen", description="Lung-nodule screening DICOM server (research use, not for diagnostic use)")
     parser.add_argument("--log-level", default="INFO")
@@ -150,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("csv", "json"), default="csv")
     export.add_argument("--out", type=Path)
     export.set_defaults(func=cmd_billing_export)
+
+    purge = sub.add_parser("purge", help="remove received images past retention (reports and billing are kept)")
+    common(purge)
+    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    purge.set_defaults(func=cmd_purge)
 
     add_model_cli(sub)
     return parser

@@ -30,6 +30,7 @@ class Settings:
     idle_seconds: float = 5.0  # quiet period after a study's last instance
     http_host: str = "127.0.0.1"
     http_port: int = 8080  # 0 disables the HTTP endpoint
+    api_token: str | None = None  # bearer token for HTTP calls that change state; default: data_dir/api-token
     model: Path = DEFAULT_MODEL_CARD
     operating_point: str | None = None  # None: the model card's default
     providers: tuple[str, ...] = ()  # ONNX Runtime providers; empty = best available

@@ -7,6 +7,7 @@ Study Instance UID; no patient names or IDs.
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 import logging
@@ -18,6 +19,7 @@ from dicom_io.uids import is_valid_uid
 from server.review import render_key_image, render_study, render_study_list
 
 KEY_IMAGE = re.compile(r"^/review/([0-9.]+)/key/([0-9]{1,3})\.png$")
+RERUN = re.compile(r"^/studies/([0-9.]+)/rerun$")
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,28 @@ def _handler_for(server_app):
             if path.startswith("/review/"):
                 return self._review(path)
             return self._json(404, {"error": "not found"})
+
+        def do_POST(self):  # noqa: N802
+            """State changes need ``Authorization: Bearer <token>``."""
+            supplied = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(supplied.encode(), server_app.api_token.encode()):
+                log.warning("refused unauthenticated POST %s from %s", self.path, self.client_address[0])
+                return self._json(401, {"error": "a valid bearer token is needed"})
+            rerun = RERUN.match(urlparse(self.path).path)
+            if rerun is None:
+                return self._json(404, {"error": "not found"})
+            study_uid = rerun.group(1)
+            if not is_valid_uid(study_uid) or server_app.jobs.get(study_uid) is None:
+                return self._json(404, {"error": "no such study"})
+            if not server_app.jobs.request_rerun(study_uid):
+                return self._json(409, {"error": "the study is busy or has no stored images"})
+            log.info("re-run of %s requested over HTTP", study_uid)
+            return self._json(202, {"study_uid": study_uid, "state": "queued"})
+
+        def do_PUT(self):  # noqa: N802
+            self._json(405, {"error": "method not allowed"})
+
+        do_DELETE = do_PATCH = do_PUT
 
         def _review(self, path: str):
             key = KEY_IMAGE.match(path)

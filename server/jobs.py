@@ -185,6 +185,18 @@ class JobStore:
                 (reason, time.time(), study_uid),
             )
 
+    def request_rerun(self, study_uid: str) -> bool:
+        """Queue a study at rest (reported, delivered, failed) for a new run; False otherwise."""
+        with self.db.transaction() as c:
+            return bool(
+                c.execute(
+                    """UPDATE jobs SET state = 'queued', reason = NULL, updated_at = ?
+                       WHERE study_uid = ? AND state IN ('reported', 'delivered', 'failed')
+                       AND EXISTS (SELECT 1 FROM instances WHERE instances.study_uid = jobs.study_uid)""",
+                    (time.time(), study_uid),
+                ).rowcount
+            )
+
     def resume_after_restart(self) -> list[str]:
         """Runs cut short by a crash or stop go back to the queue; return their studies."""
         with self.db.transaction() as c:

@@ -324,7 +324,7 @@ def test_orthanc_as_pacs_gets_the_sr_in_the_same_study(tmp_path, lidc_files):
         assert job["state"] == "delivered", job
         series = orthanc.get(f"/studies/{orthanc_study}/series")
         modalities = sorted(s["MainDicomTags"]["Modality"] for s in series)
-        assert modalities == ["CT", "SR"], "the SR is in the same study as the CT"
+        assert modalities == ["CT", "PR", "SR"], "the SR and the presentation state are in the same study as the CT"
         assert orthanc.get("/studies") == [orthanc_study]
         # The PACS sends the whole study back, our SR included: nothing is re-run.
         orthanc.post("/modalities/lungscreen/store", {"Resources": [orthanc_study], "Synchronous": True})

@@ -1,0 +1,40 @@
+"""Retention: image data older than the site's retention period is removed.
+
+Only the received CT images go. The reports (SR, GSPS) this server produced, the job
+history and the billing ledger stay, since they are the record of what was reported and
+billed. Only studies at rest (reported, delivered or failed) are purged.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+from dicom_io.store import InstanceStore
+from server.db import Database
+
+log = logging.getLogger(__name__)
+
+
+def purge_images(db: Database, images: InstanceStore, older_than_s: float, *, now: float | None = None) -> list[str]:
+    """Delete the images of studies last touched more than ``older_than_s`` ago; return them."""
+    now = time.time() if now is None else now
+    rows = db.query(
+        """SELECT study_uid FROM jobs WHERE state IN ('reported', 'delivered', 'failed')
+           AND last_received_at < ? AND study_uid IN (SELECT DISTINCT study_uid FROM instances)""",
+        (now - older_than_s,),
+    )
+    purged = []
+    for row in rows:
+        study_uid = row["study_uid"]
+        with db.transaction() as c:
+            c.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
+            c.execute(
+                "UPDATE jobs SET details = json_set(details, '$.images_purged_at', ?) WHERE study_uid = ?",
+                (now, study_uid),
+            )
+        shutil.rmtree(images.study_dir(study_uid), ignore_errors=True)
+        purged.append(study_uid)
+        log.info("purged the images of study %s", study_uid)
+    return purged

@@ -46,10 +46,12 @@ TRAINING_DATA = (
 )
 
 
-def load_model(checkpoint: Path) -> NoduleNet:
+def load_model(checkpoint: Path) -> tuple[NoduleNet, dict]:
+    """The network in eval mode and the checkpoint's bookkeeping (step, pool index)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = NoduleNet()
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
-    return model.eval()
+    model.load_state_dict(state["model"])
+    return model.eval(), {k: state[k] for k in ("step", "pool_first_index")}
 
 
 def export_onnx(model: NoduleNet, path: Path) -> None:
@@ -81,7 +83,7 @@ def parity_error(model: NoduleNet, path: Path, shape: tuple[int, ...] = (1, 1, 4
     return float(np.abs(onnx_out - torch_out).max())
 
 
-def model_card(name: str, version: str) -> dict:
+def model_card(name: str, version: str, training_note: str = "") -> dict:
     return {
         "schema_version": 1,
         "name": name,
@@ -95,7 +97,7 @@ def model_card(name: str, version: str) -> dict:
             "for research on screening workflows; trained on synthetic data, not validated clinically."
         ),
         "onnx_file": ONNX_FILE,
-        "training_data": TRAINING_DATA,
+        "training_data": TRAINING_DATA + training_note,
         "metrics": [],
         "preprocessing": PREPROCESSING,
         "inference": {"input_name": INPUT_NAME, "patch_size": list(PATCH_SIZE), "overlap": 0.25},
@@ -109,13 +111,14 @@ def model_card(name: str, version: str) -> dict:
 
 def export(checkpoint: Path, out_dir: Path, name: str, version: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(checkpoint)
+    model, info = load_model(checkpoint)
     onnx_path = out_dir / ONNX_FILE
     export_onnx(model, onnx_path)
     error = parity_error(model, onnx_path)
     if error > PARITY_TOLERANCE:
         raise AssertionError(f"ONNX Runtime and PyTorch differ by {error:.2e} > {PARITY_TOLERANCE:g}")
-    card = model_card(name, version)
+    note = f" Checkpoint after {info['step']} optimiser steps; its volume pool started at volume {info['pool_first_index']}."
+    card = model_card(name, version, note)
     validate_card(card)
     card_path = out_dir / "model_card.json"
     card_path.write_text(json.dumps(card, indent=2) + "\n")

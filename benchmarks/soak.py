@@ -1,0 +1,191 @@
+"""Soak test (not part of CI): push studies at a LungScreen server for N minutes and report
+throughput, errors and memory growth.
+
+    python -m benchmarks.soak --minutes 30 [--senders 2] [--slices 64] [--json soak.json]
+
+It starts its own ``lungscreen serve`` on 127.0.0.1 with a temporary data folder, sends
+synthetic studies (fresh UIDs each time) from several pynetdicom senders, and samples the
+server's memory (server plus analysis workers) once a second. The run is bounded by
+``--minutes``; the server is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from training.dicom_writer import write_ct_series
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and its children (MiB)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if int(entry.name) != pid and parent != pid:
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def _template(slices: int, folder: Path) -> list[pydicom.Dataset]:
+    rng = np.random.default_rng(0)
+    hu = (np.full((slices, 256, 256), -850.0) + rng.normal(0, 20, (slices, 256, 256))).astype(np.float32)
+    k, j, i = np.ogrid[:slices, :256, :256]
+    hu[((k - slices // 2) * 1.25) ** 2 + ((j - 128) * 0.8) ** 2 + ((i - 100) * 0.8) ** 2 <= 25] = 40
+    return [pydicom.dcmread(p) for p in write_ct_series(hu, (1.25, 0.8, 0.8), folder).paths]
+
+
+def _send_study(port: int, template: list[pydicom.Dataset], sender: str) -> tuple[str, bool]:
+    study_uid, series_uid = generate_uid(), generate_uid()
+    ae = AE(ae_title=sender)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LUNGSCREEN")
+    if not assoc.is_established:
+        return study_uid, False
+    ok = True
+    try:
+        for ds in template:
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            status = assoc.send_c_store(ds)
+            ok = ok and bool(status) and status.Status == 0
+    finally:
+        assoc.release()
+    return study_uid, ok
+
+
+def run(minutes: float, senders: int, slices: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="lungscreen-soak-") as tmp:
+        tmp_path = Path(tmp)
+        port, http_port = _free_port(), _free_port()
+        template = _template(slices, tmp_path / "template")
+        config = tmp_path / "soak.toml"
+        config.write_text("min_free_mb = 64\n")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve", "--config", str(config),
+             "--data-dir", str(tmp_path / "data"), "--port", str(port), "--http-port", str(http_port),
+             "--idle-seconds", "1"],
+            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "wb"), start_new_session=True,
+        )
+        base = f"http://127.0.0.1:{http_port}"
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    urllib.request.urlopen(f"{base}/healthz", timeout=1)
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            sent: dict[str, float] = {}
+            send_errors = 0
+            lock = threading.Lock()
+            stop_at = time.monotonic() + minutes * 60
+            memory: list[tuple[float, float]] = []
+
+            def sender(n: int) -> None:
+                nonlocal send_errors
+                study_template = copy.deepcopy(template)  # Dataset.copy() shares its elements
+                while time.monotonic() < stop_at:
+                    uid, ok = _send_study(port, study_template, f"SOAK{n}")
+                    with lock:
+                        sent[uid] = time.time()
+                        send_errors += not ok
+
+            threads = [threading.Thread(target=sender, args=(n,), daemon=True) for n in range(senders)]
+            for t in threads:
+                t.start()
+            start = time.monotonic()
+            while time.monotonic() < stop_at:
+                memory.append((time.monotonic() - start, _rss_mb(server.pid)))
+                time.sleep(1.0)
+            for t in threads:
+                t.join()
+            drain_until = time.monotonic() + 300
+            jobs: dict[str, dict] = {}
+            while time.monotonic() < drain_until:
+                jobs = {j["study_uid"]: j for j in json.loads(urllib.request.urlopen(f"{base}/studies").read())}
+                if all(jobs.get(uid, {}).get("state") in ("reported", "failed") for uid in sent):
+                    break
+                time.sleep(1.0)
+            memory.append((time.monotonic() - start, _rss_mb(server.pid)))
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+        states = [jobs.get(uid, {}).get("state", "missing") for uid in sent]
+        latencies = [
+            jobs[uid]["finished_at"] - sent[uid] for uid in sent if jobs.get(uid, {}).get("finished_at")
+        ]
+        first_minute = [m for t, m in memory if t <= 60] or [memory[0][1]]
+        reasons: dict[str, int] = {}
+        for uid in sent:
+            if jobs.get(uid, {}).get("state") == "failed":
+                reason = jobs[uid]["reason"][:120]
+                reasons[reason] = reasons.get(reason, 0) + 1
+        return {
+            "minutes": minutes,
+            "senders": senders,
+            "slices_per_study": slices,
+            "studies_sent": len(sent),
+            "send_errors": send_errors,
+            "reported": states.count("reported"),
+            "failed": states.count("failed"),
+            "lost": states.count("missing"),
+            "failure_reasons": reasons,
+            "studies_per_hour": round(states.count("reported") / (minutes / 60), 1),
+            "latency_p50_s": round(statistics.median(latencies), 2) if latencies else None,
+            "rss_mb_first_minute_max": round(max(first_minute), 1),
+            "rss_mb_end": round(memory[-1][1], 1),
+            "rss_mb_max": round(max(m for _, m in memory), 1),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--senders", type=int, default=2)
+    parser.add_argument("--slices", type=int, default=64)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    result = run(args.minutes, args.senders, args.slices)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0 if result["lost"] == 0 and result["send_errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

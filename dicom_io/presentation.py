@@ -34,7 +34,7 @@ from pydicom import Dataset
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage, generate_uid
 
 from dicom_io.errors import ReportError, VolumeError
-from dicom_io.sr import RESEARCH_USE_NOTICE, AlgorithmIdentity, _circle_on_slice, finding_label
+from dicom_io.sr import RESEARCH_USE_NOTICE, AlgorithmIdentity, finding_label, nodule_outline
 from dicom_io.uids import is_valid_uid
 from dicom_io.volume import CT_SOP_CLASSES, Volume, frame_headers
 from models.findings import NoduleReport
@@ -171,7 +171,7 @@ def build_gsps(
         header = headers.get(slice_ref.sop_instance_uid)
         if header is None:
             raise ReportError(f"{what}: slice {k} (SOP instance {slice_ref.sop_instance_uid}) is not among the evidence")
-        outline = _circle_on_slice(finding, volume, header, number)
+        outline = nodule_outline(finding, volume, header, number)
         text = finding_label(number, finding.diameter_mm, finding.probability, finding.lung_rads)
         tracking_id = f"Nodule {number}"
         tracking_uid = generate_uid(entropy_srcs=[sop_instance_uid, tracking_id])

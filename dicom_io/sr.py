@@ -55,6 +55,7 @@ __all__ = [
     "build_sr",
     "finding_label",
     "main_exam_procedure",
+    "nodule_outline",
 ]
 
 LOCAL_SCHEME = "99LUNGSCR"
@@ -353,7 +354,7 @@ def _finding_sites(finding: Finding, number: int) -> list[hd.sr.FindingSite]:
     return [hd.sr.FindingSite(anatomic_location=location, laterality=laterality)]
 
 
-def _circle_on_slice(finding: Finding, volume: Volume, header: Dataset, number: int) -> np.ndarray:
+def nodule_outline(finding: Finding, volume: Volume, header: Dataset, number: int) -> np.ndarray:
     """Closed POLYLINE ``(column, row)`` points of a circle of the nodule's diameter.
 
     SCOORD pixel coordinates (PS3.3 C.18.6.1.1) put (0, 0) at the top left corner of the top
@@ -397,7 +398,7 @@ def _measurement_group(
     )
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=_circle_on_slice(finding, volume, header, number),
+        graphic_data=nodule_outline(finding, volume, header, number),
         source_image=source,
     )
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(

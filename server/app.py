@@ -91,7 +91,7 @@ class LungScreenServer:
         self._threads: list[threading.Thread] = []
         self._listener = None
         self._http = None
-        self._free_bytes_checked = (0.0, True)
+        self._storage_checked: tuple[float, str | None] = (0.0, None)
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -139,11 +139,18 @@ class LungScreenServer:
 
     # --- InstanceSink (called by the DICOM listener) ------------------------------------------
     def refusal_reason(self) -> str | None:
-        checked_at, ok = self._free_bytes_checked
+        checked_at, reason = self._storage_checked
         if time.monotonic() - checked_at > 1.0:  # cheap, but not once per instance
-            ok = shutil.disk_usage(self.settings.data_dir).free >= self.settings.min_free_mb * 1024**2
-            self._free_bytes_checked = (time.monotonic(), ok)
-        return None if ok else f"less than {self.settings.min_free_mb} MiB free in the data folder"
+            reason = self._storage_problem()
+            self._storage_checked = (time.monotonic(), reason)
+        return reason
+
+    def _storage_problem(self) -> str | None:
+        if not os.access(self.settings.images_dir, os.W_OK):  # a read-only mount says so even to root
+            return "the data folder is not writable"
+        if shutil.disk_usage(self.settings.data_dir).free < self.settings.min_free_mb * 1024**2:
+            return f"less than {self.settings.min_free_mb} MiB free in the data folder"
+        return None
 
     def is_own_instance(self, sop_uid: str) -> bool:
         return self.jobs.is_report(sop_uid)

@@ -121,3 +121,27 @@ def test_disk_full_mid_study_refuses_instances_and_keeps_what_was_acknowledged(t
             assert dcm_count == 40 + stored and part_count == 0
         assert server.proc.poll() is None, "the server stays up"
     assert "cannot store instance" in server.log()
+
+
+def test_read_only_data_folder_refuses_new_associations(tmp_path):
+    """The image store's file system is remounted read-only under the running server (the
+    database, which keeps files open for writing, stays where it is)."""
+    if subprocess.run(["unshare", "--mount", "true"]).returncode != 0:
+        pytest.skip("needs root to create a mount namespace")
+    first, second = phantom_study(tmp_path / "first"), phantom_study(tmp_path / "second")
+    server = LungScreen(tmp_path, idle_seconds=0.5, config={"min_free_mb": 0})
+    images = server.data_dir / "images"
+    images.mkdir(parents=True)
+    server.args = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   f'mount -t tmpfs -o size=64m tmpfs "{images}" && exec "$0" "$@"', *server.args]
+    with server.running():
+        storescu(list(first.paths), server.port)
+        server.wait_for_state(first.study_instance_uid, ("reported",), timeout=60)
+        remount = subprocess.run(["nsenter", "-t", str(server.proc.pid), "-m", "mount", "-o", "remount,ro",
+                                  str(images)], capture_output=True, text=True)
+        assert remount.returncode == 0, remount.stderr
+        wait_until(lambda: storescu(list(second.paths[:1]), server.port, check=False).returncode != 0, 10,
+                   what="refusal")
+        assert server.study(first.study_instance_uid)["state"] == "reported", "existing data untouched"
+        assert server.proc.poll() is None
+    assert "refused: the data folder is not writable" in server.log()

@@ -21,8 +21,8 @@ from models.errors import ModelError
 SCHEMA_PATH = Path(__file__).with_name("schema") / "model_card.schema.json"
 # The fixed-weight test model (models/blob_filter.py): deterministic, finds planted spheres.
 BLOB_FILTER_CARD = Path(__file__).with_name("blob-filter") / "model_card.json"
-# Until the trained detector lands, the bundled default is the test model.
-DEFAULT_MODEL_CARD = BLOB_FILTER_CARD
+# The detector trained by training/ (see training/README.md and the card's metrics).
+DEFAULT_MODEL_CARD = Path(__file__).with_name("nodulenet") / "model_card.json"
 
 
 @dataclass(frozen=True)

@@ -8,22 +8,14 @@ returns :class:`ModelCandidate` in model-voxel coordinates, strongest first.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.decoding_heatmap import decode_center_heatmap
+from models.decoding_retinanet import decode_retinanet
 from models.errors import ModelError
-
-
-@dataclass(frozen=True)
-class ModelCandidate:
-    """A detection in the model's voxel grid, before mapping back to the source volume."""
-
-    index_xyz: tuple[float, float, float]
-    diameter_mm: float
-    score: float
+from models.findings import ModelCandidate
 
 
 def decode(output: np.ndarray, spacing_mm: np.ndarray, decoding: dict) -> list[ModelCandidate]:
@@ -103,6 +95,8 @@ def _refine_peak(score: torch.Tensor, peak: tuple[int, int, int]) -> tuple[float
     return tuple(refined)
 
 
-DECODERS = {"multiscale_heatmap": decode_multiscale_heatmap}
-DECODERS["center_heatmap_size"] = __import__("models.decoding_heatmap", fromlist=["_"]).decode_center_heatmap
-DECODERS["retinanet"] = __import__("models.decoding_retinanet", fromlist=["_"]).decode_retinanet
+DECODERS = {
+    "multiscale_heatmap": decode_multiscale_heatmap,
+    "center_heatmap_size": decode_center_heatmap,
+    "retinanet": decode_retinanet,
+}

@@ -12,16 +12,12 @@ then drops a peak closer to a stronger one than ``nms_radius_mm`` or the stronge
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from models.errors import ModelError
-
-if TYPE_CHECKING:
-    from models.decoding import ModelCandidate
+from models.findings import ModelCandidate
 
 CHANNELS = 5
 HEATMAP, LOG_DIAMETER = 0, 1
@@ -35,9 +31,6 @@ PEAKS_PER_CANDIDATE = 20
 
 def decode_center_heatmap(output: np.ndarray, spacing_mm: np.ndarray, decoding: dict) -> list[ModelCandidate]:
     """Candidates (model-voxel centres, mm diameters, heatmap scores), strongest first."""
-    # Imported here: models.decoding imports this module to register the decoder.
-    from models.decoding import ModelCandidate
-
     if output.ndim != 4 or output.shape[0] != CHANNELS:
         raise ModelError(f"output shape {output.shape} is not ({CHANNELS}, X, Y, Z)")
     stride = np.asarray(decoding.get("output_stride", (1, 1, 1)), dtype=np.float64)

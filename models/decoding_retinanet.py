@@ -26,8 +26,6 @@ mean is less noisy than the longest side, which would be biased upwards.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
@@ -37,19 +35,14 @@ from monai.data.box_utils import batched_nms, clip_boxes_to_image
 from torch import Tensor
 
 from models.errors import ModelError
+from models.findings import ModelCandidate
 from models.retinanet import BOX_CODE_SIZE, SPATIAL_DIMS, packing_factors, unpack_head_outputs
-
-if TYPE_CHECKING:
-    from models.decoding import ModelCandidate
 
 NUM_CLASSES = 1  # nodule; the packed layout and the candidates assume a single class
 
 
 def decode_retinanet(output: np.ndarray, spacing_mm: np.ndarray, decoding: dict) -> list[ModelCandidate]:
     """Packed head outputs ``(channels, X_c, Y_c, Z_c)`` of one image to scored candidates, best first."""
-    # Imported here: models.decoding imports this module to register the decoder.
-    from models.decoding import ModelCandidate
-
     if output.ndim != 4:
         raise ModelError(f"RetinaNet output must be (channels, X, Y, Z), got shape {output.shape}")
     strides = [tuple(int(v) for v in s) for s in decoding["feature_map_strides"]]

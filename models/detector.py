@@ -16,9 +16,9 @@ from monai.apps.detection.utils.detector_utils import pad_images
 from monai.inferers import sliding_window_inference
 
 from models.card import ModelCard
-from models.decoding import ModelCandidate, decode
+from models.decoding import decode
 from models.errors import ModelError
-from models.findings import Candidate
+from models.findings import Candidate, ModelCandidate
 from models.preprocess import PreprocessedImage, build_transform, preprocess
 
 log = logging.getLogger(__name__)

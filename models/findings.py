@@ -18,6 +18,15 @@ class NoduleType(str, Enum):
 
 
 @dataclass(frozen=True)
+class ModelCandidate:
+    """A decoded detection in the model's voxel grid, before mapping back to the source volume."""
+
+    index_xyz: tuple[float, float, float]
+    diameter_mm: float
+    score: float
+
+
+@dataclass(frozen=True)
 class Candidate:
     """A raw detection in source-voxel coordinates, before calibration and clinical rules."""
 

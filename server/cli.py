@@ -5,6 +5,7 @@
     lungscreen jobs [--data-dir DIR] [--json]
     lungscreen billing export [--data-dir DIR] [--format csv|json] [--out FILE]
     lungscreen model import-monai-bundle PATH [--out DIR] [--opset N]
+    lungscreen evaluate --model CARD [--synthetic N] [--real] ...
     lungscreen purge --older-than DAYS [--data-dir DIR]
 """
 
@@ -19,6 +20,7 @@ import threading
 from pathlib import Path
 
 from models.monai_bundle import add_cli as add_model_cli
+from training.evaluate import add_cli as add_evaluate_cli
 from server.config import Settings, load_settings
 from server.logs import configure_logging
 
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge.set_defaults(func=cmd_purge)
 
     add_model_cli(sub)
+    add_evaluate_cli(sub)
     return parser
 
 

@@ -100,7 +100,13 @@ def model_card(name: str, version: str, training_note: str = "") -> dict:
         "training_data": TRAINING_DATA + training_note,
         "metrics": [],
         "preprocessing": PREPROCESSING,
-        "inference": {"input_name": INPUT_NAME, "patch_size": list(PATCH_SIZE), "overlap": 0.25},
+        # Padding to the output stride keeps sliding windows on the output grid (cell g = voxel 4 g).
+        "inference": {
+            "input_name": INPUT_NAME,
+            "patch_size": list(PATCH_SIZE),
+            "overlap": 0.25,
+            "size_divisible_by": [OUTPUT_STRIDE] * 3,
+        },
         "decoding": DECODING,
         # Placeholders until training.calibrate fits them on validation data.
         "calibration": {"method": "isotonic", "x": [0.0, 1.0], "y": [0.0, 1.0]},

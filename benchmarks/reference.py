@@ -1,0 +1,189 @@
+"""The reference way to run the same model on the same DICOM series, and ours, side by side.
+
+Reference: MONAI ``LoadImage(reader="PydicomReader")`` -> ``Orientation`` -> ``Spacing`` ->
+``ScaleIntensityRange`` -> PyTorch ``sliding_window_inference`` (eager, gaussian blending),
+then the same decoding. The network is the PyTorch equivalent of our ONNX model: for the
+bundled blob filter the same difference-of-Gaussians bank as ``torch.nn.functional.conv3d``
+(edge padding, as the ONNX graph); for the trained NoduleNet the ``training/`` network with
+its checkpoint.
+
+Ours: ``server.pipeline``'s stages up to the candidates (index the study, select the series,
+build the volume, preprocess, ONNX Runtime inference, decode).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.card import ModelCard
+from models.decoding import decode
+from models.detector import Detector
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+BLOB_FILTER_NAME = "lungscreen-blob-filter"
+
+
+class TorchBlobFilter(torch.nn.Module):
+    """``models/blob_filter.py``'s ONNX graph in PyTorch: separable Gaussian blurs (edge padded
+    conv3d), differences of Gaussians scaled by 1 / (ratio - 1), one channel per diameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from models import blob_filter as bf
+
+        sigmas_mm = []
+        for d in bf.SCALE_DIAMETERS_MM:
+            sigma = d / 2.0 / math.sqrt(3.0)
+            sigmas_mm.append((sigma / math.sqrt(bf.DOG_RATIO), sigma * math.sqrt(bf.DOG_RATIO)))
+        self.levels = sorted({round(s, 6) for pair in sigmas_mm for s in pair})
+        self.pairs = [(round(a, 6), round(b, 6)) for a, b in sigmas_mm]
+        self.scale = 1.0 / (bf.DOG_RATIO - 1.0)
+        self.kernels: list[torch.Tensor] = []
+        current = 0.0
+        for level in self.levels:
+            step = math.sqrt(level**2 - current**2) / bf.SPACING_MM
+            self.kernels.append(torch.from_numpy(bf._gaussian_kernel(step)))
+            current = level
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blurred = {}
+        current = x
+        for level, kernel in zip(self.levels, self.kernels):
+            radius = len(kernel) // 2
+            for axis in range(3):
+                shape = [1, 1, 1, 1, 1]
+                shape[2 + axis] = len(kernel)
+                pad = [0] * 6  # F.pad order: last axis first
+                pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+                current = F.conv3d(F.pad(current, pad, mode="replicate"), kernel.reshape(shape))
+            blurred[level] = current
+        return torch.cat([(blurred[a] - blurred[b]) * self.scale for a, b in self.pairs], dim=1)
+
+
+def torch_network(card: ModelCard, checkpoint: Path | None = None) -> torch.nn.Module:
+    """The PyTorch equivalent of the card's ONNX model; ``LookupError`` when there is none here."""
+    if card.name == BLOB_FILTER_NAME:
+        return TorchBlobFilter().eval()
+    repo = Path(__file__).resolve().parents[1]
+    checkpoint = checkpoint or repo / "runs" / "default" / "checkpoint.pt"
+    if not checkpoint.exists():
+        raise LookupError(f"no PyTorch definition for {card.name}: {checkpoint} is missing")
+    try:
+        from training.export import load_model
+    except ImportError as exc:  # pragma: no cover
+        raise LookupError(f"no PyTorch definition for {card.name}: {exc}") from exc
+    model, _ = load_model(checkpoint)
+    return model
+
+
+@dataclass
+class CandidateRun:
+    seconds: float
+    stages: dict[str, float]
+    lps: np.ndarray  # (N, 3) candidate centres, LPS mm
+    scores: np.ndarray  # (N,)
+    diameters: np.ndarray  # (N,)
+
+
+def _as_arrays(raw, index_to_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not raw:
+        return np.zeros((0, 3)), np.zeros(0), np.zeros(0)
+    idx = np.array([[*c.index_xyz, 1.0] for c in raw])
+    lps = (index_to_lps @ idx.T).T[:, :3]
+    return lps, np.array([c.score for c in raw]), np.array([c.diameter_mm for c in raw])
+
+
+def run_ours(paths: list[Path], detector: Detector) -> CandidateRun:
+    """Our path (``server.pipeline.analyze_study``'s stages) from files to candidates."""
+    from dicom_io.select import SelectionRules, choose_series
+    from dicom_io.study import index_study
+    from dicom_io.volume import read_series_volume
+
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+    index = index_study(paths)
+    choice = choose_series(list(index.series), SelectionRules())
+    if choice.selected is None:
+        raise RuntimeError("no eligible series")
+    volume = read_series_volume(choice.selected.paths)
+    t1 = time.perf_counter()
+    image = detector.preprocess(volume.voxels, volume.affine)
+    t2 = time.perf_counter()
+    output = detector.infer(image)
+    t3 = time.perf_counter()
+    raw = detector.decode(output)
+    t4 = time.perf_counter()
+    stages.update(load=t1 - t0, preprocess=t2 - t1, inference=t3 - t2, decode=t4 - t3)
+    return CandidateRun(t4 - t0, stages, *_as_arrays(raw, image.index_to_lps))
+
+
+def run_reference(folder: Path, card: ModelCard, network: torch.nn.Module) -> CandidateRun:
+    """The reference way: MONAI loading and transforms, eager PyTorch sliding window."""
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation, ScaleIntensityRange, Spacing
+
+    pre = card.preprocessing
+    window = pre["intensity_window"]
+    spec = card.inference
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+    image = LoadImage(reader="PydicomReader", image_only=True)(str(folder))
+    image = EnsureChannelFirst()(image)
+    t1 = time.perf_counter()
+    image = Compose(
+        [
+            Orientation(axcodes=pre["orientation"]),
+            Spacing(pixdim=pre["spacing_mm"], mode="bilinear", padding_mode="border", dtype=np.float32),
+            ScaleIntensityRange(
+                a_min=window["hu_min"], a_max=window["hu_max"], b_min=window["out_min"], b_max=window["out_max"], clip=True
+            ),
+        ]
+    )(image)
+    t2 = time.perf_counter()
+    with torch.no_grad():
+        output = sliding_window_inference(
+            image.as_tensor().float()[None], tuple(spec["patch_size"]), 1, network, overlap=spec["overlap"], mode="gaussian"
+        )
+    t3 = time.perf_counter()
+    raw = decode(output[0].numpy(), np.asarray(pre["spacing_mm"], dtype=np.float64), card.decoding)
+    t4 = time.perf_counter()
+    stages.update(load=t1 - t0, preprocess=t2 - t1, inference=t3 - t2, decode=t4 - t3)
+    index_to_lps = LPS_TO_RAS @ image.affine.numpy().astype(np.float64)
+    return CandidateRun(t4 - t0, stages, *_as_arrays(raw, index_to_lps))
+
+
+def compare_candidates(ours: CandidateRun, ref: CandidateRun, *, tolerance_mm: float = 2.0, min_score: float = 0.0) -> dict:
+    """Greedy matching by distance (strongest first) of candidates scoring at least ``min_score``."""
+    a = np.flatnonzero(ours.scores >= min_score)
+    b = np.flatnonzero(ref.scores >= min_score)
+    a = a[np.argsort(-ours.scores[a])]
+    unmatched = set(b.tolist())
+    distances, score_diffs = [], []
+    for i in a:
+        if not unmatched:
+            break
+        cands = np.array(sorted(unmatched))
+        d = np.linalg.norm(ref.lps[cands] - ours.lps[i], axis=1)
+        j = int(np.argmin(d))
+        if d[j] <= tolerance_mm:
+            unmatched.discard(int(cands[j]))
+            distances.append(float(d[j]))
+            score_diffs.append(abs(float(ours.scores[i] - ref.scores[cands[j]])))
+    matched = len(distances)
+    return {
+        "ours": int(len(a)),
+        "reference": int(len(b)),
+        "matched": matched,
+        "min_score": min_score,
+        "tolerance_mm": tolerance_mm,
+        "max_distance_mm": round(max(distances), 3) if distances else None,
+        "max_score_diff": round(max(score_diffs), 4) if score_diffs else None,
+        "agree": matched == len(a) == len(b),
+    }

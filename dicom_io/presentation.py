@@ -34,8 +34,7 @@ from pydicom import Dataset
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage, generate_uid
 
 from dicom_io.errors import ReportError, VolumeError
-from dicom_io.sr import RESEARCH_USE_NOTICE, AlgorithmIdentity, finding_label, nodule_outline
-from dicom_io.uids import is_valid_uid
+from dicom_io.sr import RESEARCH_USE_NOTICE, AlgorithmIdentity, check_result_arguments, finding_label, nodule_outline
 from dicom_io.volume import CT_SOP_CLASSES, Volume, frame_headers
 from models.findings import NoduleReport
 
@@ -128,31 +127,11 @@ def build_gsps(
     """
     if not isinstance(algorithm, AlgorithmIdentity):
         raise TypeError(f"algorithm must be an AlgorithmIdentity, got {type(algorithm).__name__}")
-    for argument, uid in (("series_instance_uid", series_instance_uid), ("sop_instance_uid", sop_instance_uid)):
-        if uid is not None and not is_valid_uid(uid):
-            raise ValueError(f"{argument} is not a valid DICOM UID: {uid!r}")
-    for argument, number in (("instance_number", instance_number), ("series_number", series_number)):
-        if not isinstance(number, int) or isinstance(number, bool) or number < 1:
-            raise ValueError(f"{argument} must be a positive int, got {number!r}")
-    if (report.model_name, report.model_version) != (algorithm.model_name, algorithm.model_version):
-        raise ReportError(
-            f"the findings come from {report.model_name} {report.model_version}, "
-            f"but the algorithm identity names {algorithm.model_name} {algorithm.model_version}"
-        )
-    if len(evidence) == 0:
-        raise ReportError("no evidence: the headers of the analysed CT series are needed")
-    headers: dict[str, Dataset] = {}
-    for header in evidence:
-        for keyword, expected in (
-            ("StudyInstanceUID", volume.study_instance_uid),
-            ("SeriesInstanceUID", volume.series_instance_uid),
-        ):
-            if header.get(keyword) != expected:
-                raise ReportError(
-                    f"evidence {header.get('SOPInstanceUID')} has {keyword} {header.get(keyword)}, "
-                    f"the volume {expected}"
-                )
-        headers[header.SOPInstanceUID] = header
+    headers = check_result_arguments(
+        evidence, volume, report, algorithm,
+        series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number, series_number=series_number,
+    )
 
     sop_instance_uid = sop_instance_uid or generate_uid()
     layer = hd.pr.GraphicLayer(

@@ -53,6 +53,7 @@ __all__ = [
     "AlgorithmIdentity",
     "BillingCodes",
     "build_sr",
+    "check_result_arguments",
     "finding_label",
     "main_exam_procedure",
     "nodule_outline",
@@ -275,7 +276,31 @@ def _referenced_requests(ct_header: Dataset) -> list[Dataset]:
     return items
 
 
-def _evidence_by_sop_uid(evidence: Sequence[Dataset], volume: Volume) -> dict[str, Dataset]:
+def check_result_arguments(
+    evidence: Sequence[Dataset],
+    volume: Volume,
+    report: NoduleReport,
+    algorithm: AlgorithmIdentity,
+    *,
+    series_instance_uid: str | None,
+    sop_instance_uid: str | None,
+    instance_number: int,
+    series_number: int,
+) -> dict[str, Dataset]:
+    """Validate what every result object (SR, GSPS) is built from; return the evidence by SOP
+    Instance UID. ``ValueError`` for malformed arguments, ``ReportError`` for evidence that
+    does not belong to the volume or findings of another model."""
+    for argument, uid in (("series_instance_uid", series_instance_uid), ("sop_instance_uid", sop_instance_uid)):
+        if uid is not None and not is_valid_uid(uid):
+            raise ValueError(f"{argument} is not a valid DICOM UID: {uid!r}")
+    for argument, number in (("instance_number", instance_number), ("series_number", series_number)):
+        if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+            raise ValueError(f"{argument} must be a positive int, got {number!r}")
+    if (report.model_name, report.model_version) != (algorithm.model_name, algorithm.model_version):
+        raise ReportError(
+            f"the findings come from {report.model_name} {report.model_version}, "
+            f"but the algorithm identity names {algorithm.model_name} {algorithm.model_version}"
+        )
     if len(evidence) == 0:
         raise ReportError("no evidence: the headers of the analysed CT series are needed")
     by_uid = {}
@@ -604,22 +629,11 @@ def build_sr(
         raise TypeError(f"algorithm must be an AlgorithmIdentity, got {type(algorithm).__name__}")
     if not isinstance(billing, BillingCodes):
         raise TypeError(f"billing must be a BillingCodes, got {type(billing).__name__}")
-    for argument, uid in (
-        ("series_instance_uid", series_instance_uid),
-        ("sop_instance_uid", sop_instance_uid),
-    ):
-        if uid is not None and not is_valid_uid(uid):
-            raise ValueError(f"{argument} is not a valid DICOM UID: {uid!r}")
-    for argument, number in (("instance_number", instance_number), ("series_number", series_number)):
-        if not isinstance(number, int) or isinstance(number, bool) or number < 1:
-            raise ValueError(f"{argument} must be a positive int, got {number!r}")
-    if (report.model_name, report.model_version) != (algorithm.model_name, algorithm.model_version):
-        raise ReportError(
-            f"the findings come from {report.model_name} {report.model_version}, "
-            f"but the algorithm identity names {algorithm.model_name} {algorithm.model_version}"
-        )
-
-    headers = _evidence_by_sop_uid(evidence, volume)
+    headers = check_result_arguments(
+        evidence, volume, report, algorithm,
+        series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number, series_number=series_number,
+    )
     if predecessor is not None and predecessor.get("StudyInstanceUID") != volume.study_instance_uid:
         raise ReportError(
             f"predecessor SR {predecessor.get('SOPInstanceUID')} belongs to study "

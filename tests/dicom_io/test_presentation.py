@@ -228,7 +228,7 @@ class TestBuildGSPSRejects:
     def test_evidence_from_another_series(self, lidc_headers, lidc_volume, findings):
         stranger = copy.deepcopy(lidc_headers[3])
         stranger.SeriesInstanceUID = generate_uid()
-        with pytest.raises(ReportError, match="SeriesInstanceUID"):
+        with pytest.raises(ReportError, match="belongs to series"):
             build_gsps([*lidc_headers[:3], stranger], lidc_volume, _report(findings), algorithm=_algorithm())
 
     def test_missing_centre_slice(self, lidc_headers, lidc_volume, findings):

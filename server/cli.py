@@ -6,6 +6,7 @@
     lungscreen billing export [--data-dir DIR] [--format csv|json] [--out FILE]
     lungscreen model import-monai-bundle PATH [--out DIR] [--opset N]
     lungscreen evaluate --model CARD [--synthetic N] [--real] ...
+    lungscreen bench [--quick] [--json PATH]
     lungscreen purge --older-than DAYS [--data-dir DIR]
 """
 
@@ -19,6 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
+from benchmarks.cli import add_cli as add_bench_cli
 from models.monai_bundle import add_cli as add_model_cli
 from training.evaluate import add_cli as add_evaluate_cli
 from server.config import Settings, load_settings
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_cli(sub)
     add_evaluate_cli(sub)
+    add_bench_cli(sub)
     return parser
 
 

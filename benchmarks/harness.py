@@ -218,10 +218,17 @@ def storescp(out_dir: Path, port: int, ae_title: str = "DEST", *, log_path: Path
         yield proc
 
 
-def wait_for_file(folder: Path, prefix: str, known: set[str], timeout: float, interval: float = 0.005) -> tuple[str, float]:
-    """Poll ``folder`` for a new file named ``prefix*``; return its name and the time (``time.time()``) seen."""
+def wait_for_file(
+    folder: Path, prefix: str, known: set[str], timeout: float, interval: float = 0.005, check=None
+) -> tuple[str, float]:
+    """Poll ``folder`` for a new file named ``prefix*``; return its name and the time (``time.time()``) seen.
+    ``check()`` is called every half second and may raise to give up early."""
     deadline = time.monotonic() + timeout
+    next_check = time.monotonic() + 0.5
     while time.monotonic() < deadline:
+        if check is not None and time.monotonic() >= next_check:
+            check()
+            next_check = time.monotonic() + 0.5
         with os.scandir(folder) as it:
             for entry in it:
                 if entry.name.startswith(prefix) and entry.name not in known:

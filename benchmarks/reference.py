@@ -139,7 +139,7 @@ def run_reference(folder: Path, card: ModelCard, network: torch.nn.Module) -> Ca
     t1 = time.perf_counter()
     image = Compose(
         [
-            Orientation(axcodes=pre["orientation"]),
+            Orientation(axcodes=pre["orientation"], labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Spacing(pixdim=pre["spacing_mm"], mode="bilinear", padding_mode="border", dtype=np.float32),
             ScaleIntensityRange(
                 a_min=window["hu_min"], a_max=window["hu_max"], b_min=window["out_min"], b_max=window["out_max"], clip=True
@@ -147,10 +147,18 @@ def run_reference(folder: Path, card: ModelCard, network: torch.nn.Module) -> Ca
         ]
     )(image)
     t2 = time.perf_counter()
+    tensor = image.as_tensor().float()[None]
+    patch = tuple(spec["patch_size"])
+    if spec.get("size_divisible_by"):
+        # As MONAI's detection inferers do: zero-pad at the end to the network's grid, and no
+        # window larger than the image (sliding_window_inference would pad symmetrically and
+        # shift a strided output grid).
+        from monai.apps.detection.utils.detector_utils import pad_images
+
+        tensor, _ = pad_images(tensor, 3, spec["size_divisible_by"])
+        patch = tuple(min(p, s) for p, s in zip(patch, tensor.shape[2:]))
     with torch.no_grad():
-        output = sliding_window_inference(
-            image.as_tensor().float()[None], tuple(spec["patch_size"]), 1, network, overlap=spec["overlap"], mode="gaussian"
-        )
+        output = sliding_window_inference(tensor, patch, 1, network, overlap=spec["overlap"], mode="gaussian")
     t3 = time.perf_counter()
     raw = decode(output[0].numpy(), np.asarray(pre["spacing_mm"], dtype=np.float64), card.decoding)
     t4 = time.perf_counter()

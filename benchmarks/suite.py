@@ -28,7 +28,12 @@ from benchmarks.harness import (
 
 STAGE_KEYS = ("receive", "trigger_wait", "assemble", "select", "volume", "preprocess", "inference", "postprocess",
               "report", "commit", "deliver")
-Z_EXTENT_MM = 300.0  # synthetic studies cover 300 mm of chest, whatever their slice count
+Z_EXTENT_MM = 300.0  # synthetic studies cover up to 300 mm of chest
+
+
+def slice_step_mm(slices: int) -> float:
+    """300 slices: 1 mm, 600: 0.5 mm; never thicker than 2.5 mm (series selection allows 3 mm)."""
+    return min(Z_EXTENT_MM / slices, 2.5)
 
 
 @dataclass
@@ -108,7 +113,7 @@ class StudyFactory:
         self._count += 1
         folder = self.work / "studies" / (name or f"s{self._count:03d}_{slices}")
         written = write_ct_series(
-            self.volume(slices), (Z_EXTENT_MM / slices, self.pixel_mm, self.pixel_mm), folder,
+            self.volume(slices), (slice_step_mm(slices), self.pixel_mm, self.pixel_mm), folder,
             accession_number=f"BENCH{self._count:05d}",
         )
         return written.study_instance_uid, list(written.paths)
@@ -219,6 +224,12 @@ def job_stages(job: dict, push_s: float, sr_seen_at: float) -> dict:
     return out
 
 
+def _not_failed(server: Server, study_uid: str) -> None:
+    job = server.study(study_uid)
+    if job and job["state"] == "failed":
+        raise RuntimeError(f"study {study_uid} failed: {job.get('reason')}")
+
+
 @dataclass
 class E2ERun:
     study_uid: str
@@ -234,7 +245,7 @@ def e2e_once(server: Server, dest_dir: Path, factory: StudyFactory, slices: int)
     known = {p.name for p in dest_dir.iterdir()}
     push_s = storescu(files, server.port)
     pushed_at = time.time()
-    name, seen_at = wait_for_file(dest_dir, "SR", known, timeout=900)
+    name, seen_at = wait_for_file(dest_dir, "SR", known, timeout=900, check=lambda: _not_failed(server, study_uid))
     job = server.wait_for_state(study_uid, ("delivered",), timeout=120)
     server.sample_memory()
     remove(files)

@@ -38,7 +38,6 @@ from server.workers import AnalysisPool, ReportUIDs
 log = logging.getLogger(__name__)
 
 
-
 def listener_tls(settings: Settings) -> ssl.SSLContext | None:
     """The TLS context of the DICOM listener, or None for plain TCP."""
     if settings.tls_cert is None:

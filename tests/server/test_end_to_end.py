@@ -293,16 +293,30 @@ def test_destination_that_rejects_ends_in_dead_letter(tmp_path):
     dest_port = free_port()
     server = LungScreen(tmp_path, destinations=[f"DEST@127.0.0.1:{dest_port}"], idle_seconds=0.5)
     args = ["storescp", "--refuse", str(dest_port)]
-    from peers import port_open, process
+    from peers import process
+
+    def refused_echo() -> bool:  # a whole DICOM exchange: a bare TCP probe would hold storescp up
+        echo = subprocess.run(["echoscu", "127.0.0.1", str(dest_port)], capture_output=True, text=True)
+        return "Rejected" in echo.stdout + echo.stderr
 
     with process(args, tmp_path / "storescp.log"), server.running():
-        wait_until(lambda: port_open(dest_port), 10, what="storescp")
+        wait_until(refused_echo, 10, what="storescp")
         storescu(list(study.paths), server.port)
-        job = server.wait_for_state(study.study_instance_uid, ("failed",), timeout=60)
-        time.sleep(1.5)
-        job = server.study(study.study_instance_uid)
-    assert "dead-lettered after 1 attempt" in job["reason"], job
-    assert job["deliveries"][0]["state"] == "dead" and job["deliveries"][0]["attempts"] == 1
+        server.wait_for_state(study.study_instance_uid, ("failed",), timeout=60)
+        job = wait_until(
+            lambda: (j := server.study(study.study_instance_uid)) and {d["state"] for d in j["deliveries"]} == {"dead"}
+            and j, 30, what="every delivery dead-lettered",
+        )
+        time.sleep(3)  # a dead letter is final: no more attempts
+        later = server.study(study.study_instance_uid)
+    assert "dead-lettered after" in job["reason"] and "rejected the association permanently" in job["reason"], job
+    assert {d["state"] for d in job["deliveries"]} == {"dead"}, job["deliveries"]
+    assert [d["attempts"] for d in later["deliveries"]] == [d["attempts"] for d in job["deliveries"]]
+    # storescp --refuse is briefly unreachable after each refusal, so some tries fail as
+    # transient; each delivery ends on the permanent rejection, before its last allowed try.
+    for delivery in job["deliveries"]:
+        assert "rejected the association permanently" in delivery["last_error"], delivery
+        assert delivery["attempts"] < 8, delivery
 
 
 @needs_netns

@@ -87,8 +87,9 @@ def process(args: list[str], log_path: Path, *, env: dict | None = None) -> Iter
                 proc.wait()
 
 
-def http_json(url: str, timeout: float = 10.0):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+def http_json(url: str, data: bytes | None = None, method: str | None = None, timeout: float = 10.0):
+    request = urllib.request.Request(url, data=data, method=method)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         body = response.read()
     return json.loads(body) if body else None
 
@@ -131,11 +132,14 @@ def vm_hwm_mb(pid: int) -> float:
 class Server:
     """``lungscreen serve`` as a subprocess with its own data folder and ports."""
 
-    def __init__(self, tmp: Path, *, idle_seconds: float, destinations=(), model: Path | None = None, config=None):
+    def __init__(
+        self, tmp: Path, *, idle_seconds: float, destinations=(), model: Path | None = None, config=None,
+        port: int | None = None, http_port: int | None = None, extra_args=(),
+    ):
         tmp.mkdir(parents=True, exist_ok=True)
         self.data_dir = tmp / "data"
-        self.port = free_port()
-        self.http_port = free_port()
+        self.port = port or free_port()
+        self.http_port = http_port or free_port()
         self.idle_seconds = idle_seconds
         self.log_path = tmp / "lungscreen.log"
         settings = {"min_free_mb": 16, **(config or {})}
@@ -145,7 +149,7 @@ class Server:
             sys.executable, "-m", "server.cli", "serve", "--config", str(config_path), "--data-dir", str(self.data_dir),
             "--port", str(self.port), "--http-port", str(self.http_port), "--idle-seconds", str(idle_seconds),
             "--ae-title", "LUNGSCREEN", *(["--model", str(model)] if model else []),
-            *[a for d in destinations for a in ("--destination", d)],
+            *[a for d in destinations for a in ("--destination", d)], *extra_args,
         ]
         self.proc: subprocess.Popen | None = None
         self._hwm: dict[int, float] = {}

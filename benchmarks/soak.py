@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,31 +31,20 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from benchmarks.harness import children, free_port
 from training.dicom_writer import write_ct_series
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb(pid: int) -> float:
     """Resident memory of ``pid`` and its children (MiB)."""
     total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for process in (pid, *children(pid)):
         try:
-            stat = (entry / "stat").read_text()
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if int(entry.name) != pid and parent != pid:
-                continue
-            for line in (entry / "status").read_text().splitlines():
+            for line in Path(f"/proc/{process}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) / 1024
-        except (OSError, ValueError, IndexError):
-            continue
+        except OSError:
+            continue  # the process ended meanwhile
     return total
 
 
@@ -90,7 +78,7 @@ def _send_study(port: int, template: list[pydicom.Dataset], sender: str) -> tupl
 def run(minutes: float, senders: int, slices: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="lungscreen-soak-") as tmp:
         tmp_path = Path(tmp)
-        port, http_port = _free_port(), _free_port()
+        port, http_port = free_port(), free_port()
         template = _template(slices, tmp_path / "template")
         config = tmp_path / "soak.toml"
         config.write_text("min_free_mb = 64\n")

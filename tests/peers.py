@@ -10,22 +10,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from benchmarks.harness import Server, free_port, http_json, port_open, process, wait_until
 from models.card import BLOB_FILTER_CARD
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 IN_NETNS = os.environ.get("LUNGSCREEN_TEST_NETNS") == "1"
 
 needs_netns = pytest.mark.skipif(
@@ -39,107 +34,24 @@ def needs_binary(*names: str):
     return pytest.mark.skipif(bool(missing), reason=f"missing {', '.join(missing)} (scripts/bootstrap.sh installs them)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@contextmanager
-def process(args: list[str], log_path: Path, *, env: dict | None = None) -> Iterator[subprocess.Popen]:
-    """Run ``args``; on exit stop exactly that process (SIGTERM, then SIGKILL)."""
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def http_json(url: str, data: bytes | None = None, method: str | None = None, timeout: float = 10.0):
-    request = urllib.request.Request(url, data=data, method=method)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        body = response.read()
-    return json.loads(body) if body else None
-
-
-class LungScreen:
-    """``lungscreen serve`` as a subprocess with its own data folder and ports."""
+class LungScreen(Server):
+    """``lungscreen serve`` with the deterministic test model: these tests prove the path,
+    not the detector. A study that does not reach the expected state fails the test with the
+    job and the server log."""
 
     def __init__(
         self, tmp: Path, *, destinations=(), idle_seconds=1.0, extra_args=(), port=None, http_port=None, config=None
     ):
-        self.data_dir = tmp / "lungscreen-data"
-        self.port = port or free_port()
-        self.http_port = http_port or free_port()
-        self.log_path = tmp / "lungscreen.log"
-        # Test machines may have little free disk; the studies here are small.
-        settings = {"min_free_mb": 16, **(config or {})}
-        config_path = tmp / "lungscreen.toml"
-        config_path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
-        self.args = [
-            sys.executable, "-m", "server.cli", "serve", "--config", str(config_path), "--data-dir", str(self.data_dir),
-            "--port", str(self.port), "--http-port", str(self.http_port), "--idle-seconds", str(idle_seconds), "--ae-title", "LUNGSCREEN",
-            "--model", str(BLOB_FILTER_CARD),  # the deterministic test model: these tests prove the path
-            *[a for d in destinations for a in ("--destination", d)], *extra_args,
-        ]
-
-    @contextmanager
-    def running(self) -> Iterator["LungScreen"]:
-        with process(self.args, self.log_path) as self.proc:
-            wait_until(self.healthy, 60, what="lungscreen /healthz")
-            yield self
-
-    def healthy(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"lungscreen exited with {self.proc.returncode}:\n{self.log()}")
-        try:
-            return http_json(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1)["status"] == "ok"
-        except OSError:
-            return False
-
-    def study(self, study_uid: str) -> dict | None:
-        try:
-            return http_json(f"http://127.0.0.1:{self.http_port}/studies/{study_uid}")
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise
+        super().__init__(
+            tmp, idle_seconds=idle_seconds, destinations=destinations, model=BLOB_FILTER_CARD, config=config,
+            port=port, http_port=http_port, extra_args=extra_args,
+        )
 
     def wait_for_state(self, study_uid: str, states: tuple[str, ...], timeout: float = 120) -> dict:
-        def reached():
-            job = self.study(study_uid)
-            return job if job and job["state"] in states else None
-
         try:
-            return wait_until(reached, timeout, 0.2, what=f"study in {states}")
-        except TimeoutError:
-            raise AssertionError(f"job: {self.study(study_uid)}\nlog:\n{self.log()[-4000:]}") from None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+            return super().wait_for_state(study_uid, states, timeout)
+        except (TimeoutError, RuntimeError) as exc:
+            raise AssertionError(f"{exc}\njob: {self.study(study_uid)}\nlog:\n{self.log()[-4000:]}") from None
 
 
 def storescu(files: list[Path], port: int, *, called="LUNGSCREEN", calling="PACS", propose=(), check=True):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
+from benchmarks.harness import vm_hwm_mb
 from peers import LungScreen, needs_binary, storescu, wait_until
 from test_end_to_end import phantom_study
 from test_reliability import analysis_workers
@@ -16,13 +16,6 @@ pytestmark = [pytest.mark.slow, needs_binary("storescu")]
 
 SENDERS, STUDIES_PER_SENDER = 4, 10
 MEMORY_BOUND_MB = 3000  # server + analysis worker; a bounded pool keeps this flat however many studies queue
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def test_four_senders_ten_studies_each(tmp_path):
@@ -51,7 +44,7 @@ def test_four_senders_ten_studies_each(tmp_path):
         for study in studies:
             job = server.study(study.study_instance_uid)
             assert job["instances"] == 32 and job["runs"] == 1 and len(job["details"]["findings"]) == 1
-        peaks = [peak_rss_mb(server.proc.pid), *(peak_rss_mb(pid) for pid in analysis_workers(server))]
+        peaks = [vm_hwm_mb(server.proc.pid), *(vm_hwm_mb(pid) for pid in analysis_workers(server))]
         assert sum(peaks) < MEMORY_BOUND_MB, peaks
         metrics = subprocess.run(
             ["curl", "-s", f"http://127.0.0.1:{server.http_port}/metrics"], capture_output=True, text=True

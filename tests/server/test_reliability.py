@@ -16,6 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from benchmarks.harness import children
 from peers import LungScreen, free_port, needs_binary, needs_netns, process, storescp, storescu, wait_until
 from test_end_to_end import phantom_study
 
@@ -26,19 +27,6 @@ def kill_group(server: LungScreen) -> None:
     """kill -9 of the server and its analysis workers, as a power cut would."""
     os.killpg(server.proc.pid, signal.SIGKILL)
     server.proc.wait()
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def analysis_workers(server: LungScreen) -> list[int]:

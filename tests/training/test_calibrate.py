@@ -6,12 +6,10 @@ import numpy as np
 
 from models.calibrate import calibrate
 from models.card import validate_card
-from models.findings import Candidate, Finding, NoduleType
 from models.rules import ClinicalRules
 from training.calibrate import choose_threshold, fit_isotonic
 from training.export import model_card
-from training.inference import ScanDetections
-from training.scan import Nodule
+from toy_scans import toy_scan
 
 
 def test_isotonic_is_monotone_and_bounded() -> None:
@@ -35,18 +33,8 @@ def test_isotonic_of_a_constant_label_is_flat() -> None:
     assert np.all(calibrate([0.0, 0.5, 1.0], calibration) == 0.0)
 
 
-def _scan(scores: list[float], true_index: int) -> ScanDetections:
-    """Candidates 10 mm apart along x; the one at ``true_index`` sits on a 10 mm nodule."""
-    centres = [(10.0 * i, 0.0, 0.0) for i in range(len(scores))]
-    candidates = tuple(Candidate((0.0, 0.0, float(i)), 8.0, s) for i, s in enumerate(scores))
-    findings = tuple(
-        Finding(c.center_kji, centre, 8.0, 268.0, 0.0, NoduleType.SOLID, "", False) for c, centre in zip(candidates, centres)
-    )
-    return ScanDetections("toy", (Nodule(centres[true_index], 10.0),), candidates, findings, 0.0)
-
-
-def test_screening_threshold_keeps_at_most_one_false_finding_per_scan() -> None:
-    scans = [_scan([0.9, 0.8, 0.7, 0.6], 0), _scan([0.85, 0.75, 0.65, 0.55], 1)]
+def test_screening_threshold_keeps_at_most_one_false_finding_pertoy_scan() -> None:
+    scans = [toy_scan([0.9, 0.8, 0.7, 0.6], 0), toy_scan([0.85, 0.75, 0.65, 0.55], 1)]
     identity = {"method": "isotonic", "x": [0.0, 1.0], "y": [0.0, 1.0]}
     threshold, counts = choose_threshold(scans, identity, 1.0, ClinicalRules())
     # At 0.75 each scan reports 1 FP (0.8 / 0.85) and its nodule; at 0.7 scan A has 2 FPs.

@@ -8,22 +8,10 @@ from pathlib import Path
 import pytest
 
 from models.card import ModelCard
-from models.findings import Candidate, Finding, NoduleType
 from models.rules import ClinicalRules
 from training.evaluate import add_cli, evaluate_set
 from training.export import model_card
-from training.inference import ScanDetections
-from training.scan import Nodule
-
-
-def _scan(scores: list[float], true_index: int) -> ScanDetections:
-    """Candidates 10 mm apart along x; the one at ``true_index`` sits on a 10 mm nodule."""
-    centres = [(10.0 * i, 0.0, 0.0) for i in range(len(scores))]
-    candidates = tuple(Candidate((0.0, 0.0, float(i)), 8.0, s) for i, s in enumerate(scores))
-    findings = tuple(
-        Finding(c.center_kji, centre, 8.0, 268.0, 0.0, NoduleType.SOLID, "", False) for c, centre in zip(candidates, centres)
-    )
-    return ScanDetections("toy", (Nodule(centres[true_index], 10.0),), candidates, findings, 0.0)
+from toy_scans import toy_scan
 
 
 def test_add_cli_registers_evaluate() -> None:
@@ -38,7 +26,7 @@ def test_evaluate_set_on_toy_scans() -> None:
     raw = model_card("toy", "0")
     raw["operating_points"] = {"screening": {"threshold": 0.75}, "high-sensitivity": {"threshold": 0.5}}
     card = ModelCard(path=Path("toy/model_card.json"), raw=raw)
-    scans = [_scan([0.9, 0.8, 0.7, 0.6], 0), _scan([0.85, 0.75, 0.65, 0.55], 1)]
+    scans = [toy_scan([0.9, 0.8, 0.7, 0.6], 0), toy_scan([0.85, 0.75, 0.65, 0.55], 1)]
     result = evaluate_set(scans, card, ClinicalRules())
     # Raw-score FROC: 0.9 TP, 0.85 FP, 0.8 FP, 0.75 TP -> both nodules at 1 FP/scan; 0.5 at 0.5 FP/scan.
     assert result["froc_points"]["1"] == 1.0 and result["froc_points"]["0.5"] == 0.5

@@ -5,7 +5,7 @@ Reference: MONAI ``LoadImage(reader="PydicomReader")`` -> ``Orientation`` -> ``S
 then the same decoding. The network is the PyTorch equivalent of our ONNX model: for the
 bundled blob filter the same difference-of-Gaussians bank as ``torch.nn.functional.conv3d``
 (edge padding, as the ONNX graph); for the trained NoduleNet the ``training/`` network with
-its checkpoint.
+the PyTorch weights exported beside its ONNX file.
 
 Ours: ``server.pipeline``'s stages up to the candidates (index the study, select the series,
 build the volume, preprocess, ONNX Runtime inference, decode).
@@ -67,20 +67,16 @@ class TorchBlobFilter(torch.nn.Module):
         return torch.cat([(blurred[a] - blurred[b]) * self.scale for a, b in self.pairs], dim=1)
 
 
-def torch_network(card: ModelCard, checkpoint: Path | None = None) -> torch.nn.Module:
+def torch_network(card: ModelCard) -> torch.nn.Module:
     """The PyTorch equivalent of the card's ONNX model; ``LookupError`` when there is none here."""
     if card.name == BLOB_FILTER_NAME:
         return TorchBlobFilter().eval()
-    repo = Path(__file__).resolve().parents[1]
-    checkpoint = checkpoint or repo / "runs" / "default" / "checkpoint.pt"
-    if not checkpoint.exists():
-        raise LookupError(f"no PyTorch definition for {card.name}: {checkpoint} is missing")
-    try:
-        from training.export import load_model
-    except ImportError as exc:  # pragma: no cover
-        raise LookupError(f"no PyTorch definition for {card.name}: {exc}") from exc
-    model, _ = load_model(checkpoint)
-    return model
+    from training.export import WEIGHTS_FILE, load_weights
+
+    weights = card.onnx_path.parent / WEIGHTS_FILE
+    if not weights.exists():
+        raise LookupError(f"no PyTorch definition for {card.name}: {weights} is missing")
+    return load_weights(weights)
 
 
 @dataclass
@@ -112,7 +108,7 @@ def run_ours(paths: list[Path], detector: Detector) -> CandidateRun:
     choice = choose_series(list(index.series), SelectionRules())
     if choice.selected is None:
         raise RuntimeError("no eligible series")
-    volume = read_series_volume(choice.selected.paths)
+    volume = read_series_volume(choice.selected.paths, headers=choice.selected.headers)
     t1 = time.perf_counter()
     image = detector.preprocess(volume.voxels, volume.affine)
     t2 = time.perf_counter()
@@ -195,3 +191,15 @@ def compare_candidates(ours: CandidateRun, ref: CandidateRun, *, tolerance_mm: f
         "max_score_diff": round(max(score_diffs), 4) if score_diffs else None,
         "agree": matched == len(a) == len(b),
     }
+
+
+def reported_min_score(card: ModelCard, *runs: CandidateRun) -> float | None:
+    """The lowest raw score among candidates the default operating point reports in any of
+    ``runs`` (calibrated probability >= its threshold); None when none is reported."""
+    from models.calibrate import calibrate
+
+    threshold = card.operating_point(None).threshold
+    reported = [run.scores[np.asarray(calibrate(list(run.scores), card.calibration)) >= threshold]
+                for run in runs if len(run.scores)]
+    scores = np.concatenate(reported) if reported else np.zeros(0)
+    return float(scores.min()) if scores.size else None

@@ -54,7 +54,7 @@ class Config:
     idle_short_s: float = 0.2
     warmup_slices: int = 64
     base_slices: int = 100  # slices of the synthetic base volume (interpolated to any count)
-    reference_volume: str = "real"  # "real" (LIDC-IDRI-0001) or "synthetic" (e2e_slices)
+    reference_volume: str = "synthetic"  # "synthetic" (e2e_slices, the target's 300) or "real" (LIDC-IDRI-0001)
     model: Path | None = None  # None: the server's default model card
     skip: tuple[str, ...] = ()
 
@@ -379,8 +379,7 @@ def bench_load(cfg: Config, factory: StudyFactory, server: Server, dest: Destina
 
 
 def bench_reference(cfg: Config, factory: StudyFactory | None, work: Path) -> dict:
-    from benchmarks.reference import compare_candidates, run_ours, run_reference, torch_network
-    from models.calibrate import calibrate
+    from benchmarks.reference import compare_candidates, reported_min_score, run_ours, run_reference, torch_network
     from models.card import DEFAULT_MODEL_CARD, load_card
     from models.detector import Detector
 
@@ -405,17 +404,8 @@ def bench_reference(cfg: Config, factory: StudyFactory | None, work: Path) -> di
         ours.append(o)
         refs.append(r)
         ratios.append(r.seconds / o.seconds)
-    point = card.operating_point(None)
-    # Candidates the operating point reports (calibrated probability >= threshold), and all of them.
-    def reported(run):
-        p = calibrate(list(run.scores), card.calibration) if len(run.scores) else np.zeros(0)
-        return np.asarray(p)
-
     o, r = ours[-1], refs[-1]
-    o_p, r_p = reported(o), reported(r)
-    min_score_reported = None
-    if (o_p >= point.threshold).any() or (r_p >= point.threshold).any():
-        min_score_reported = float(min(np.concatenate([o.scores[o_p >= point.threshold], r.scores[r_p >= point.threshold]])))
+    min_score_reported = reported_min_score(card, o, r)
     return {
         "volume": label,
         "ours_s": stats([x.seconds for x in ours]),

@@ -2,9 +2,11 @@
 
 Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. Only UIDs
 that pass :func:`dicom_io.uids.is_valid_uid` become path components, so a crafted UID
-(``../``, slashes, NUL) can never leave ``root``. Writes are atomic (temporary file,
-fsync, rename, fsync of the folder): after :meth:`InstanceStore.save` returns, the instance
-survives a crash or power cut, and a half-written file is never visible under its name.
+(``../``, slashes, NUL) can never leave ``root``. Writes are atomic (temporary file, rename),
+so a half-written file is never visible under its name. With ``sync=True`` (the default)
+the file and its folder are fsynced before :meth:`InstanceStore.save` returns, and the
+instance survives a power cut; with ``sync=False`` the caller makes it durable later
+(:class:`dicom_io.durability.BackgroundSync`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicom_io.durability import fsync_path
 from dicom_io.errors import LungScreenError
 from dicom_io.uids import is_valid_uid
 
@@ -45,7 +48,7 @@ class InstanceStore:
             raise InvalidUID(f"StudyInstanceUID is not a valid DICOM UID: {study_uid!r:.80}")
         return self.root / study_uid
 
-    def save(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredInstance:
+    def save(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, *, sync: bool = True) -> StoredInstance:
         """Store ``data`` atomically; an identical re-send is a no-op, a changed one replaces."""
         target = self.path_for(study_uid, series_uid, sop_uid)
         if target.is_file() and _same_content(target, data):
@@ -56,12 +59,14 @@ class InstanceStore:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if sync:
+                    os.fsync(f.fileno())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
+        if sync:
+            fsync_path(target.parent)
         return StoredInstance(target, created=True)
 
 
@@ -70,10 +75,3 @@ def _same_content(path: Path, data: bytes) -> bool:
         return False
     return hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest()
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

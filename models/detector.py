@@ -19,11 +19,16 @@ from models.card import ModelCard
 from models.decoding import decode
 from models.errors import ModelError
 from models.findings import Candidate, ModelCandidate
-from models.preprocess import PreprocessedImage, build_transform, preprocess
+from models.lungs import distance_outside_mm, lung_mask
+from models.preprocess import PreprocessedImage, build_transform, crop_to_mask, hu_of, preprocess
 
 log = logging.getLogger(__name__)
 
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+BODY_THRESHOLD_HU = -500.0  # soft tissue, bone, the table: the body's box when no lungs are found
+CROP_MARGIN_MM = 10.0
+LUNG_SEARCH_MM = 30.0  # candidates farther than this from the lungs are "far outside" (inf)
 
 
 def choose_providers(requested: list[str] | None = None) -> list[str]:
@@ -56,7 +61,23 @@ class Detector:
         log.info("model %s %s loaded, providers %s", card.name, card.version, self.providers)
 
     def preprocess(self, voxels: np.ndarray, affine_lps: np.ndarray) -> PreprocessedImage:
-        return preprocess(voxels, affine_lps, self.transform)
+        """The card's preprocessing, the lungs on the model's grid, then the lungs' box.
+
+        The box (the body's when no lungs are found) saves the network the air around the
+        patient and the abdomen; ``crop_to_body: false`` in the card turns it off.
+        """
+        image = preprocess(voxels, affine_lps, self.transform)
+        hu = hu_of(image, self.card.preprocessing)
+        lungs = None
+        if self.card.preprocessing["orientation"][2] in "SI":  # lung_mask wants axial slices last-axis
+            lungs = lung_mask(hu.transpose(2, 1, 0), fill_vessels=False).transpose(2, 1, 0)
+            lungs = lungs if lungs.any() else None
+        image = PreprocessedImage(image.tensor, image.index_to_lps, lungs)
+        spec = self.card.inference
+        if not spec.get("crop_to_body", True):
+            return image
+        region = lungs if lungs is not None else hu > BODY_THRESHOLD_HU
+        return crop_to_mask(image, region, CROP_MARGIN_MM, self._spacing, tuple(spec.get("size_divisible_by", (1, 1, 1))))
 
     def infer(self, image: PreprocessedImage) -> np.ndarray:
         """Run the network; whole volume in one pass when it fits the patch, else sliding window."""
@@ -92,17 +113,28 @@ class Detector:
         """Source volume in, candidates in source-voxel coordinates ``(k, j, i)`` out."""
         image = self.preprocess(voxels, affine_lps)
         raw = self.decode(self.infer(image))
-        return to_source_candidates(raw, image.index_to_lps, affine_lps), image
+        return to_source_candidates(raw, image, affine_lps), image
 
 
 def to_source_candidates(
-    raw: list[ModelCandidate], model_index_to_lps: np.ndarray, source_affine_lps: np.ndarray
+    raw: list[ModelCandidate], image: PreprocessedImage, source_affine_lps: np.ndarray
 ) -> list[Candidate]:
-    """Map model-grid candidates to fractional ``(k, j, i)`` indices of the source volume."""
+    """Map model-grid candidates to fractional ``(k, j, i)`` indices of the source volume,
+    with how far each one's surface lies outside the lungs (when they were segmented)."""
     lps_to_source = np.linalg.inv(source_affine_lps)
+    spacing = np.linalg.norm(image.index_to_lps[:3, :3], axis=0)
     out = []
     for c in raw:
-        lps = model_index_to_lps @ np.array([*c.index_xyz, 1.0])
+        lps = image.index_to_lps @ np.array([*c.index_xyz, 1.0])
         kji = lps_to_source @ lps
-        out.append(Candidate(center_kji=tuple(float(v) for v in kji[:3]), diameter_mm=c.diameter_mm, score=c.score))
+        outside = None
+        if image.lungs is not None:
+            centre = distance_outside_mm(image.lungs, c.index_xyz, spacing, LUNG_SEARCH_MM)
+            outside = max(centre - c.diameter_mm / 2.0, 0.0)
+        out.append(
+            Candidate(
+                center_kji=tuple(float(v) for v in kji[:3]), diameter_mm=c.diameter_mm, score=c.score,
+                outside_lungs_mm=outside,
+            )
+        )
     return out

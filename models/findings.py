@@ -33,6 +33,7 @@ class Candidate:
     center_kji: tuple[float, float, float]
     diameter_mm: float
     score: float  # the detector's raw output, not a probability
+    outside_lungs_mm: float | None = None  # nodule surface to the lungs (0: touching or inside; inf: far); None: unknown
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Finding:
     lung_rads: str  # suggested Lung-RADS v2022 category, e.g. "2", "3", "4A", "4B"
     actionable: bool  # whether the clinical rules ask for follow-up
     lobe: str | None = None  # e.g. "right upper lobe"; None when unknown
+    outside_lungs_mm: float | None = None  # as Candidate.outside_lungs_mm
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,13 @@
 Input is a volume in the LungScreen convention (array ``[k, j, i]``, affine to LPS mm);
 output is the network input plus the affine that maps its voxel indices to LPS mm, so
 detections can be mapped back to the source images.
+
+MONAI's Orientation and Spacing define the output grid (run lazily: only the affine and
+shape are computed). When the source grid is axis-aligned with it, as for every untilted
+CT, trilinear resampling is separable: each axis is interpolated on its own, smallest
+result first, on the contiguous array. That gives MONAI's values (to float rounding; see
+tests/models/test_preprocess.py) several times faster than its general grid_sample on a
+transposed volume. Oblique grids take MONAI's own resampling.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 class PreprocessedImage:
     tensor: torch.Tensor  # (1, X, Y, Z) float32, in the model's orientation and spacing
     index_to_lps: np.ndarray  # 4x4: model voxel index -> LPS mm
+    lungs: np.ndarray | None = None  # (X, Y, Z) bool lung mask on the same grid, when segmented
 
 
 def build_transform(preprocessing: dict) -> Compose:
@@ -39,10 +47,92 @@ def build_transform(preprocessing: dict) -> Compose:
 
 def preprocess(voxels: np.ndarray, affine_lps: np.ndarray, transform: Compose) -> PreprocessedImage:
     """Apply ``transform`` (from :func:`build_transform`) to a ``[k, j, i]`` HU volume."""
-    image = MetaTensor(
-        torch.from_numpy(np.ascontiguousarray(voxels, dtype=np.float32))[None],
-        affine=torch.from_numpy(LPS_TO_RAS @ affine_lps),
+    voxels = np.ascontiguousarray(voxels, dtype=np.float32)
+    image = MetaTensor(torch.from_numpy(voxels)[None], affine=torch.from_numpy(LPS_TO_RAS @ affine_lps))
+    *spatial, intensity = transform.transforms
+    planned = image
+    for step in spatial:
+        planned = step(planned, lazy=True)
+    out_affine = planned.peek_pending_affine().numpy().astype(np.float64)
+    source_index = np.linalg.inv(image.affine.numpy().astype(np.float64)) @ out_affine
+    resampled = resample_axis_aligned(voxels, source_index, tuple(int(n) for n in planned.peek_pending_shape()))
+    if resampled is None:  # oblique: MONAI's general resampling
+        out = transform(image)
+        return PreprocessedImage(out.as_tensor().float(), LPS_TO_RAS @ out.affine.numpy().astype(np.float64))
+    tensor = intensity(torch.from_numpy(resampled)[None])
+    return PreprocessedImage(torch.as_tensor(tensor).float(), LPS_TO_RAS @ out_affine)
+
+
+def hu_of(image: PreprocessedImage, preprocessing: dict) -> np.ndarray:
+    """The HU values behind a preprocessed image (clipped to the intensity window)."""
+    window = preprocessing["intensity_window"]
+    scale = (window["hu_max"] - window["hu_min"]) / (window["out_max"] - window["out_min"])
+    return (image.tensor[0].numpy() - window["out_min"]) * scale + window["hu_min"]
+
+
+def crop_to_mask(
+    image: PreprocessedImage, mask: np.ndarray, margin_mm: float, spacing_mm, align: tuple[int, int, int] = (1, 1, 1)
+) -> PreprocessedImage:
+    """The bounding box of ``mask`` (on the image's grid) plus a margin.
+
+    Box starts are multiples of ``align`` (the network's grid), so the output grid of the
+    crop is the uncropped one's, shifted. ``index_to_lps`` and ``lungs`` follow the crop.
+    """
+    present = np.argwhere(mask)
+    if present.size == 0:
+        return image
+    margin = np.ceil(margin_mm / np.asarray(spacing_mm, dtype=np.float64)).astype(int)
+    starts = np.maximum(present.min(axis=0) - margin, 0)
+    starts -= starts % np.asarray(align)
+    stops = np.minimum(present.max(axis=0) + 1 + margin, mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(starts, stops))
+    shift = np.eye(4)
+    shift[:3, 3] = starts
+    return PreprocessedImage(
+        image.tensor[(slice(None), *box)].contiguous(),
+        image.index_to_lps @ shift,
+        None if image.lungs is None else np.ascontiguousarray(image.lungs[box]),
     )
-    out = transform(image)
-    index_to_lps = LPS_TO_RAS @ out.affine.numpy().astype(np.float64)
-    return PreprocessedImage(tensor=out.as_tensor().float(), index_to_lps=index_to_lps)
+
+
+def resample_axis_aligned(source: np.ndarray, source_index: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray | None:
+    """Trilinear resampling with border padding, for grids whose axes are parallel.
+
+    ``source_index`` (4x4) maps an output voxel index to a source voxel index; output axis
+    ``o`` samples source axis ``s`` at ``m[s, o] * n + t[s]``. Returns None when the
+    mapping mixes axes (an oblique grid).
+    """
+    matrix, offset = source_index[:3, :3], source_index[:3, 3]
+    axis_of = np.argmax(np.abs(matrix), axis=1)  # output axis sampled along each source axis
+    if sorted(axis_of) != [0, 1, 2] or np.any(np.abs(matrix[np.arange(3), axis_of]) < 1e-9):
+        return None
+    off_axis = matrix.copy()
+    off_axis[np.arange(3), axis_of] = 0.0
+    if np.max(np.abs(off_axis)) > 1e-6 * np.max(np.abs(matrix)):
+        return None
+    result = source
+    # Interpolate the axes that shrink most first: every later pass works on less data.
+    shrink = [shape[axis_of[s]] / source.shape[s] for s in range(3)]
+    for s in sorted(range(3), key=lambda s: shrink[s]):
+        o = axis_of[s]
+        positions = matrix[s, o] * np.arange(shape[o], dtype=np.float64) + offset[s]
+        result = _interpolate_axis(result, s, positions)
+    return np.ascontiguousarray(np.transpose(result, np.argsort(axis_of)))
+
+
+def _interpolate_axis(array: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``array`` along ``axis`` at ``positions`` (clamped to the edges)."""
+    n = array.shape[axis]
+    positions = np.clip(positions, 0.0, n - 1)
+    lower = np.minimum(np.floor(positions).astype(np.intp), max(n - 2, 0))
+    weight = (positions - lower).astype(np.float32)
+    upper = np.minimum(lower + 1, n - 1)
+    shape = [1] * array.ndim
+    shape[axis] = -1
+    weight = weight.reshape(shape)
+    low = np.take(array, lower, axis=axis)
+    high = np.take(array, upper, axis=axis)
+    high -= low
+    high *= weight
+    low += high
+    return low

@@ -4,6 +4,8 @@ Lung-RADS v2022 (ACR) and the Fleischner Society 2017 guidelines both say that s
 nodules under 6 mm need no routine follow-up in a screening population. So, by default:
 
 * candidates below the operating point's probability threshold are not reported;
+* candidates whose surface lies more than 10 mm outside the lungs (heart, liver, mediastinal
+  vessels; lung nodules touch lung parenchyma) are not reported;
 * candidates under 4 mm are not reported;
 * 4 to <6 mm are reported as Lung-RADS 2 (benign appearance or behaviour, not actionable);
 * 6 mm and above are actionable (Lung-RADS 3, 4A, 4B by size);
@@ -22,6 +24,7 @@ from models.findings import Finding, NoduleType
 
 SUPPRESSED_BELOW_OPERATING_POINT = "below_operating_point"
 SUPPRESSED_UNDER_MIN_SIZE = "under_min_size"
+SUPPRESSED_OUTSIDE_LUNGS = "outside_lungs"
 SUPPRESSED_OVER_CAP = "over_findings_cap"
 
 
@@ -30,6 +33,7 @@ class ClinicalRules:
     min_reported_diameter_mm: float = 4.0
     actionable_diameter_mm: float = 6.0
     max_findings: int = 10
+    max_outside_lungs_mm: float | None = 10.0  # None: no lung-proximity rule
 
     def __post_init__(self) -> None:
         if self.min_reported_diameter_mm < 0:
@@ -38,6 +42,8 @@ class ClinicalRules:
             raise ValueError("actionable_diameter_mm must be >= min_reported_diameter_mm")
         if self.max_findings < 1:
             raise ValueError("max_findings must be >= 1")
+        if self.max_outside_lungs_mm is not None and self.max_outside_lungs_mm < 0:
+            raise ValueError("max_outside_lungs_mm must be >= 0 (or None to turn the rule off)")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ClinicalRules":
@@ -45,6 +51,9 @@ class ClinicalRules:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown clinical rule settings: {sorted(unknown)}")
+        values = dict(values)
+        if values.get("max_outside_lungs_mm") is False:  # TOML has no null: false turns the rule off
+            values["max_outside_lungs_mm"] = None
         return cls(**values)
 
 
@@ -75,11 +84,16 @@ def apply_rules(
 
     ``findings`` carry calibrated probabilities; ``actionable`` and ``lung_rads`` are set here.
     """
-    suppressed = {SUPPRESSED_BELOW_OPERATING_POINT: 0, SUPPRESSED_UNDER_MIN_SIZE: 0, SUPPRESSED_OVER_CAP: 0}
+    suppressed = {
+        SUPPRESSED_BELOW_OPERATING_POINT: 0, SUPPRESSED_OUTSIDE_LUNGS: 0, SUPPRESSED_UNDER_MIN_SIZE: 0,
+        SUPPRESSED_OVER_CAP: 0,
+    }
     kept = []
     for f in sorted(findings, key=lambda f: f.probability, reverse=True):
         if f.probability < threshold:
             suppressed[SUPPRESSED_BELOW_OPERATING_POINT] += 1
+        elif _outside_lungs(f, rules):
+            suppressed[SUPPRESSED_OUTSIDE_LUNGS] += 1
         elif f.diameter_mm < rules.min_reported_diameter_mm:
             suppressed[SUPPRESSED_UNDER_MIN_SIZE] += 1
         elif len(kept) >= rules.max_findings:
@@ -92,3 +106,7 @@ def apply_rules(
     kept.sort(key=lambda f: f.diameter_mm, reverse=True)
     return tuple(kept), suppressed
 
+
+def _outside_lungs(finding: Finding, rules: ClinicalRules) -> bool:
+    limit, outside = rules.max_outside_lungs_mm, finding.outside_lungs_mm
+    return limit is not None and outside is not None and outside > limit

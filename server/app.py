@@ -106,6 +106,7 @@ class LungScreenServer:
                 allowed_calling_aes=self.settings.allow_ae,
                 allowed_hosts=self.settings.allow_host,
                 ssl_context=listener_tls(self.settings),
+                sync_each_instance=self.settings.ingest_sync == "instance",
             ),
             self.images,
             self,

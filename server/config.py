@@ -26,6 +26,9 @@ class Settings:
     tls_key: Path | None = None
     tls_ca: Path | None = None  # PEM CA bundle: when set, callers must present a certificate it signed
     min_free_mb: int = 512  # below this much free disk in data_dir, new instances are refused
+    # "association": instances fsynced in the background, the A-RELEASE response waits for them;
+    # "instance": fsync before each C-STORE success (slower; see dicom_io/durability.py)
+    ingest_sync: str = "association"
     destination: tuple[str, ...] = ()  # AE@host:port, where reports are sent
     idle_seconds: float = 5.0  # quiet period after a study's last instance
     http_host: str = "127.0.0.1"
@@ -54,6 +57,8 @@ class Settings:
             raise ValueError("tls_cert and tls_key go together")
         if self.idle_seconds < 0.2:
             raise ValueError("idle_seconds must be at least 0.2")
+        if self.ingest_sync not in ("association", "instance"):
+            raise ValueError(f"ingest_sync must be 'association' or 'instance': {self.ingest_sync!r}")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
         if not 0 < len(self.ae_title) <= 16:

@@ -110,7 +110,7 @@ def analyze_study(
             raise NoEligibleSeries(tuple(rejected), unreadable)
         try:
             with _timed(timings, "volume"):
-                volume = read_series_volume(choice.selected.paths)
+                volume = read_series_volume(choice.selected.paths, headers=choice.selected.headers)
         except VolumeError as exc:
             description = str(choice.selected.headers[0].get("SeriesDescription", ""))
             rejected.append(SeriesRejection(choice.selected.series_instance_uid, description, str(exc)))
@@ -124,7 +124,7 @@ def analyze_study(
     with _timed(timings, "inference"):
         output = detector.infer(image)
     with _timed(timings, "postprocess"):
-        candidates = to_source_candidates(detector.decode(output), image.index_to_lps, volume.affine)
+        candidates = to_source_candidates(detector.decode(output), image, volume.affine)
         point = detector.card.operating_point(analyzer.operating_point)
         findings, suppressed = apply_rules(_measure(candidates, volume, detector), point.threshold, analyzer.rules)
         report = NoduleReport(
@@ -185,6 +185,7 @@ def _measure(candidates: list[Candidate], volume: Volume, detector: Detector) ->
             nodule_type=nodule_type(volume.voxels, c.center_kji, c.diameter_mm, volume.spacing),
             lung_rads="",
             actionable=False,
+            outside_lungs_mm=c.outside_lungs_mm,
         )
         for c, p in zip(inside, probabilities)
     ]

@@ -23,6 +23,7 @@ from training.network import OUTPUT_STRIDE, NoduleNet
 from training.spec import PREPROCESSING
 
 ONNX_FILE = "model.onnx"
+WEIGHTS_FILE = "pytorch_weights.pt"  # state_dict of training.network.NoduleNet
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "output"
 # Largest ONNX Runtime vs PyTorch difference accepted (float32 rounding through ~15 layers).
@@ -52,6 +53,13 @@ def load_model(checkpoint: Path) -> tuple[NoduleNet, dict]:
     model = NoduleNet()
     model.load_state_dict(state["model"])
     return model.eval(), {k: state[k] for k in ("step", "pool_first_index")}
+
+
+def load_weights(path: Path) -> NoduleNet:
+    """The network from the weights file an export leaves beside the ONNX file (eval mode)."""
+    model = NoduleNet()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
 
 
 def export_onnx(model: NoduleNet, path: Path) -> None:
@@ -123,12 +131,16 @@ def export(checkpoint: Path, out_dir: Path, name: str, version: str) -> Path:
     error = parity_error(model, onnx_path)
     if error > PARITY_TOLERANCE:
         raise AssertionError(f"ONNX Runtime and PyTorch differ by {error:.2e} > {PARITY_TOLERANCE:g}")
+    # The PyTorch weights too (no optimiser state): the benchmark's reference runs them, and
+    # fine-tuning starts from them. The ONNX graph has batch norms folded into convolutions.
+    torch.save(model.state_dict(), out_dir / WEIGHTS_FILE)
     note = f" Checkpoint after {info['step']} optimiser steps; its volume pool started at volume {info['pool_first_index']}."
     card = model_card(name, version, note)
     validate_card(card)
     card_path = out_dir / "model_card.json"
     card_path.write_text(json.dumps(card, indent=2) + "\n")
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB, parity error {error:.1e}) and {card_path}")
+    print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB, parity error {error:.1e}), "
+          f"{out_dir / WEIGHTS_FILE} and {card_path}")
     return card_path
 
 
@@ -137,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/nodulenet")
     p.add_argument("--name", default="lungscreen-nodulenet")
-    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--version", default="1.1.0")
     args = p.parse_args(argv)
     export(args.checkpoint, args.out, args.name, args.version)
 

@@ -69,6 +69,7 @@ def detect_scan(detector: Detector, scan: Scan) -> ScanDetections:
             nodule_type=nodule_type(scan.voxels, c.center_kji, c.diameter_mm, spacing),
             lung_rads="",
             actionable=False,
+            outside_lungs_mm=c.outside_lungs_mm,
         )
         for c in inside
     )

@@ -13,7 +13,8 @@ import numpy as np
 
 from dicom_io.volume import read_series_volume
 from training.scan import Exclusion, Nodule, Scan, axial_affine
-from training.synthetic import insert_nodules, lung_mask_from_hu, make_chest_ct, sample_nodule_specs
+from models.lungs import lung_mask
+from training.synthetic import insert_nodules, make_chest_ct, sample_nodule_specs
 
 # Disjoint seed blocks (first seed, size) per use.
 SEED_RANGES = {"train": (0, 1_000_000), "validation": (2_000_000, 1_000_000), "test": (3_000_000, 1_000_000)}
@@ -61,7 +62,7 @@ class RealBackground:
     def __init__(self, scan: Scan, exclusion_radius_mm: float = LIDC_0001_EXCLUSION_RADIUS_MM) -> None:
         exclusions = tuple(Exclusion(n.center_lps_mm, exclusion_radius_mm) for n in scan.nodules) + scan.exclusions
         self.scan = Scan(scan.name, scan.voxels, scan.affine, (), exclusions)
-        self.lung_mask = lung_mask_from_hu(scan.voxels)
+        self.lung_mask = lung_mask(scan.voxels)
         for ex in exclusions:
             self.lung_mask &= ~_ball_mask(self.scan, ex)
 

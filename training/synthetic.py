@@ -35,7 +35,6 @@ __all__ = [
     "PlantedNodule",
     "SyntheticCT",
     "insert_nodules",
-    "lung_mask_from_hu",
     "make_chest_ct",
     "make_dataset",
     "sample_nodule_specs",
@@ -77,8 +76,6 @@ HU_GROUND_GLASS_RANGE = (-700.0, -600.0)
 HU_VESSEL_THRESHOLD = -400.0
 #: Vessel voxels above this are cores of vessels of at least ~1 mm radius (juxtavascular anchors).
 HU_LARGE_VESSEL_THRESHOLD = -100.0
-#: Air-like threshold separating lung/air from soft tissue for lung segmentation.
-HU_LUNG_SEGMENTATION_THRESHOLD = -400.0
 
 # --------------------------------------------------------------------------- nodule statistics
 NODULE_TYPES = ("solid", "part-solid", "ground-glass")
@@ -920,33 +917,6 @@ def make_chest_ct(
 
 
 # =========================================================================== real CT
-def lung_mask_from_hu(hu: np.ndarray) -> np.ndarray:
-    """Segment the lungs of a chest CT by thresholding.
-
-    Air-like voxels (< ``HU_LUNG_SEGMENTATION_THRESHOLD``) that are not connected to the in-plane
-    border of the image (outside air, couch, padding) are kept if they belong to one of the two
-    largest components (lungs, possibly joined through the airways) and that component has at
-    least 10 % of the largest one's volume (drops bowel gas). Vessels and nodules are filled in
-    slice by slice. Trachea and main bronchi connected to the lungs stay in the mask.
-    """
-    air = hu < HU_LUNG_SEGMENTATION_THRESHOLD
-    labels, n_labels = ndimage.label(air)
-    border = np.unique(
-        np.concatenate(
-            [labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]
-        )
-    )
-    sizes = np.bincount(labels.ravel(), minlength=n_labels + 1)
-    sizes[0] = 0
-    sizes[border] = 0
-    order = np.argsort(sizes)[::-1][:2]
-    keep = [label for label in order if sizes[label] > 0 and sizes[label] >= 0.1 * sizes[order[0]]]
-    mask = np.isin(labels, keep)
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    return ndimage.binary_fill_holes(mask, structure=in_plane)
-
-
 def _estimate_noise_std(hu: np.ndarray, lung_mask: np.ndarray) -> float:
     """Robust noise estimate (HU) from differences of horizontally adjacent lung voxels."""
     stride = max(1, hu.shape[0] // 16)
@@ -980,7 +950,7 @@ def insert_nodules(
     Args:
         hu: Reconstructed volume (k, j, i) in HU; not modified.
         spacing: ``(slice step, row spacing, column spacing)`` in mm.
-        lung_mask: Boolean lung mask (e.g. from :func:`lung_mask_from_hu`).
+        lung_mask: Boolean lung mask (e.g. from :func:`models.lungs.lung_mask`).
         nodules_spec: What to insert.
         rng: Random generator (positions, shapes, attenuation, noise).
         origin_lps: LPS position of voxel (0, 0, 0), for ``PlantedNodule.center_lps_mm``.

@@ -114,13 +114,15 @@ def test_blob_filter_finds_nothing_in_empty_lung(detector):
     assert not np.any(probabilities >= detector.card.operating_point("high-sensitivity").threshold)
 
 
-def test_sliding_window_matches_single_pass(detector):
+def test_sliding_window_matches_single_pass():
     """A volume larger than the patch goes through sliding windows; findings do not change."""
     spheres = [((40, 100, 100), 12.0)]
     hu, affine = sphere_volume(spheres, shape=(80, 200, 200))
-    windowed_card = load_card(BLOB_FILTER_CARD)
+    whole_card, windowed_card = load_card(BLOB_FILTER_CARD), load_card(BLOB_FILTER_CARD)
+    for card in (whole_card, windowed_card):
+        card.raw["inference"]["crop_to_body"] = False  # keep the volume larger than the patch
     windowed_card.raw["inference"]["patch_size"] = [64, 64, 64]
-    windowed_detector = Detector(windowed_card)
+    detector, windowed_detector = Detector(whole_card), Detector(windowed_card)
     image = detector.preprocess(hu, affine)
     assert any(s > 64 for s in image.tensor.shape[1:])
     whole = detector.decode(detector.infer(image))

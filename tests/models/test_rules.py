@@ -1,11 +1,14 @@
 """Clinical rules: what is suppressed, what is actionable, and that every removal is counted."""
 
+from dataclasses import replace
+
 import pytest
 
 from models.findings import Finding, NoduleType
 from models.measure import nodule_type
 from models.rules import (
     SUPPRESSED_BELOW_OPERATING_POINT,
+    SUPPRESSED_OUTSIDE_LUNGS,
     SUPPRESSED_OVER_CAP,
     SUPPRESSED_UNDER_MIN_SIZE,
     ClinicalRules,
@@ -37,10 +40,16 @@ def test_rules_suppress_and_count_each_reason():
         finding(3.0, 0.9),  # under 4 mm: not reported
         finding(5.0, 0.9),  # reported, category 2, not actionable
         finding(12.0, 0.3),  # below the operating point
-        *[finding(7.0 + i, 0.8) for i in range(4)],  # one of these is over the cap of 4
+        replace(finding(9.0, 0.95), outside_lungs_mm=25.0),  # in the heart, say: not a lung nodule
+        replace(finding(11.0, 0.8), outside_lungs_mm=4.0),  # near enough (pleura, fissure)
+        *[finding(7.0 + i, 0.8) for i in range(3)],  # one of these is over the cap of 4
     ]
     kept, suppressed = apply_rules(findings, 0.5, ClinicalRules(max_findings=4))
-    assert suppressed == {SUPPRESSED_UNDER_MIN_SIZE: 1, SUPPRESSED_BELOW_OPERATING_POINT: 1, SUPPRESSED_OVER_CAP: 1}
+    assert suppressed == {
+        SUPPRESSED_UNDER_MIN_SIZE: 1, SUPPRESSED_BELOW_OPERATING_POINT: 1, SUPPRESSED_OVER_CAP: 1,
+        SUPPRESSED_OUTSIDE_LUNGS: 1,
+    }
+    assert all(f.outside_lungs_mm is None or f.outside_lungs_mm <= 10 for f in kept)
     assert len(kept) == 4
     assert sum(suppressed.values()) + len(kept) == len(findings)
     small = [f for f in kept if f.diameter_mm == 5.0]
@@ -54,6 +63,9 @@ def test_rules_are_configurable_per_site_and_validated():
     kept, suppressed = apply_rules([finding(5.0, 0.9), finding(7.0, 0.9)], 0.5, rules)
     assert [f.diameter_mm for f in kept] == [7.0] and not kept[0].actionable
     assert suppressed[SUPPRESSED_UNDER_MIN_SIZE] == 1
+    far = replace(finding(9.0, 0.9), outside_lungs_mm=50.0)
+    kept, suppressed = apply_rules([far], 0.5, ClinicalRules.from_mapping({"max_outside_lungs_mm": False}))
+    assert len(kept) == 1 and suppressed[SUPPRESSED_OUTSIDE_LUNGS] == 0, "false in TOML turns the rule off"
     with pytest.raises(ValueError, match="unknown clinical rule settings"):
         ClinicalRules.from_mapping({"min_size": 3})
     with pytest.raises(ValueError, match="max_findings"):

@@ -13,6 +13,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 from scipy import ndimage
 
+from models.lungs import lung_mask
 from training.dicom_writer import HU_MAX, HU_MIN, write_ct_series
 from training.synthetic import (
     LOCATIONS,
@@ -20,7 +21,6 @@ from training.synthetic import (
     NoduleSpec,
     SyntheticCT,
     insert_nodules,
-    lung_mask_from_hu,
     make_chest_ct,
     make_dataset,
     sample_nodule_specs,
@@ -148,8 +148,8 @@ def test_parenchyma_and_vessels(chest_ct: SyntheticCT) -> None:
     assert 1.0 < litres < 4.0  # a 12 cm slab of both lungs
 
 
-def test_lung_mask_from_hu_matches_phantom(chest_ct: SyntheticCT) -> None:
-    mask = lung_mask_from_hu(chest_ct.hu)
+def test_lung_mask_matches_phantom(chest_ct: SyntheticCT) -> None:
+    mask = lung_mask(chest_ct.hu)
     dice = 2.0 * (mask & chest_ct.lung_mask).sum() / (mask.sum() + chest_ct.lung_mask.sum())
     assert dice > 0.9
 
@@ -223,13 +223,13 @@ def test_insert_nodules_into_nodule_free_volume(chest_ct: SyntheticCT) -> None:
 
 
 @pytest.mark.skipif(not LIDC_CASE.is_dir(), reason="LIDC-IDRI-0001 not available")
-def test_lung_mask_from_hu_on_lidc_case() -> None:
+def test_lung_mask_on_lidc_case() -> None:
     datasets, hu = _read_series(list(LIDC_CASE.rglob("*.dcm")))
     assert len(datasets) == 133
     spacing = (
         float(datasets[1].ImagePositionPatient[2]) - float(datasets[0].ImagePositionPatient[2]),
         *(float(v) for v in datasets[0].PixelSpacing),
     )
-    mask = lung_mask_from_hu(hu)
+    mask = lung_mask(hu)
     litres = mask.sum() * np.prod(spacing) / 1e6
     assert 2.0 < litres < 8.0

@@ -42,10 +42,11 @@ def test_reference_path_finds_the_same_candidates(factory, card_path):
     ours = run_ours(files, Detector(card))
     min_score = reported_min_score(card, ours, ref)
     if card_path == DEFAULT_MODEL_CARD and min_score is not None:
-        # With it, what the trained model reports agrees (the blob filter, which flags
-        # every vessel, has 50 candidates on either side and no meaningful "reported" set).
+        # With it, everything the trained model reports is also the reference's (which may
+        # report more outside the lungs' box; the blob filter, which flags every vessel, has no
+        # meaningful "reported" set).
         reported = compare_candidates(ours, ref, min_score=min_score)
-        assert reported["agree"], reported
+        assert reported["matched"] == reported["ours"], reported
     assert set(ours.stages) == set(ref.stages) == {"load", "preprocess", "inference", "decode"}
 
 

@@ -19,7 +19,7 @@ from models.card import ModelCard
 from models.decoding import decode
 from models.errors import ModelError
 from models.findings import Candidate, ModelCandidate
-from models.lungs import distance_outside_mm, lung_mask
+from models.lungs import distance_outside_mm, lung_mask_xyz
 from models.preprocess import PreprocessedImage, build_transform, crop_to_mask, hu_of, preprocess
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ class Detector:
         image = preprocess(voxels, affine_lps, self.transform)
         hu = hu_of(image, self.card.preprocessing)
         lungs = None
-        if self.card.preprocessing["orientation"][2] in "SI":  # lung_mask wants axial slices last-axis
-            lungs = lung_mask(hu.transpose(2, 1, 0), fill_vessels=False).transpose(2, 1, 0)
+        if self.card.preprocessing["orientation"][2] in "SI":  # axial slices along the last axis
+            lungs = lung_mask_xyz(hu, fill_vessels=False)
             lungs = lungs if lungs.any() else None
         image = PreprocessedImage(image.tensor, image.index_to_lps, lungs)
         spec = self.card.inference

@@ -44,6 +44,11 @@ def lung_mask(hu: np.ndarray, *, fill_vessels: bool = True) -> np.ndarray:
     return ndimage.binary_fill_holes(mask, structure=in_plane)
 
 
+def lung_mask_xyz(hu_xyz: np.ndarray, *, fill_vessels: bool = True) -> np.ndarray:
+    """:func:`lung_mask` of a volume on the model's grid, axes ``(x, y, z)`` with axial slices along z."""
+    return lung_mask(hu_xyz.transpose(2, 1, 0), fill_vessels=fill_vessels).transpose(2, 1, 0)
+
+
 def distance_outside_mm(
     mask: np.ndarray, index: tuple[float, float, float], spacing_mm: tuple[float, float, float], limit_mm: float
 ) -> float:

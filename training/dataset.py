@@ -24,7 +24,7 @@ from monai.transforms import Compose, RandGaussianNoise, RandScaleIntensity, Ran
 from models.preprocess import build_transform, preprocess
 from training.scan import Scan
 from training.spec import HU_MAX, HU_MIN, PREPROCESSING, SPACING_MM
-from models.lungs import lung_mask
+from models.lungs import lung_mask_xyz
 from training.targets import build_targets
 
 PATCH_SIZE = (64, 64, 64)
@@ -66,8 +66,7 @@ def prepare(scan: Scan) -> PreparedVolume:
         axis=1,
     )
     hu = image * (HU_MAX - HU_MIN) + HU_MIN
-    # lung_mask wants (slice, row, column); RAS model axes are (x, y, z).
-    lung = lung_mask(hu.transpose(2, 1, 0)).transpose(2, 1, 0)
+    lung = lung_mask_xyz(hu)
     return PreparedVolume(scan.name, np.ascontiguousarray(image), nodules.astype(np.float32), lung, exclusions)
 
 

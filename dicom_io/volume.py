@@ -19,7 +19,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.multival import MultiValue
-from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    LegacyConvertedEnhancedCTImageStorage,
+)
 
 from dicom_io.errors import VolumeError
 
@@ -112,9 +118,19 @@ def frame_headers(dataset: pydicom.Dataset) -> tuple[FrameHeader, ...]:
     """One :class:`FrameHeader` per frame of ``dataset`` (a header read without pixels).
 
     Raises:
-        VolumeError: a geometry attribute has the wrong number of values, or a
-            multi-frame instance's NumberOfFrames disagrees with its functional groups.
+        VolumeError: a geometry attribute has the wrong number of values or cannot be
+            parsed, or a multi-frame instance's NumberOfFrames disagrees with its
+            functional groups.
     """
+    try:
+        return _frame_headers(dataset)
+    except VolumeError:
+        raise
+    except Exception as exc:  # pydicom parses values on first access: a corrupt element fails here
+        raise VolumeError(f"a DICOM header cannot be parsed: {type(exc).__name__}: {str(exc)[:120]}") from exc
+
+
+def _frame_headers(dataset: pydicom.Dataset) -> tuple[FrameHeader, ...]:
     sop_instance_uid = str(dataset.get("SOPInstanceUID", ""))
     if "PerFrameFunctionalGroupsSequence" not in dataset:
         return (_single_frame_header(dataset, sop_instance_uid),)
@@ -269,8 +285,12 @@ def read_series_volume(
         for index_in_file, frame in enumerate(file_frames):
             target = voxels[slice_of_frame[first_frame + index_in_file]]
             # In float32 and in place: a float64 temporary per slice costs more than the decode.
-            np.multiply(stored[index_in_file], np.float32(frame.rescale_slope), out=target, casting="unsafe")
-            target += np.float32(frame.rescale_intercept)
+            intercept = np.float32(frame.rescale_intercept)
+            if frame.rescale_slope == 1:  # the usual CT case: one pass instead of two
+                np.add(stored[index_in_file], intercept, out=target, casting="unsafe")
+            else:
+                np.multiply(stored[index_in_file], np.float32(frame.rescale_slope), out=target, casting="unsafe")
+                target += intercept
             if padding is not None:
                 target[padding[index_in_file]] = _PADDING_HU
         first_frame += len(file_frames)
@@ -498,6 +518,9 @@ def _describe_gap(start: float, end: float, step: float) -> str:
 
 def _decode_pixels(path: Path, header: pydicom.Dataset, frame_count: int, rows: int, columns: int) -> np.ndarray:
     """Stored values of every frame of one file, shape ``(frames, rows, columns)``."""
+    native = _read_native_pixels(path, header, frame_count, rows, columns)
+    if native is not None:
+        return native
     owner = f"SOP instance {header.get('SOPInstanceUID', '')}"
     try:
         dataset = pydicom.dcmread(path)
@@ -521,6 +544,54 @@ def _decode_pixels(path: Path, header: pydicom.Dataset, frame_count: int, rows: 
             "(one sample per pixel)"
         )
     return pixels
+
+
+# The uncompressed little-endian syntaxes, where Pixel Data is the frames' stored values as
+# they are in memory (PS3.5 8.1.1, A.1, A.2).
+_NATIVE_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
+def _read_native_pixels(
+    path: Path, header: pydicom.Dataset, frame_count: int, rows: int, columns: int
+) -> np.ndarray | None:
+    """The common case read straight from the file: uncompressed 16-bit single-sample pixels,
+    Pixel Data the last element. ``None`` for anything else (pydicom's decoders take it).
+
+    Reading the values at their offset instead of parsing the file again halves the cost of
+    building a volume (benchmarks/README.md). Unused high bits are masked as pydicom does
+    (PS3.5 8.1.1: their content cannot be assumed).
+    """
+    file_meta = getattr(header, "file_meta", None)
+    if file_meta is None or file_meta.get("TransferSyntaxUID") not in _NATIVE_SYNTAXES:
+        return None
+    if header.get("BitsAllocated") != 16 or header.get("SamplesPerPixel", 1) != 1:
+        return None
+    bits_stored = header.get("BitsStored", 16)
+    if not isinstance(bits_stored, int) or not 1 <= bits_stored <= 16:
+        return None
+    length = frame_count * rows * columns * 2
+    explicit = file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    element_header = _PIXEL_DATA_TAG + (b"OW\0\0" if explicit else b"") + length.to_bytes(4, "little")
+    try:
+        with open(path, "rb") as f:
+            offset = f.seek(0, 2) - length
+            if offset < len(element_header):
+                return None
+            f.seek(offset - len(element_header))
+            if f.read(len(element_header)) != element_header:
+                return None  # Pixel Data is not the last element, or has another length or VR
+            dtype = np.dtype("<i2" if header.get("PixelRepresentation", 0) == 1 else "<u2")
+            stored = np.fromfile(f, dtype=dtype, count=frame_count * rows * columns)
+    except OSError:
+        return None  # pydicom's path reports it with the reason
+    if stored.size != frame_count * rows * columns:
+        return None
+    unused = 16 - bits_stored
+    if unused:  # shift left then right: sign-extends signed values, clears unsigned ones
+        np.left_shift(stored, unused, out=stored)
+        np.right_shift(stored, unused, out=stored)
+    return stored.reshape(frame_count, rows, columns)
 
 
 def _padding_mask(header: pydicom.Dataset, stored: np.ndarray) -> np.ndarray | None:

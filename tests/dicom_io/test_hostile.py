@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dicom_io.errors import VolumeError
@@ -105,6 +105,7 @@ def test_mutated_headers_give_a_volume_or_a_clear_error(tmp_path, slice_index, k
 
 @FUZZ
 @given(slice_index=st.integers(0, 11), cut=st.integers(0, 20_000), flips=st.lists(st.integers(0, 2500), max_size=8))
+@example(slice_index=0, cut=0, flips=[951])  # a corrupt VR in ImagePositionPatient, parsed on first access
 def test_truncated_or_corrupted_bytes_give_a_clear_error(tmp_path, slice_index, cut, flips):
     blobs = list(series_bytes())
     blob = bytearray(blobs[slice_index][: len(blobs[slice_index]) - cut])

@@ -16,6 +16,7 @@ from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,
@@ -339,6 +340,39 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path: Path) -> None:
     volume = read_series_volume(paths)
 
     np.testing.assert_array_equal(volume.voxels, stored.astype(np.float32) * 2 - 1000)
+
+
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("pixel_representation", [0, 1], ids=["unsigned", "signed"])
+def test_unused_high_bits_are_ignored_as_pydicom_does(
+    tmp_path: Path, transfer_syntax: str, pixel_representation: int
+) -> None:
+    # 12 bits stored in 16: the top 4 bits carry junk (an overlay, say) that must not reach HU.
+    junk = np.uint16(0xA000)
+
+    def twelve_bits_with_junk(k: int, ds: Dataset) -> None:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, pixel_representation
+        values = np.frombuffer(ds.PixelData, dtype="<u2") & np.uint16(0x0FFF)
+        ds.PixelData = (values | junk).astype("<u2").tobytes()
+
+    paths, _ = _write_series(tmp_path, edit=twelve_bits_with_junk)
+
+    volume = read_series_volume(paths)
+
+    by_pydicom = {path.stem: pydicom.dcmread(path).pixel_array.astype(np.float32) - 1024 for path in paths}
+    for k, ref in enumerate(volume.slices):
+        np.testing.assert_array_equal(volume.voxels[k], by_pydicom[ref.sop_instance_uid])
+    assert volume.voxels.max() <= 4095 - 1024  # no junk bit survived
+
+
+def test_elements_after_pixel_data_do_not_shift_the_pixels(tmp_path: Path) -> None:
+    def trailing_padding(k: int, ds: Dataset) -> None:
+        ds.add_new(0xFFFCFFFC, "OB", b"\0" * 16)  # Data Set Trailing Padding, after Pixel Data
+
+    paths, stored = _write_series(tmp_path, edit=trailing_padding)
+
+    np.testing.assert_array_equal(read_series_volume(paths).voxels, stored.astype(np.float32) - 1024)
 
 
 def test_missing_rescale_means_slope_one_intercept_zero(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 The C-STORE handler writes the bytes as received (no decode, no re-encode) to the
 :class:`~dicom_io.store.InstanceStore`, tells the :class:`InstanceSink` and returns a
-status. By default the files are fsynced in the background and the A-RELEASE response
-waits for them (:mod:`dicom_io.durability`). It never raises: whatever goes wrong becomes
+status; it parses only the three UIDs it needs. By default the files are fsynced in the
+background, the sink records them without an fsync, and the A-RELEASE response waits until
+both are durable (:mod:`dicom_io.durability`). It never raises: whatever goes wrong becomes
 a failure status for that one instance, a reason for the sink, and a log line without
 patient data.
 
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from pydicom import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -83,6 +86,8 @@ DIAG_NO_REASON, DIAG_LOCAL_LIMIT_EXCEEDED = 0x01, 0x02
 # network_timeout_s idle). tests/dicom_io/test_durability.py checks pynetdicom still has it.
 DUL_POLL_S = 0.0001
 
+_LAST_UID_TAG = 0x0020000E  # SeriesInstanceUID; SOPInstanceUID (0008,0018) and StudyInstanceUID come before
+
 
 @dataclass(frozen=True)
 class ReceivedInstance:
@@ -93,6 +98,7 @@ class ReceivedInstance:
     path: Path
     created: bool
     calling_ae: str
+    durable: bool  # the file is already fsynced; False: durable once the association is released
 
 
 class InstanceSink(Protocol):
@@ -104,7 +110,11 @@ class InstanceSink(Protocol):
     def is_own_instance(self, sop_uid: str) -> bool:
         """True for instances this server produced (loop guard)."""
 
-    def instance_stored(self, instance: ReceivedInstance) -> None: ...
+    def instance_stored(self, instance: ReceivedInstance) -> None:
+        """Record a stored instance; durably when ``instance.durable``, else until :meth:`make_durable`."""
+
+    def make_durable(self) -> None:
+        """Make what :meth:`instance_stored` recorded survive a power cut (before the A-RELEASE response)."""
 
     def instance_ignored(self, study_uid: str | None, sop_class_uid: str, calling_ae: str) -> None:
         """A non-CT instance, accepted and dropped; it never triggers processing."""
@@ -141,6 +151,20 @@ class _AssociationFiles:
         return self._tickets.pop(assoc, None)
 
 
+def _identifying_attributes(event) -> Dataset:
+    """The instance's SOP Instance, Study and Series Instance UIDs, parsed from the received
+    bytes up to (0020,000E) only: the rest (pixel data above all) is written as it came and
+    parsed once, when the study is analysed. ``event.dataset`` would decode all of it."""
+    syntax = event.context.transfer_syntax
+    if syntax.is_deflated:
+        return event.dataset  # the stream has to be inflated first
+    stream = event.request.DataSet
+    stream.seek(0)
+    return read_dataset(
+        stream, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=lambda tag, vr, length: tag > _LAST_UID_TAG
+    )
+
+
 def _store_handler(event, store: InstanceStore, sink: InstanceSink, files: _AssociationFiles):
     calling_ae = event.assoc.requestor.ae_title
     sop_class_uid = str(event.request.AffectedSOPClassUID)
@@ -149,15 +173,15 @@ def _store_handler(event, store: InstanceStore, sink: InstanceSink, files: _Asso
     try:
         if sink.is_own_instance(sop_uid):
             return STATUS_SUCCESS  # loop guard: our own report coming back
+        ds = _identifying_attributes(event)
         if sop_class_uid not in CT_STORAGE_CLASSES:
-            study_uid = str(event.dataset.get("StudyInstanceUID", ""))
+            study_uid = str(ds.get("StudyInstanceUID", ""))
             sink.instance_ignored(study_uid if is_valid_uid(study_uid) else None, sop_class_uid, calling_ae)
             return STATUS_SUCCESS
         refusal = sink.refusal_reason()
         if refusal:
             log.warning("refused instance from %s: %s", calling_ae, refusal)
             return STATUS_OUT_OF_RESOURCES
-        ds = event.dataset
         study_uid = str(ds.get("StudyInstanceUID", ""))
         series_uid = str(ds.get("SeriesInstanceUID", ""))
         if str(ds.get("SOPInstanceUID", "")) != sop_uid:
@@ -166,7 +190,7 @@ def _store_handler(event, store: InstanceStore, sink: InstanceSink, files: _Asso
             log.warning("rejected instance from %s: %s", calling_ae, reason)
             return STATUS_DATASET_DOES_NOT_MATCH
         stored = store.save(study_uid, series_uid, sop_uid, event.encoded_dataset(), sync=files.syncer is None)
-        if stored.created and files.syncer is not None:
+        if files.syncer is not None:  # a re-send too: its row may be new
             files.add(event.assoc, files.syncer.submit(stored.path))
     except InvalidUID as exc:
         sink.instance_rejected(study_uid or None, str(exc), calling_ae)
@@ -181,13 +205,17 @@ def _store_handler(event, store: InstanceStore, sink: InstanceSink, files: _Asso
         log.warning("rejected instance from %s: %s", calling_ae, reason)
         return STATUS_OUT_OF_RESOURCES if isinstance(exc, OSError) else STATUS_CANNOT_UNDERSTAND
     sink.instance_stored(
-        ReceivedInstance(study_uid, series_uid, sop_uid, sop_class_uid, stored.path, stored.created, calling_ae)
+        ReceivedInstance(
+            study_uid, series_uid, sop_uid, sop_class_uid, stored.path, stored.created, calling_ae,
+            durable=files.syncer is None,
+        )
     )
     return STATUS_SUCCESS
 
 
-def _on_release_request(event, files: _AssociationFiles, timeout_s: float) -> None:
-    """Hold the A-RELEASE response until every file of the association is durable.
+def _on_release_request(event, files: _AssociationFiles, sink: InstanceSink, timeout_s: float) -> None:
+    """Hold the A-RELEASE response until every instance of the association is durable:
+    its file, then what the sink recorded of it.
 
     pynetdicom fires EVT_ACSE_RECV for the peer's A-RELEASE request just before it answers.
     """
@@ -200,6 +228,10 @@ def _on_release_request(event, files: _AssociationFiles, timeout_s: float) -> No
         failures = files.syncer.wait(*tickets, timeout=timeout_s)
     except TimeoutError as exc:
         failures = [str(exc)]
+    try:
+        sink.make_durable()
+    except Exception as exc:  # the release still goes out; the log says what is at risk
+        failures.append(f"the received instances' records: {type(exc).__name__}: {exc}")
     if failures:
         log.error("association from %s released with %d instance(s) not durable: %s",
                   event.assoc.requestor.address, len(failures), failures[0])
@@ -251,7 +283,7 @@ class Listener:
             (evt.EVT_REQUESTED, _on_association_request, [settings, sink]),
         ]
         if self.files.syncer is not None:
-            handlers.append((evt.EVT_ACSE_RECV, _on_release_request, [self.files, settings.release_sync_timeout_s]))
+            handlers.append((evt.EVT_ACSE_RECV, _on_release_request, [self.files, sink, settings.release_sync_timeout_s]))
         self.server = build_ae(settings).start_server(
             (settings.host, settings.port), block=False, evt_handlers=handlers, ssl_context=settings.ssl_context
         )

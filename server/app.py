@@ -158,9 +158,12 @@ class LungScreenServer:
     def instance_stored(self, instance: ReceivedInstance) -> None:
         self.jobs.record_instance(
             instance.study_uid, instance.series_uid, instance.sop_uid, instance.sop_class_uid, instance.path,
-            content_changed=instance.created,
+            content_changed=instance.created, durable=instance.durable,
         )
         self.metrics.instances_received.inc()
+
+    def make_durable(self) -> None:
+        self.jobs.make_durable()
 
     def instance_ignored(self, study_uid: str | None, sop_class_uid: str, calling_ae: str) -> None:
         if study_uid:

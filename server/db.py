@@ -1,14 +1,18 @@
 """The embedded SQLite database (WAL): jobs, instances, reports, outbox, billing ledger.
 
 One connection shared by the server's threads behind a lock; every write is a short
-transaction. ``synchronous=FULL`` because a C-STORE success is only sent after the
-instance's row is committed, and that promise must survive a power cut.
+transaction, committed with ``synchronous=FULL`` (the WAL fsynced) so that what the server
+promised survives a power cut. Rows of received instances are the exception when the
+listener defers durability to the association's end (``dicom_io.durability``): they are
+committed without the fsync, and :meth:`Database.sync` before the A-RELEASE response makes
+them durable all at once. Either way a commit is atomic and the database stays consistent.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -84,6 +88,10 @@ CREATE TABLE IF NOT EXISTS billing (
     created_at REAL NOT NULL,
     UNIQUE (accession_number, main_item_code)
 );
+CREATE TABLE IF NOT EXISTS durability (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    synced_at REAL NOT NULL
+);
 """
 
 
@@ -102,11 +110,13 @@ class Database:
             self._conn.executescript(SCHEMA)
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """A write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on error.
 
         Nested calls in the same thread join the outer transaction, so several stores can
         commit one step (report, billing entry, outbox rows, job state) atomically.
+        ``durable=False`` commits without fsyncing the WAL; the commit becomes durable with
+        the next durable one, or :meth:`sync`.
         """
         with self._lock:
             depth = getattr(self._depth, "n", 0)
@@ -117,16 +127,31 @@ class Database:
                 finally:
                     self._depth.n = depth
                 return
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._depth.n = 1
+            if not durable:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._depth.n = 1
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                finally:
+                    self._depth.n = 0
+                self._conn.execute("COMMIT")
             finally:
-                self._depth.n = 0
-            self._conn.execute("COMMIT")
+                if not durable:
+                    self._conn.execute("PRAGMA synchronous=FULL")
+
+    def sync(self) -> None:
+        """Make every earlier commit durable.
+
+        A ``synchronous=FULL`` commit fsyncs the WAL, and the WAL holds every commit since
+        the last checkpoint; an empty transaction writes nothing, so this one writes a row.
+        """
+        with self.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO durability (id, synced_at) VALUES (1, ?)", (time.time(),))
 
     def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:

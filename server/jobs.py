@@ -68,16 +68,18 @@ class JobStore:
         path: Path,
         *,
         content_changed: bool = True,
+        durable: bool = True,
         now: float | None = None,
     ) -> bool:
         """Register a stored instance and (re)start its study's quiet period.
 
         An identical re-send of a known instance (``content_changed=False``) changes
         nothing, so a PACS pushing a study again does not trigger a new run. Returns
-        whether the study's job was touched.
+        whether the study's job was touched. ``durable=False``: committed without an
+        fsync, made durable by :meth:`make_durable` (at the end of the association).
         """
         now = time.time() if now is None else now
-        with self.db.transaction() as c:
+        with self.db.transaction(durable=durable) as c:
             new = c.execute(
                 "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
                 (sop_uid, study_uid, series_uid, sop_class_uid, str(path), now),
@@ -86,6 +88,10 @@ class JobStore:
                 return False
             self._touch(c, study_uid, now, instances=new, rejected=0)
             return True
+
+    def make_durable(self) -> None:
+        """Everything recorded so far survives a power cut once this returns."""
+        self.db.sync()
 
     def record_rejection(self, study_uid: str | None, calling_ae: str, reason: str, *, now: float | None = None) -> None:
         now = time.time() if now is None else now

@@ -21,6 +21,7 @@ class RecordingSink:
 
     def __init__(self) -> None:
         self.stored: list[ReceivedInstance] = []
+        self.made_durable_with = -1  # how many instances were stored at the last make_durable
         self.lock = threading.Lock()
 
     def refusal_reason(self):
@@ -32,6 +33,10 @@ class RecordingSink:
     def instance_stored(self, instance):
         with self.lock:
             self.stored.append(instance)
+
+    def make_durable(self):
+        with self.lock:
+            self.made_durable_with = len(self.stored)
 
     def instance_ignored(self, study_uid, sop_class_uid, calling_ae):
         pass
@@ -84,9 +89,11 @@ def test_every_instance_is_durable_when_the_association_is_released(tmp_path, li
         assert (syncer is None) == sync_each_instance
         if syncer is not None:
             assert syncer.pending == 0, "the release was answered before every file was fsynced"
+            assert sink.made_durable_with == len(files), "the release was answered before the records were durable"
         assert len(sink.stored) == len(files)
         for instance in sink.stored:
             assert instance.path.is_file() and instance.created
+            assert instance.durable == sync_each_instance
         assert not list((tmp_path / "images").rglob("*.part"))
     finally:
         listener.shutdown()

@@ -52,6 +52,30 @@ def test_instance_whose_row_was_lost_is_recorded_on_resend(db):
     assert jobs.get("1.2.3").instances == 1
 
 
+def test_deferred_instance_rows_commit_without_fsync_and_sync_makes_them_durable(db, tmp_path):
+    full = 2  # PRAGMA synchronous=FULL
+    jobs = JobStore(db)
+    seen: list[str] = []
+    db._conn.set_trace_callback(seen.append)
+    jobs.record_instance("1.2.3", "1.2.3.1", "1.2.3.1.7", "1.2.840.10008.5.1.4.1.1.2", "/x", durable=False)
+    deferred = seen[:]
+    seen.clear()
+    jobs.make_durable()
+    db._conn.set_trace_callback(None)
+
+    assert deferred[0] == "PRAGMA synchronous=NORMAL" and deferred[-1] == "PRAGMA synchronous=FULL"
+    assert "COMMIT" in deferred
+    assert db.query("PRAGMA synchronous")[0][0] == full, "other writes stay fully synchronous"
+    assert not any("synchronous" in statement for statement in seen), "make_durable commits at FULL"
+    assert db.query("SELECT count(*) FROM durability")[0][0] == 1
+    # Committed either way: another connection sees the row.
+    other = Database(tmp_path / "db.sqlite")
+    try:
+        assert other.query("SELECT study_uid FROM instances")[0][0] == "1.2.3"
+    finally:
+        other.close()
+
+
 def test_run_lifecycle_and_rerun_after_late_instances(db):
     jobs = JobStore(db)
     receive(jobs)

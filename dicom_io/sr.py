@@ -93,6 +93,7 @@ _NODULE_TYPES = {
     NoduleType.SOLID: _local("SOLID", "Solid"),
     NoduleType.PART_SOLID: _local("PART-SOLID", "Part-solid"),
     NoduleType.GROUND_GLASS: _local("GROUND-GLASS", "Ground-glass"),
+    NoduleType.CALCIFIED: _local("CALCIFIED", "Calcified"),
 }
 _LUNG_RADS = _local("LUNG-RADS-2022", "Suggested Lung-RADS v2022 category")
 _LUNG_RADS_CATEGORIES = {

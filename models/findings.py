@@ -15,6 +15,7 @@ class NoduleType(str, Enum):
     SOLID = "solid"
     PART_SOLID = "part-solid"
     GROUND_GLASS = "ground-glass"
+    CALCIFIED = "calcified"  # dense throughout: a benign calcification pattern (Lung-RADS 1)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,12 @@
 
 Type from attenuation: the mean HU in the central third of the nodule and in the whole
 sphere. Solid nodules are soft tissue (> -300 HU) throughout; ground-glass nodules stay
-below it; part-solid ones have a solid core inside a ground-glass rim. Volume is the
-sphere-equivalent volume of the long-axis diameter (an over-estimate for ellipsoids).
+below it; part-solid ones have a solid core inside a ground-glass rim. A core denser than
+200 HU is calcified: nodule densitometry puts benign (calcified) nodules above 164 HU
+(Siegelman et al., Radiology 1986;160:307-312), soft tissue stays under about 100 HU, and a
+calcified core is one of the benign patterns of Lung-RADS v2022 category 1 (diffuse or
+central calcification). Volume is the sphere-equivalent volume of the long-axis diameter
+(an over-estimate for ellipsoids).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from models.findings import NoduleType
 
 SOLID_HU = -300.0  # soft-tissue attenuation threshold separating solid from ground-glass
 GROUND_GLASS_RIM_HU = -500.0  # a rim darker than this around a solid core: part-solid
+CALCIFIED_CORE_HU = 200.0  # a core denser than this: calcified (benign)
 
 
 def sphere_volume_mm3(diameter_mm: float) -> float:
@@ -41,6 +46,8 @@ def nodule_type(hu: np.ndarray, center_kji, diameter_mm: float, spacing) -> Nodu
     whole = _ball_mean(hu, center_kji, radius, spacing)
     if core < SOLID_HU:
         return NoduleType.GROUND_GLASS
+    if core > CALCIFIED_CORE_HU:
+        return NoduleType.CALCIFIED
     rim_fraction = 1 - (1 / 3) ** 3
     rim = (whole - core * (1 - rim_fraction)) / rim_fraction
     return NoduleType.PART_SOLID if rim < GROUND_GLASS_RIM_HU and diameter_mm >= 6 else NoduleType.SOLID

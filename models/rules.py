@@ -8,7 +8,8 @@ nodules under 6 mm need no routine follow-up in a screening population. So, by d
   vessels; lung nodules touch lung parenchyma) are not reported;
 * candidates under 4 mm are not reported;
 * 4 to <6 mm are reported as Lung-RADS 2 (benign appearance or behaviour, not actionable);
-* 6 mm and above are actionable (Lung-RADS 3, 4A, 4B by size);
+* 6 mm and above are actionable (Lung-RADS 3, 4A, 4B by size), except calcified nodules:
+  a benign calcification pattern is Lung-RADS 1 at any size (reported, not actionable);
 * at most ``max_findings`` per study, the most probable first.
 
 Every removal is counted per rule, so a report shows what the rules suppressed. Each site can
@@ -63,7 +64,10 @@ def lung_rads_category(diameter_mm: float, nodule_type: NoduleType) -> str:
     Solid: <6 mm 2, 6 to <8 mm 3, 8 to <15 mm 4A, >=15 mm 4B. Ground-glass: <30 mm 2,
     >=30 mm 3. Part-solid needs the solid component, which the detector does not measure:
     <6 mm total is 2; larger ones are given 3 as a floor, and the report says "suggested".
+    Calcified (benign calcification): 1.
     """
+    if nodule_type is NoduleType.CALCIFIED:
+        return "1"
     if nodule_type is NoduleType.GROUND_GLASS:
         return "2" if diameter_mm < 30 else "3"
     if nodule_type is NoduleType.PART_SOLID:
@@ -100,7 +104,7 @@ def apply_rules(
             suppressed[SUPPRESSED_OVER_CAP] += 1
         else:
             category = lung_rads_category(f.diameter_mm, f.nodule_type)
-            actionable = f.diameter_mm >= rules.actionable_diameter_mm and category != "2"
+            actionable = f.diameter_mm >= rules.actionable_diameter_mm and category not in ("1", "2")
             kept.append(replace(f, lung_rads=category, actionable=actionable))
     # Report order: largest first, which is how radiologists list nodules.
     kept.sort(key=lambda f: f.diameter_mm, reverse=True)

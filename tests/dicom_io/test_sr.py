@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import shutil
 import subprocess
+from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 
@@ -409,6 +410,18 @@ class TestBuildSR:
         ]
         (summary,) = [item for item in container.ContentSequence if item.ValueType == "CODE"]
         assert summary.ConceptCodeSequence[0].CodeValue == codes.DCM.AllAlgorithmsSucceededWithFindings.value
+
+    def test_calcified_nodule_is_benign_lung_rads_1(self, tmp_path, lidc_headers, lidc_volume, findings):
+        calcified = replace(findings[0], nodule_type=NoduleType.CALCIFIED, lung_rads="1", actionable=False)
+        data = _write(
+            build_sr(lidc_headers, lidc_volume, _report((calcified,)), algorithm=_algorithm(), billing=BILLING)
+        )
+        _dciodvfy(tmp_path, data)
+        group = _read(data).content.get_planar_roi_measurement_groups()[0]
+        values = {evaluation.name.meaning: evaluation.value for evaluation in group.get_qualitative_evaluations()}
+        assert values["Nodule type"].value == "CALCIFIED"
+        assert values["Suggested Lung-RADS v2022 category"].value == "LR-1"
+        assert values["Actionable per clinical rules"] == codes.SCT.No
 
     def test_no_finding_report(self, tmp_path, empty_sr_bytes, lidc_volume):
         _dciodvfy(tmp_path, empty_sr_bytes)

@@ -29,6 +29,7 @@ def finding(diameter, probability, kind=NoduleType.SOLID):
         (15.0, NoduleType.SOLID, "4B"), (23.4, NoduleType.SOLID, "4B"),
         (20.0, NoduleType.GROUND_GLASS, "2"), (30.0, NoduleType.GROUND_GLASS, "3"),
         (5.0, NoduleType.PART_SOLID, "2"), (9.0, NoduleType.PART_SOLID, "3"),
+        (5.0, NoduleType.CALCIFIED, "1"), (18.0, NoduleType.CALCIFIED, "1"),
     ],
 )
 def test_lung_rads_v2022_size_categories(diameter, kind, category):
@@ -58,6 +59,16 @@ def test_rules_suppress_and_count_each_reason():
     assert [f.diameter_mm for f in kept] == sorted((f.diameter_mm for f in kept), reverse=True)
 
 
+def test_calcified_nodules_are_reported_as_benign_and_never_actionable():
+    kept, suppressed = apply_rules(
+        [finding(14.0, 0.9, NoduleType.CALCIFIED), finding(9.0, 0.9)], 0.5, ClinicalRules()
+    )
+    calcified, solid = kept
+    assert (calcified.lung_rads, calcified.actionable) == ("1", False)
+    assert (solid.lung_rads, solid.actionable) == ("4A", True)
+    assert sum(suppressed.values()) == 0, "benign, but shown: the radiologist sees what was found"
+
+
 def test_rules_are_configurable_per_site_and_validated():
     rules = ClinicalRules.from_mapping({"min_reported_diameter_mm": 6, "actionable_diameter_mm": 8})
     kept, suppressed = apply_rules([finding(5.0, 0.9), finding(7.0, 0.9)], 0.5, rules)
@@ -82,6 +93,12 @@ def test_nodule_type_from_attenuation():
     solid = np.where(r <= 6, 30.0, lung)
     ggo = np.where(r <= 6, -600.0, lung)
     part = np.where(r <= 2.5, 30.0, np.where(r <= 6, -650.0, lung))
+    calcified = np.where(r <= 6, 400.0, lung)
+    centrally_calcified = np.where(r <= 2.5, 600.0, solid)
+    rim_calcified = np.where((r > 4.5) & (r <= 6), 500.0, solid)  # the rim is not the core
     assert nodule_type(solid, (20, 20, 20), 12.0, spacing) is NoduleType.SOLID
+    assert nodule_type(calcified, (20, 20, 20), 12.0, spacing) is NoduleType.CALCIFIED
+    assert nodule_type(centrally_calcified, (20, 20, 20), 12.0, spacing) is NoduleType.CALCIFIED
+    assert nodule_type(rim_calcified, (20, 20, 20), 12.0, spacing) is NoduleType.SOLID
     assert nodule_type(ggo, (20, 20, 20), 12.0, spacing) is NoduleType.GROUND_GLASS
     assert nodule_type(part, (20, 20, 20), 12.0, spacing) is NoduleType.PART_SOLID

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import shutil
-import subprocess
 from io import BytesIO
 from pathlib import Path
 
@@ -23,62 +21,13 @@ from dicom_io.presentation import (
 )
 from dicom_io.sr import RESEARCH_USE_NOTICE, finding_label
 from dicom_io.volume import CT_SOP_CLASSES
-from models.findings import Finding, NoduleReport, NoduleType
-
-# Same nodule as tests/dicom_io/test_sr.py (LUNA16 annotations.csv, LIDC-IDRI-0001).
-LUNA16_NODULE_LPS = (56.21, 86.34, -115.87)
-LUNA16_NODULE_DIAMETER = 23.35
-MODEL_NAME, MODEL_VERSION = "lung_nodule_ct_detection", "0.6.8"
-
-
-def _algorithm():
-    from dicom_io.sr import AlgorithmIdentity
-
-    return AlgorithmIdentity(
-        manufacturer="LungScreen project",
-        model_name=MODEL_NAME,
-        software_version="0.1.0",
-        model_version=MODEL_VERSION,
-        device_uid="1.2.826.0.1.3680043.8.498.4242",
-    )
-
-
-def _report(findings, **changes) -> NoduleReport:
-    arguments = dict(
-        findings=tuple(findings),
-        operating_point="screening",
-        score_threshold=0.35,
-        model_name=MODEL_NAME,
-        model_version=MODEL_VERSION,
-    )
-    return NoduleReport(**(arguments | changes))
+from lidc_reports import LUNA16_NODULE_DIAMETER, LUNA16_NODULE_LPS, algorithm, dciodvfy, lidc_findings, nodule_report
+from models.findings import Finding
 
 
 @pytest.fixture(scope="module")
 def findings(lidc_volume) -> tuple[Finding, Finding]:
-    luna = Finding(
-        center_kji=tuple(float(v) for v in lidc_volume.lps_to_index(LUNA16_NODULE_LPS)),
-        center_lps_mm=LUNA16_NODULE_LPS,
-        diameter_mm=LUNA16_NODULE_DIAMETER,
-        volume_mm3=6666.0,
-        probability=0.93,
-        nodule_type=NoduleType.SOLID,
-        lung_rads="4B",
-        actionable=True,
-        lobe="right lower lobe",
-    )
-    small_kji = (40.0, 5.0, 150.0)  # near the top edge: the label goes below the outline
-    small = Finding(
-        center_kji=small_kji,
-        center_lps_mm=tuple(float(v) for v in lidc_volume.index_to_lps(small_kji)),
-        diameter_mm=5.0,
-        volume_mm3=65.4,
-        probability=0.41,
-        nodule_type=NoduleType.GROUND_GLASS,
-        lung_rads="2",
-        actionable=False,
-    )
-    return luna, small
+    return lidc_findings(lidc_volume, small_kji=(40.0, 5.0, 150.0))  # near the top edge: the label goes below
 
 
 def _roundtrip(dataset) -> pydicom.Dataset:
@@ -88,18 +37,14 @@ def _roundtrip(dataset) -> pydicom.Dataset:
 
 
 def _dciodvfy(tmp_path: Path, dataset: pydicom.Dataset) -> None:
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
     path = tmp_path / "gsps.dcm"
     pydicom.dcmwrite(path, dataset, enforce_file_format=True)
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    output = result.stdout + result.stderr
-    assert not [line for line in output.splitlines() if line.startswith("Error")], output
+    dciodvfy(path)
 
 
 @pytest.fixture(scope="module")
 def gsps(lidc_headers, lidc_volume, findings) -> pydicom.Dataset:
-    return _roundtrip(build_gsps(lidc_headers, lidc_volume, _report(findings), algorithm=_algorithm()))
+    return _roundtrip(build_gsps(lidc_headers, lidc_volume, nodule_report(findings), algorithm=algorithm()))
 
 
 class TestFindingLabel:
@@ -188,7 +133,7 @@ class TestBuildGSPS:
         assert annotation.TextObjectSequence[0].BoundingBoxTopLeftHandCorner[1] > points[:, 1].max()
 
     def test_no_finding_report_has_the_window_but_no_graphics(self, tmp_path, lidc_headers, lidc_volume):
-        empty = _roundtrip(build_gsps(lidc_headers, lidc_volume, _report(()), algorithm=_algorithm()))
+        empty = _roundtrip(build_gsps(lidc_headers, lidc_volume, nodule_report(()), algorithm=algorithm()))
         _dciodvfy(tmp_path, empty)
         assert "GraphicAnnotationSequence" not in empty
         assert "no nodule" in empty.ContentDescription
@@ -196,7 +141,7 @@ class TestBuildGSPS:
         assert len(empty.SoftcopyVOILUTSequence) == 1
 
     def test_series_is_stable_across_reruns(self, lidc_headers, lidc_volume, findings, gsps):
-        again = build_gsps(lidc_headers, lidc_volume, _report(findings), algorithm=_algorithm())
+        again = build_gsps(lidc_headers, lidc_volume, nodule_report(findings), algorithm=algorithm())
         assert again.SeriesInstanceUID == gsps.SeriesInstanceUID
         assert again.SOPInstanceUID != gsps.SOPInstanceUID
 
@@ -205,8 +150,8 @@ class TestBuildGSPS:
         gsps = build_gsps(
             lidc_headers,
             lidc_volume,
-            _report(()),
-            algorithm=_algorithm(),
+            nodule_report(()),
+            algorithm=algorithm(),
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
             instance_number=2,
@@ -223,28 +168,28 @@ class TestBuildGSPS:
 class TestBuildGSPSRejects:
     def test_empty_evidence(self, lidc_volume, findings):
         with pytest.raises(ReportError, match="no evidence"):
-            build_gsps([], lidc_volume, _report(findings), algorithm=_algorithm())
+            build_gsps([], lidc_volume, nodule_report(findings), algorithm=algorithm())
 
     def test_evidence_from_another_series(self, lidc_headers, lidc_volume, findings):
         stranger = copy.deepcopy(lidc_headers[3])
         stranger.SeriesInstanceUID = generate_uid()
         with pytest.raises(ReportError, match="belongs to series"):
-            build_gsps([*lidc_headers[:3], stranger], lidc_volume, _report(findings), algorithm=_algorithm())
+            build_gsps([*lidc_headers[:3], stranger], lidc_volume, nodule_report(findings), algorithm=algorithm())
 
     def test_missing_centre_slice(self, lidc_headers, lidc_volume, findings):
         centre = lidc_volume.slices[round(findings[0].center_kji[0])].sop_instance_uid
         evidence = [h for h in lidc_headers if h.SOPInstanceUID != centre]
         with pytest.raises(ReportError, match="nodule 1.*not among the evidence"):
-            build_gsps(evidence, lidc_volume, _report(findings), algorithm=_algorithm())
+            build_gsps(evidence, lidc_volume, nodule_report(findings), algorithm=algorithm())
 
     def test_centre_slice_outside_the_volume(self, lidc_headers, lidc_volume, findings):
         outside = Finding(**(vars(findings[1]) | {"center_kji": (200.0, 300.0, 150.0)}))
         with pytest.raises(ReportError, match="nodule 1: centre slice"):
-            build_gsps(lidc_headers, lidc_volume, _report((outside,)), algorithm=_algorithm())
+            build_gsps(lidc_headers, lidc_volume, nodule_report((outside,)), algorithm=algorithm())
 
     def test_report_of_another_model(self, lidc_headers, lidc_volume, findings):
         with pytest.raises(ReportError, match="algorithm identity"):
-            build_gsps(lidc_headers, lidc_volume, _report(findings, model_version="9"), algorithm=_algorithm())
+            build_gsps(lidc_headers, lidc_volume, nodule_report(findings, model_version="9"), algorithm=algorithm())
 
     @pytest.mark.parametrize(
         ("changes", "error", "match"),
@@ -257,6 +202,6 @@ class TestBuildGSPSRejects:
         ],
     )
     def test_bad_arguments(self, lidc_headers, lidc_volume, changes, error, match):
-        arguments = dict(algorithm=_algorithm()) | changes
+        arguments = dict(algorithm=algorithm()) | changes
         with pytest.raises(error, match=match):
-            build_gsps(lidc_headers, lidc_volume, _report(()), **arguments)
+            build_gsps(lidc_headers, lidc_volume, nodule_report(()), **arguments)

@@ -22,77 +22,36 @@ from dicom_io.sr import (
     LOCAL_SCHEME,
     RESEARCH_USE_NOTICE,
     SERIES_DESCRIPTION,
-    AlgorithmIdentity,
     BillingCodes,
     build_sr,
     main_exam_procedure,
 )
 from dicom_io.volume import Volume
+from lidc_reports import (
+    DEVICE_UID,
+    LUNA16_NODULE_DIAMETER,
+    LUNA16_NODULE_LPS,
+    MODEL_NAME,
+    MODEL_VERSION,
+    algorithm,
+    dciodvfy,
+    lidc_findings,
+    nodule_report,
+)
 from models.findings import Finding, NoduleReport, NoduleType
 
-# LUNA16 annotations.csv, series 1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192
-LUNA16_NODULE_LPS = (56.21, 86.34, -115.87)
-LUNA16_NODULE_DIAMETER = 23.35
-
-MODEL_NAME = "lung_nodule_ct_detection"
-MODEL_VERSION = "0.6.8"
-DEVICE_UID = "1.2.826.0.1.3680043.8.498.4242"
 AI_EXTENSION = ("AI-LUNG-EXT", "99LUNGSCREEN", "AI-assisted diagnosis extension item")
 FALLBACK_PROCEDURE = ("CT-CHEST-LDCT", "99LUNGSCREEN", "Low-dose CT chest")
-
-
-def _algorithm(**changes) -> AlgorithmIdentity:
-    arguments = dict(
-        manufacturer="LungScreen project",
-        model_name=MODEL_NAME,
-        software_version="0.1.0",
-        model_version=MODEL_VERSION,
-        device_uid=DEVICE_UID,
-        institution="Test Hospital",
-    )
-    return AlgorithmIdentity(**(arguments | changes))
-
-
 BILLING = BillingCodes(ai_extension_code=AI_EXTENSION, fallback_procedure_code=FALLBACK_PROCEDURE)
 
 
 def _report(findings: tuple[Finding, ...], **changes) -> NoduleReport:
-    arguments = dict(
-        findings=findings,
-        operating_point="screening",
-        score_threshold=0.35,
-        model_name=MODEL_NAME,
-        model_version=MODEL_VERSION,
-        suppressed={"calcified": 1, "min_diameter_mm": 4},
-    )
-    return NoduleReport(**(arguments | changes))
+    return nodule_report(findings, **({"suppressed": {"calcified": 1, "min_diameter_mm": 4}} | changes))
 
 
 @pytest.fixture(scope="module")
 def findings(lidc_volume: Volume) -> tuple[Finding, Finding]:
-    luna = Finding(
-        center_kji=tuple(float(v) for v in lidc_volume.lps_to_index(LUNA16_NODULE_LPS)),
-        center_lps_mm=LUNA16_NODULE_LPS,
-        diameter_mm=LUNA16_NODULE_DIAMETER,
-        volume_mm3=6666.0,
-        probability=0.93,
-        nodule_type=NoduleType.SOLID,
-        lung_rads="4B",
-        actionable=True,
-        lobe="right lower lobe",
-    )
-    small_kji = (40.0, 300.0, 150.0)
-    small = Finding(
-        center_kji=small_kji,
-        center_lps_mm=tuple(float(v) for v in lidc_volume.index_to_lps(small_kji)),
-        diameter_mm=5.0,
-        volume_mm3=65.4,
-        probability=0.41,
-        nodule_type=NoduleType.GROUND_GLASS,
-        lung_rads="2",
-        actionable=False,
-    )
-    return luna, small
+    return lidc_findings(lidc_volume, small_kji=(40.0, 300.0, 150.0))
 
 
 def _write(sr: Dataset) -> bytes:
@@ -108,13 +67,13 @@ def _read(data: bytes) -> hd.sr.ComprehensiveSR:
 @pytest.fixture(scope="module")
 def sr_bytes(lidc_headers, lidc_volume, findings) -> bytes:
     return _write(
-        build_sr(lidc_headers, lidc_volume, _report(findings), algorithm=_algorithm(), billing=BILLING)
+        build_sr(lidc_headers, lidc_volume, _report(findings), algorithm=algorithm(), billing=BILLING)
     )
 
 
 @pytest.fixture(scope="module")
 def empty_sr_bytes(lidc_headers, lidc_volume) -> bytes:
-    return _write(build_sr(lidc_headers, lidc_volume, _report(()), algorithm=_algorithm(), billing=BILLING))
+    return _write(build_sr(lidc_headers, lidc_volume, _report(()), algorithm=algorithm(), billing=BILLING))
 
 
 @pytest.fixture(scope="module")
@@ -145,15 +104,9 @@ def _document_evaluations(sr: Dataset) -> Dataset:
 
 
 def _dciodvfy(tmp_path: Path, data: bytes) -> str:
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
     path = tmp_path / "sr.dcm"
     path.write_bytes(data)
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    output = result.stdout + result.stderr
-    errors = [line for line in output.splitlines() if line.startswith("Error")]
-    assert not errors, output
-    return output
+    return dciodvfy(path)
 
 
 def _dsrdump(tmp_path: Path, data: bytes) -> str:
@@ -168,8 +121,8 @@ def _dsrdump(tmp_path: Path, data: bytes) -> str:
 
 class TestAlgorithmIdentity:
     def test_valid(self):
-        assert _algorithm().device_uid == DEVICE_UID
-        assert _algorithm(institution=None).institution is None
+        assert algorithm().device_uid == DEVICE_UID
+        assert algorithm(institution=None).institution is None
 
     @pytest.mark.parametrize(
         ("changes", "error", "match"),
@@ -185,7 +138,7 @@ class TestAlgorithmIdentity:
     )
     def test_rejects(self, changes, error, match):
         with pytest.raises(error, match=match):
-            _algorithm(**changes)
+            algorithm(**changes)
 
 
 class TestBillingCodes:
@@ -382,7 +335,7 @@ class TestBuildSR:
     def test_order_information_of_the_ct(self, tmp_path, lidc_headers, lidc_volume, findings):
         evidence = [_ordered_ct_header(lidc_headers[0]), *lidc_headers[1:]]
         data = _write(
-            build_sr(evidence, lidc_volume, _report(findings), algorithm=_algorithm(), billing=BILLING)
+            build_sr(evidence, lidc_volume, _report(findings), algorithm=algorithm(), billing=BILLING)
         )
         _dciodvfy(tmp_path, data)
         sr = _read(data)
@@ -414,7 +367,7 @@ class TestBuildSR:
     def test_calcified_nodule_is_benign_lung_rads_1(self, tmp_path, lidc_headers, lidc_volume, findings):
         calcified = replace(findings[0], nodule_type=NoduleType.CALCIFIED, lung_rads="1", actionable=False)
         data = _write(
-            build_sr(lidc_headers, lidc_volume, _report((calcified,)), algorithm=_algorithm(), billing=BILLING)
+            build_sr(lidc_headers, lidc_volume, _report((calcified,)), algorithm=algorithm(), billing=BILLING)
         )
         _dciodvfy(tmp_path, data)
         group = _read(data).content.get_planar_roi_measurement_groups()[0]
@@ -452,7 +405,7 @@ class TestBuildSR:
             lidc_headers,
             lidc_volume,
             _report(findings),
-            algorithm=_algorithm(),
+            algorithm=algorithm(),
             billing=BILLING,
             predecessor=sr,
         )
@@ -470,7 +423,7 @@ class TestBuildSR:
             delattr(sparse, keyword)
         evidence = [sparse, *lidc_headers[1:]]
         data = _write(
-            build_sr(evidence, lidc_volume, _report(findings), algorithm=_algorithm(), billing=BILLING)
+            build_sr(evidence, lidc_volume, _report(findings), algorithm=algorithm(), billing=BILLING)
         )
         _dciodvfy(tmp_path, data)
         sr = _read(data)
@@ -483,7 +436,7 @@ class TestBuildSR:
             lidc_headers,
             lidc_volume,
             _report(()),
-            algorithm=_algorithm(),
+            algorithm=algorithm(),
             billing=BILLING,
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
@@ -501,7 +454,7 @@ class TestBuildSR:
 class TestBuildSRRejects:
     def test_empty_evidence(self, lidc_volume, findings):
         with pytest.raises(ReportError, match="no evidence"):
-            build_sr([], lidc_volume, _report(findings), algorithm=_algorithm(), billing=BILLING)
+            build_sr([], lidc_volume, _report(findings), algorithm=algorithm(), billing=BILLING)
 
     @pytest.mark.parametrize(
         ("keyword", "match"),
@@ -512,13 +465,13 @@ class TestBuildSRRejects:
         setattr(stranger, keyword, generate_uid())
         evidence = [*lidc_headers[:5], stranger, *lidc_headers[6:]]
         with pytest.raises(ReportError, match=match):
-            build_sr(evidence, lidc_volume, _report(findings), algorithm=_algorithm(), billing=BILLING)
+            build_sr(evidence, lidc_volume, _report(findings), algorithm=algorithm(), billing=BILLING)
 
     def test_evidence_without_the_centre_slice(self, lidc_headers, lidc_volume, findings):
         centre = lidc_volume.slices[round(findings[0].center_kji[0])].sop_instance_uid
         evidence = [header for header in lidc_headers if header.SOPInstanceUID != centre]
         with pytest.raises(ReportError, match="nodule 1.*not among the evidence"):
-            build_sr(evidence, lidc_volume, _report(findings), algorithm=_algorithm(), billing=BILLING)
+            build_sr(evidence, lidc_volume, _report(findings), algorithm=algorithm(), billing=BILLING)
 
     @pytest.mark.parametrize("k", [-0.6, 132.6, 500.0])
     def test_centre_slice_outside_the_volume(self, lidc_headers, lidc_volume, findings, k):
@@ -528,14 +481,14 @@ class TestBuildSRRejects:
                 lidc_headers,
                 lidc_volume,
                 _report((findings[0], outside)),
-                algorithm=_algorithm(),
+                algorithm=algorithm(),
                 billing=BILLING,
             )
 
     def test_centre_outside_the_image(self, lidc_headers, lidc_volume, findings):
         outside = Finding(**(vars(findings[1]) | {"center_kji": (40.0, 300.0, 512.0)}))
         with pytest.raises(ReportError, match="outside the image"):
-            build_sr(lidc_headers, lidc_volume, _report((outside,)), algorithm=_algorithm(), billing=BILLING)
+            build_sr(lidc_headers, lidc_volume, _report((outside,)), algorithm=algorithm(), billing=BILLING)
 
     @pytest.mark.parametrize(
         ("changes", "match"),
@@ -548,7 +501,7 @@ class TestBuildSRRejects:
     def test_unencodable_finding(self, lidc_headers, lidc_volume, findings, changes, match):
         finding = Finding(**(vars(findings[0]) | changes))
         with pytest.raises(ReportError, match=match):
-            build_sr(lidc_headers, lidc_volume, _report((finding,)), algorithm=_algorithm(), billing=BILLING)
+            build_sr(lidc_headers, lidc_volume, _report((finding,)), algorithm=algorithm(), billing=BILLING)
 
     def test_report_of_another_model(self, lidc_headers, lidc_volume, findings):
         with pytest.raises(ReportError, match="algorithm identity"):
@@ -556,7 +509,7 @@ class TestBuildSRRejects:
                 lidc_headers,
                 lidc_volume,
                 _report(findings, model_version="9.9"),
-                algorithm=_algorithm(),
+                algorithm=algorithm(),
                 billing=BILLING,
             )
 
@@ -568,7 +521,7 @@ class TestBuildSRRejects:
                 lidc_headers,
                 lidc_volume,
                 _report(findings),
-                algorithm=_algorithm(),
+                algorithm=algorithm(),
                 billing=BILLING,
                 predecessor=foreign,
             )
@@ -585,6 +538,6 @@ class TestBuildSRRejects:
         ],
     )
     def test_bad_arguments(self, lidc_headers, lidc_volume, changes, error, match):
-        arguments = dict(algorithm=_algorithm(), billing=BILLING) | changes
+        arguments = dict(algorithm=algorithm(), billing=BILLING) | changes
         with pytest.raises(error, match=match):
             build_sr(lidc_headers, lidc_volume, _report(()), **arguments)

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     instances INTEGER NOT NULL DEFAULT 0,
     rejected_instances INTEGER NOT NULL DEFAULT 0,
     rerun_requested INTEGER NOT NULL DEFAULT 0,
+    interruptions INTEGER NOT NULL DEFAULT 0,
     first_received_at REAL,
     last_received_at REAL,
     started_at REAL,
@@ -108,6 +109,13 @@ class Database:
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(SCHEMA)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database made by an earlier version up to SCHEMA (columns added since)."""
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+        if "interruptions" not in columns:
+            self._conn.execute("ALTER TABLE jobs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0")
 
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:

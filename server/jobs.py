@@ -9,6 +9,9 @@ A new instance for a study in any state but ``receiving`` starts a new run: ``qu
 ``reported``, ``delivered`` and ``failed`` go back to ``receiving`` (the quiet period starts
 again), and a ``processing`` job finishes its run and then goes back to ``receiving``.
 After a restart, a job caught in ``processing`` is queued again: nothing received is lost.
+A study that was being analysed at ``MAX_INTERRUPTIONS`` restarts in a row (one that takes
+the server down, say) fails instead, so it cannot crash the server in a loop; a rerun
+request (or a new instance) tries it again.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ RECEIVING, QUEUED, PROCESSING, REPORTED, DELIVERED, FAILED = (
     "receiving", "queued", "processing", "reported", "delivered", "failed",
 )
 STATES = (RECEIVING, QUEUED, PROCESSING, REPORTED, DELIVERED, FAILED)
+MAX_INTERRUPTIONS = 3
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,7 @@ class JobStore:
         with self.db.transaction() as c:
             c.execute(
                 """UPDATE jobs SET state = CASE WHEN rerun_requested THEN 'receiving' ELSE ? END,
-                   rerun_requested = 0, reason = ?, finished_at = ?, updated_at = ?, details = ?
+                   rerun_requested = 0, interruptions = 0, reason = ?, finished_at = ?, updated_at = ?, details = ?
                    WHERE study_uid = ? AND state = 'processing'""",
                 (state, reason, now, now, json.dumps(details or {}), study_uid),
             )
@@ -196,7 +200,7 @@ class JobStore:
         with self.db.transaction() as c:
             return bool(
                 c.execute(
-                    """UPDATE jobs SET state = 'queued', reason = NULL, updated_at = ?
+                    """UPDATE jobs SET state = 'queued', reason = NULL, interruptions = 0, updated_at = ?
                        WHERE study_uid = ? AND state IN ('reported', 'delivered', 'failed')
                        AND EXISTS (SELECT 1 FROM instances WHERE instances.study_uid = jobs.study_uid)""",
                     (time.time(), study_uid),
@@ -204,10 +208,21 @@ class JobStore:
             )
 
     def resume_after_restart(self) -> list[str]:
-        """Runs cut short by a crash or stop go back to the queue; return their studies."""
+        """Runs cut short by a crash or stop go back to the queue; return their studies.
+
+        A study interrupted ``MAX_INTERRUPTIONS`` times in a row fails instead, with a reason.
+        """
+        now = time.time()
         with self.db.transaction() as c:
+            c.execute("UPDATE jobs SET interruptions = interruptions + 1 WHERE state = 'processing'")
+            c.execute(
+                "UPDATE jobs SET state = 'failed', reason = ?, finished_at = ?, updated_at = ? "
+                "WHERE state = 'processing' AND interruptions >= ?",
+                (f"analysis interrupted by {MAX_INTERRUPTIONS} server restarts in a row; not retried automatically "
+                 "(POST /studies/<uid>/rerun tries again)", now, now, MAX_INTERRUPTIONS),
+            )
             rows = c.execute("SELECT study_uid FROM jobs WHERE state = 'processing'").fetchall()
-            c.execute("UPDATE jobs SET state = 'queued', updated_at = ? WHERE state = 'processing'", (time.time(),))
+            c.execute("UPDATE jobs SET state = 'queued', updated_at = ? WHERE state = 'processing'", (now,))
         return [r["study_uid"] for r in rows]
 
     # --- reading ------------------------------------------------------------------------

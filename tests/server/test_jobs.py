@@ -5,8 +5,8 @@ import json
 import pytest
 
 from server.billing import CHARGE_RULE, BillingLedger, ExtensionEntry
-from server.db import Database
-from server.jobs import DELIVERED, FAILED, PROCESSING, QUEUED, RECEIVING, REPORTED, JobStore
+from server.db import SCHEMA, Database
+from server.jobs import DELIVERED, FAILED, MAX_INTERRUPTIONS, PROCESSING, QUEUED, RECEIVING, REPORTED, JobStore
 from server.outbox import Outbox, RetryPolicy
 
 
@@ -103,6 +103,55 @@ def test_interrupted_run_resumes_after_restart(db, tmp_path):
     reopened = JobStore(Database(tmp_path / "db.sqlite"))
     assert reopened.resume_after_restart() == ["1.2.3"]
     assert reopened.get("1.2.3").state == QUEUED
+
+
+def test_a_study_that_keeps_interrupting_the_server_fails_instead_of_looping(db, tmp_path):
+    jobs = JobStore(db)
+    receive(jobs)  # study 1.2.3 crashes the server each time it is analysed
+    receive(jobs, study="4.5.6", series="4.5.6.1")  # an ordinary study, interrupted once
+    jobs.queue_quiet_studies(0.5, now=1e9)
+    jobs.claim("4.5.6")
+    jobs.finish("4.5.6", REPORTED)
+    for restart in range(1, MAX_INTERRUPTIONS + 1):
+        assert jobs.claim("1.2.3") is not None
+        resumed = jobs.resume_after_restart()
+        if restart < MAX_INTERRUPTIONS:
+            assert resumed == ["1.2.3"] and jobs.get("1.2.3").state == QUEUED
+    job = jobs.get("1.2.3")
+    assert resumed == [] and job.state == FAILED
+    assert f"interrupted by {MAX_INTERRUPTIONS} server restarts" in job.reason
+    assert jobs.get("4.5.6").state == REPORTED
+    assert jobs.request_rerun("1.2.3"), "a person can try again"
+    jobs.claim("1.2.3")
+    assert jobs.resume_after_restart() == ["1.2.3"], "with the full allowance of restarts"
+
+
+def test_a_finished_run_clears_the_interruptions(db):
+    jobs = JobStore(db)
+    receive(jobs)
+    jobs.queue_quiet_studies(0.5, now=1e9)
+    for _ in range(MAX_INTERRUPTIONS - 1):
+        jobs.claim("1.2.3")
+        jobs.resume_after_restart()
+    jobs.claim("1.2.3")
+    jobs.finish("1.2.3", REPORTED)
+    receive(jobs, n=1, t=500.0, series="1.2.3.2")
+    jobs.queue_quiet_studies(0.5, now=1e9)
+    jobs.claim("1.2.3")
+    assert jobs.resume_after_restart() == ["1.2.3"]
+
+
+def test_a_database_from_before_the_interruption_counter_is_migrated(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(SCHEMA.replace("    interruptions INTEGER NOT NULL DEFAULT 0,\n", ""))
+    old.execute("INSERT INTO jobs (study_uid, state, updated_at) VALUES ('1.2.3', 'processing', 0)")
+    old.commit()
+    old.close()
+    jobs = JobStore(Database(path))
+    assert jobs.resume_after_restart() == ["1.2.3"]
 
 
 def test_failure_keeps_its_reason_and_rejections_are_visible(db):

@@ -44,6 +44,7 @@ class Config:
     e2e_slices: int = 300
     e2e_reps: int = 5
     ingest_reps: int = 5
+    ingest_senders: tuple[int, ...] = (1, 2, 4)  # concurrent associations for aggregate_ingest_mb_s
     reference_reps: int = 3
     scaling_slices: tuple[int, ...] = (100, 300, 600)
     scaling_reps: int = 3
@@ -60,7 +61,7 @@ class Config:
 
     @classmethod
     def quick_config(cls) -> "Config":
-        return cls(quick=True, e2e_reps=3, ingest_reps=3, reference_reps=1, scaling_slices=(100, 300, 600),
+        return cls(quick=True, e2e_reps=3, ingest_reps=3, ingest_senders=(1, 2), reference_reps=1, scaling_slices=(100, 300, 600),
                    scaling_reps=1, studies_per_sender=1, load_slices=100, idle_default_s=5.0)
 
 
@@ -201,12 +202,41 @@ def bench_ingest(cfg: Config, factory: StudyFactory, work: Path) -> dict:
             remove(files)
             shutil.rmtree(dest_dir, ignore_errors=True)
             dest_dir.mkdir()
+        aggregate = {str(n): round(concurrent_ingest_mb_s(factory, server.port, n, cfg.ingest_slices), 1)
+                     for n in cfg.ingest_senders}
     return {
         "ingest_mb_s": stats(ours, 1),
         "dcmtk_ingest_mb_s": stats(dcmtk, 1),
         "ingest_ratio_vs_dcmtk": stats(ratios, 3),
         "ingest_study": {"slices": cfg.ingest_slices, "rows": factory.rows, "bytes": nbytes, "associations": 1},
+        "aggregate_ingest_mb_s": aggregate,
     }
+
+
+def concurrent_ingest_mb_s(factory: StudyFactory, port: int, senders: int, slices: int) -> float:
+    """``senders`` storescu processes each pushing its own study at once: all bytes / wall time."""
+    studies = [factory.study(slices)[1] for _ in range(senders)]
+    nbytes = sum(f.stat().st_size for files in studies for f in files)
+    errors: list[Exception] = []
+
+    def push(k: int) -> None:
+        try:
+            storescu(studies[k], port, calling=f"SENDER{k}")
+        except Exception as exc:  # raised below, in the calling thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=push, args=(k,)) for k in range(senders)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    for files in studies:
+        remove(files)
+    if errors:
+        raise errors[0]
+    return nbytes / seconds / 1e6
 
 
 # --- end to end -------------------------------------------------------------------------------
@@ -513,6 +543,8 @@ def markdown(results: dict) -> str:
         ("ingest MB/s (dcmtk storescp)", results.get("dcmtk_ingest_mb_s")),
         ("ingest ratio ours/dcmtk", results.get("ingest_ratio_vs_dcmtk")),
     ]
+    for senders, mb_s in (results.get("aggregate_ingest_mb_s") or {}).items():
+        rows.append((f"aggregate ingest MB/s, {senders} concurrent association(s)", mb_s))
     for key, s in (results.get("e2e") or {}).items():
         rows.append((f"e2e s, {key} ({s['slices']} slices) p50 / p95", f"{_fmt(s['p50_s'])} / {_fmt(s['p95_s'])}"))
         rows.append((f"e2e s, {key}", s["e2e_s"]))

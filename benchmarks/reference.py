@@ -1,8 +1,9 @@
 """The reference way to run the same model on the same DICOM series, and ours, side by side.
 
 Reference: MONAI ``LoadImage(reader="PydicomReader")`` -> ``Orientation`` -> ``Spacing`` ->
-``ScaleIntensityRange`` -> PyTorch ``sliding_window_inference`` (eager, gaussian blending),
-then the same decoding. The network is the PyTorch equivalent of our ONNX model: for the
+``ScaleIntensityRange`` -> ``SpatialCrop`` to the box the card's model sees (the lungs' box,
+``models.detector.inference_box``) -> PyTorch ``sliding_window_inference`` (eager, gaussian
+blending), then the same decoding. The network is the PyTorch equivalent of our ONNX model: for the
 bundled blob filter the same difference-of-Gaussians bank as ``torch.nn.functional.conv3d``
 (edge padding, as the ONNX graph); for the trained NoduleNet the ``training/`` network with
 the PyTorch weights exported beside its ONNX file.
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 
 from models.card import ModelCard
 from models.decoding import decode
-from models.detector import Detector
+from models.detector import Detector, inference_box, lungs_on_model_grid
+from models.preprocess import hu_of
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 BLOB_FILTER_NAME = "lungscreen-blob-filter"
@@ -123,7 +125,15 @@ def run_ours(paths: list[Path], detector: Detector) -> CandidateRun:
 def run_reference(folder: Path, card: ModelCard, network: torch.nn.Module) -> CandidateRun:
     """The reference way: MONAI loading and transforms, eager PyTorch sliding window."""
     from monai.inferers import sliding_window_inference
-    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation, ScaleIntensityRange, Spacing
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirst,
+        LoadImage,
+        Orientation,
+        ScaleIntensityRange,
+        Spacing,
+        SpatialCrop,
+    )
 
     pre = card.preprocessing
     window = pre["intensity_window"]
@@ -142,17 +152,22 @@ def run_reference(folder: Path, card: ModelCard, network: torch.nn.Module) -> Ca
             ),
         ]
     )(image)
+    # The card's input contract includes the box the network sees (the lungs' box); MONAI
+    # crops to the same box, found the same way.
+    hu = hu_of(image[0].numpy(), pre)
+    box = inference_box(hu, lungs_on_model_grid(hu, card), card)
+    if box is not None:
+        image = SpatialCrop(roi_slices=box)(image)
     t2 = time.perf_counter()
     tensor = image.as_tensor().float()[None]
     patch = tuple(spec["patch_size"])
     if spec.get("size_divisible_by"):
-        # As MONAI's detection inferers do: zero-pad at the end to the network's grid, and no
-        # window larger than the image (sliding_window_inference would pad symmetrically and
-        # shift a strided output grid).
+        # As MONAI's detection inferers do: zero-pad at the end to the network's grid
+        # (sliding_window_inference would pad symmetrically and shift a strided output grid).
         from monai.apps.detection.utils.detector_utils import pad_images
 
         tensor, _ = pad_images(tensor, 3, spec["size_divisible_by"])
-        patch = tuple(min(p, s) for p, s in zip(patch, tensor.shape[2:]))
+    patch = tuple(min(p, s) for p, s in zip(patch, tensor.shape[2:]))  # no window larger than the image
     with torch.no_grad():
         output = sliding_window_inference(tensor, patch, 1, network, overlap=spec["overlap"], mode="gaussian")
     t3 = time.perf_counter()

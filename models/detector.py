@@ -20,7 +20,7 @@ from models.decoding import decode
 from models.errors import ModelError
 from models.findings import Candidate, ModelCandidate
 from models.lungs import distance_outside_mm, lung_mask_xyz
-from models.preprocess import PreprocessedImage, build_transform, crop_to_mask, hu_of, preprocess
+from models.preprocess import PreprocessedImage, bounding_box, build_transform, crop_to_box, hu_of, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,32 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")  # the fallback that always works
     return chosen
+
+
+def lungs_on_model_grid(hu: np.ndarray, card: ModelCard) -> np.ndarray | None:
+    """The lungs in a preprocessed image's HU values; None when its slices are not along the
+    last axis or no lungs are found."""
+    if card.preprocessing["orientation"][2] not in "SI":
+        return None
+    lungs = lung_mask_xyz(hu, fill_vessels=False)
+    return lungs if lungs.any() else None
+
+
+def inference_box(hu: np.ndarray, lungs: np.ndarray | None, card: ModelCard) -> tuple[slice, slice, slice] | None:
+    """The part of a preprocessed image the network sees: the lungs' box (the body's when no
+    lungs are found) plus ``CROP_MARGIN_MM``, starting on the network's grid. It saves the
+    network the air around the patient and the abdomen. None: all of it (the card's
+    ``inference.crop_to_body: false``, or nothing but air).
+
+    Part of the model's input contract: the network's receptive field is larger than the
+    margin, so scores change with the box; operating points are calibrated with it.
+    """
+    spec = card.inference
+    if not spec.get("crop_to_body", True):
+        return None
+    region = lungs if lungs is not None else hu > BODY_THRESHOLD_HU
+    spacing = np.asarray(card.preprocessing["spacing_mm"], dtype=np.float64)
+    return bounding_box(region, CROP_MARGIN_MM, spacing, tuple(spec.get("size_divisible_by", (1, 1, 1))))
 
 
 class Detector:
@@ -61,23 +87,13 @@ class Detector:
         log.info("model %s %s loaded, providers %s", card.name, card.version, self.providers)
 
     def preprocess(self, voxels: np.ndarray, affine_lps: np.ndarray) -> PreprocessedImage:
-        """The card's preprocessing, the lungs on the model's grid, then the lungs' box.
-
-        The box (the body's when no lungs are found) saves the network the air around the
-        patient and the abdomen; ``crop_to_body: false`` in the card turns it off.
-        """
+        """The card's preprocessing, the lungs on the model's grid, then the box the network sees."""
         image = preprocess(voxels, affine_lps, self.transform)
-        hu = hu_of(image, self.card.preprocessing)
-        lungs = None
-        if self.card.preprocessing["orientation"][2] in "SI":  # axial slices along the last axis
-            lungs = lung_mask_xyz(hu, fill_vessels=False)
-            lungs = lungs if lungs.any() else None
+        hu = hu_of(image.tensor[0].numpy(), self.card.preprocessing)
+        lungs = lungs_on_model_grid(hu, self.card)
         image = PreprocessedImage(image.tensor, image.index_to_lps, lungs)
-        spec = self.card.inference
-        if not spec.get("crop_to_body", True):
-            return image
-        region = lungs if lungs is not None else hu > BODY_THRESHOLD_HU
-        return crop_to_mask(image, region, CROP_MARGIN_MM, self._spacing, tuple(spec.get("size_divisible_by", (1, 1, 1))))
+        box = inference_box(hu, lungs, self.card)
+        return image if box is None else crop_to_box(image, box)
 
     def infer(self, image: PreprocessedImage) -> np.ndarray:
         """Run the network; whole volume in one pass when it fits the patch, else sliding window."""
@@ -90,7 +106,9 @@ class Detector:
             # Zero-pad at the end (voxel indices unchanged) so that every window starts on the
             # network's grid; sliding_window_inference would otherwise pad symmetrically.
             tensor, _ = pad_images(tensor, 3, divisible)
-            patch = tuple(min(p, s) for p, s in zip(patch, tensor.shape[2:]))
+        # No window larger than the image: sliding_window_inference would pad it with zeros,
+        # edges where the image has none.
+        patch = tuple(min(p, s) for p, s in zip(patch, tensor.shape[2:]))
 
         def run(batch: torch.Tensor) -> torch.Tensor:
             (out,) = self.session.run(None, {input_name: batch.numpy()})

@@ -63,31 +63,33 @@ def preprocess(voxels: np.ndarray, affine_lps: np.ndarray, transform: Compose) -
     return PreprocessedImage(torch.as_tensor(tensor).float(), LPS_TO_RAS @ out_affine)
 
 
-def hu_of(image: PreprocessedImage, preprocessing: dict) -> np.ndarray:
-    """The HU values behind a preprocessed image (clipped to the intensity window)."""
+def hu_of(normalized: np.ndarray, preprocessing: dict) -> np.ndarray:
+    """The HU values behind a preprocessed image's voxels (clipped to the intensity window)."""
     window = preprocessing["intensity_window"]
     scale = (window["hu_max"] - window["hu_min"]) / (window["out_max"] - window["out_min"])
-    return (image.tensor[0].numpy() - window["out_min"]) * scale + window["hu_min"]
+    return (normalized - window["out_min"]) * scale + window["hu_min"]
 
 
-def crop_to_mask(
-    image: PreprocessedImage, mask: np.ndarray, margin_mm: float, spacing_mm, align: tuple[int, int, int] = (1, 1, 1)
-) -> PreprocessedImage:
-    """The bounding box of ``mask`` (on the image's grid) plus a margin.
-
-    Box starts are multiples of ``align`` (the network's grid), so the output grid of the
-    crop is the uncropped one's, shifted. ``index_to_lps`` and ``lungs`` follow the crop.
-    """
+def bounding_box(
+    mask: np.ndarray, margin_mm: float, spacing_mm, align: tuple[int, int, int] = (1, 1, 1)
+) -> tuple[slice, slice, slice] | None:
+    """The bounding box of ``mask`` plus a margin, its starts multiples of ``align`` (the
+    network's grid, so that a crop's output grid is the uncropped one's, shifted); None when
+    ``mask`` is empty."""
     present = np.argwhere(mask)
     if present.size == 0:
-        return image
+        return None
     margin = np.ceil(margin_mm / np.asarray(spacing_mm, dtype=np.float64)).astype(int)
     starts = np.maximum(present.min(axis=0) - margin, 0)
     starts -= starts % np.asarray(align)
     stops = np.minimum(present.max(axis=0) + 1 + margin, mask.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(starts, stops))
+    return tuple(slice(int(a), int(b)) for a, b in zip(starts, stops))
+
+
+def crop_to_box(image: PreprocessedImage, box: tuple[slice, slice, slice]) -> PreprocessedImage:
+    """The part of ``image`` inside ``box``; ``index_to_lps`` and ``lungs`` follow the crop."""
     shift = np.eye(4)
-    shift[:3, 3] = starts
+    shift[:3, 3] = [b.start for b in box]
     return PreprocessedImage(
         image.tensor[(slice(None), *box)].contiguous(),
         image.index_to_lps @ shift,

@@ -11,7 +11,7 @@ from dicom_io.volume import read_series_volume
 from models.card import DEFAULT_MODEL_CARD, load_card
 from models.detector import Detector
 from models.lungs import distance_outside_mm
-from models.preprocess import LPS_TO_RAS, build_transform, crop_to_mask, preprocess
+from models.preprocess import LPS_TO_RAS, bounding_box, build_transform, crop_to_box, preprocess
 
 CARD = load_card(DEFAULT_MODEL_CARD)
 LUNA16_NODULE_LPS = (56.21, 86.34, -115.87)  # LIDC-IDRI-0001's LUNA16 nodule, world LPS mm
@@ -64,7 +64,7 @@ def test_crop_keeps_world_coordinates():
     image = preprocess(voxels, axis_aligned_affine((2.0, 2.0, 2.0)), build_transform(CARD.preprocessing))
     mask = np.zeros(image.tensor.shape[1:], dtype=bool)
     mask[20:30, 12:18, 9:20] = True
-    cropped = crop_to_mask(image, mask, margin_mm=4.0, spacing_mm=(2.0, 2.0, 2.0), align=(4, 4, 4))
+    cropped = crop_to_box(image, bounding_box(mask, margin_mm=4.0, spacing_mm=(2.0, 2.0, 2.0), align=(4, 4, 4)))
     start = np.round(np.linalg.inv(image.index_to_lps) @ cropped.index_to_lps[:, 3])[:3].astype(int)
     assert list(start) == [16, 8, 4], "starts: mask start minus 2 voxels, down to a multiple of 4"
     x, y, z = cropped.tensor.shape[1:]

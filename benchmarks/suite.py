@@ -412,6 +412,7 @@ def bench_reference(cfg: Config, factory: StudyFactory | None, work: Path) -> di
     from benchmarks.reference import compare_candidates, reported_min_score, run_ours, run_reference, torch_network
     from models.card import DEFAULT_MODEL_CARD, load_card
     from models.detector import Detector
+    from server.process_tuning import tune_analysis_process
 
     card = load_card(cfg.model or DEFAULT_MODEL_CARD)
     try:
@@ -426,6 +427,8 @@ def bench_reference(cfg: Config, factory: StudyFactory | None, work: Path) -> di
         label = f"synthetic {cfg.e2e_slices} slices"
     paths = sorted(folder.glob("*.dcm"))
     detector = Detector(card)
+    # This process now runs like the server's analysis worker; the reference runs in it too.
+    tune_analysis_process()
     run_ours(paths, detector)  # warm-up: session, page cache
     ours, refs, ratios = [], [], []
     for _ in range(cfg.reference_reps):

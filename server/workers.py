@@ -29,6 +29,7 @@ from models.rules import ClinicalRules
 from server import __version__
 from server.config import Settings
 from server.pipeline import AnalysisResult, Analyzer, analyze_study
+from server.process_tuning import tune_analysis_process
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def _init_worker(settings: Settings, log_level: int) -> None:
     global _analyzer
     configure_logging(logging.getLevelName(log_level))
     _analyzer = build_analyzer(settings)
+    tune_analysis_process()
 
 
 def _warm_up() -> list[str]:

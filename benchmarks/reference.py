@@ -218,3 +218,69 @@ def reported_min_score(card: ModelCard, *runs: CandidateRun) -> float | None:
                 for run in runs if len(run.scores)]
     scores = np.concatenate(reported) if reported else np.zeros(0)
     return float(scores.min()) if scores.size else None
+
+
+# --- each way in a process of its own -----------------------------------------------------------
+
+OURS, REFERENCE = "ours", "reference"
+
+
+def run_in_process(folder: Path, card_path: Path | None, way: str, reps: int) -> list[CandidateRun]:
+    """``reps`` timed runs of one way, after a warm-up, in a fresh Python process.
+
+    Each way runs as it would be deployed: ours as the server's analysis worker
+    (``server.process_tuning``), the reference as a plain MONAI script. Sharing one process
+    would hand each the other's heap and garbage-collector state (the reference's
+    ``PydicomReader`` is three times slower in a process holding a benchmark's objects).
+    """
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "runs.json"
+        args = [sys.executable, "-m", "benchmarks.reference", way, str(folder), str(reps), str(out)]
+        if card_path is not None:
+            args.append(str(card_path))
+        result = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+        if result.returncode != 0:
+            raise RuntimeError(f"{way} run failed:\n{result.stderr[-3000:]}")
+        runs = json.loads(out.read_text())
+    return [
+        CandidateRun(r["seconds"], r["stages"], np.array(r["lps"]).reshape(-1, 3), np.array(r["scores"]), np.array(r["diameters"]))
+        for r in runs
+    ]
+
+
+def _main(argv: list[str]) -> None:
+    import json
+    from functools import partial
+
+    from models.card import DEFAULT_MODEL_CARD, load_card
+
+    way, folder, reps, out = argv[0], Path(argv[1]), int(argv[2]), Path(argv[3])
+    card = load_card(Path(argv[4]) if len(argv) > 4 else DEFAULT_MODEL_CARD)
+    if way == OURS:
+        from server.process_tuning import tune_analysis_process
+
+        detector = Detector(card)
+        tune_analysis_process()  # as server.workers does once the model is loaded
+        run = partial(run_ours, sorted(folder.glob("*.dcm")), detector)
+    elif way == REFERENCE:
+        run = partial(run_reference, folder, card, torch_network(card))
+    else:
+        raise SystemExit(f"unknown way {way!r}: {OURS} or {REFERENCE}")
+    run()  # warm-up: libraries, page cache
+    runs = [run() for _ in range(reps)]
+    out.write_text(json.dumps([
+        {"seconds": r.seconds, "stages": r.stages, "lps": r.lps.tolist(), "scores": r.scores.tolist(),
+         "diameters": r.diameters.tolist()}
+        for r in runs
+    ]))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])

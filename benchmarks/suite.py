@@ -409,14 +409,14 @@ def bench_load(cfg: Config, factory: StudyFactory, server: Server, dest: Destina
 
 
 def bench_reference(cfg: Config, factory: StudyFactory | None, work: Path) -> dict:
-    from benchmarks.reference import compare_candidates, reported_min_score, run_ours, run_reference, torch_network
+    from benchmarks.reference import (
+        OURS, REFERENCE, compare_candidates, reported_min_score, run_in_process, torch_network,
+    )
     from models.card import DEFAULT_MODEL_CARD, load_card
-    from models.detector import Detector
-    from server.process_tuning import tune_analysis_process
 
     card = load_card(cfg.model or DEFAULT_MODEL_CARD)
     try:
-        network = torch_network(card)
+        torch_network(card)
     except LookupError as exc:
         return {"skipped": str(exc)}
     folder = real_ct_folder(work) if cfg.reference_volume == "real" else None
@@ -425,22 +425,14 @@ def bench_reference(cfg: Config, factory: StudyFactory | None, work: Path) -> di
         _, files = factory.study(cfg.e2e_slices, name="reference")
         folder = files[0].parent
         label = f"synthetic {cfg.e2e_slices} slices"
-    paths = sorted(folder.glob("*.dcm"))
-    detector = Detector(card)
-    # This process now runs like the server's analysis worker; the reference runs in it too.
-    tune_analysis_process()
-    run_ours(paths, detector)  # warm-up: session, page cache
-    ours, refs, ratios = [], [], []
-    for _ in range(cfg.reference_reps):
-        o = run_ours(paths, detector)
-        r = run_reference(folder, card, network)
-        ours.append(o)
-        refs.append(r)
-        ratios.append(r.seconds / o.seconds)
+    ours = run_in_process(folder, cfg.model, OURS, cfg.reference_reps)
+    refs = run_in_process(folder, cfg.model, REFERENCE, cfg.reference_reps)
+    ratios = [r.seconds / o.seconds for o, r in zip(ours, refs)]
     o, r = ours[-1], refs[-1]
     min_score_reported = reported_min_score(card, o, r)
     return {
         "volume": label,
+        "processes": "each way in a fresh process, warm-up run first; ours tuned as the analysis worker",
         "ours_s": stats([x.seconds for x in ours]),
         "reference_s": stats([x.seconds for x in refs]),
         "speedup_vs_reference": stats(ratios, 2),
@@ -449,7 +441,7 @@ def bench_reference(cfg: Config, factory: StudyFactory | None, work: Path) -> di
         "candidates_all": compare_candidates(o, r),
         "candidates_reported": compare_candidates(o, r, min_score=min_score_reported or 0.0)
         if min_score_reported is not None else {"agree": True, "ours": 0, "reference": 0, "note": "none reported"},
-        "network": type(network).__name__,
+        "network": "PyTorch twin of " + card.name,
     }
 
 

@@ -558,20 +558,23 @@ def _read_native_pixels(
     """The common case read straight from the file: uncompressed 16-bit single-sample pixels,
     Pixel Data the last element. ``None`` for anything else (pydicom's decoders take it).
 
-    Reading the values at their offset instead of parsing the file again halves the cost of
-    building a volume (benchmarks/README.md). Unused high bits are masked as pydicom does
-    (PS3.5 8.1.1: their content cannot be assumed).
+    Reading the values at their offset instead of parsing the file again cuts the cost of
+    building a volume to a quarter (benchmarks/README.md). Unused high bits are masked as
+    pydicom does (PS3.5 8.1.1: their content cannot be assumed).
     """
-    file_meta = getattr(header, "file_meta", None)
-    if file_meta is None or file_meta.get("TransferSyntaxUID") not in _NATIVE_SYNTAXES:
+    try:
+        file_meta = header.file_meta
+        syntax = file_meta.get("TransferSyntaxUID")
+        bits_allocated, samples = header.get("BitsAllocated"), header.get("SamplesPerPixel", 1)
+        bits_stored, signed = header.get("BitsStored", 16), header.get("PixelRepresentation", 0) == 1
+    except Exception:  # no file meta, or an element pydicom cannot parse: its own path says why
         return None
-    if header.get("BitsAllocated") != 16 or header.get("SamplesPerPixel", 1) != 1:
+    if syntax not in _NATIVE_SYNTAXES or bits_allocated != 16 or samples != 1:
         return None
-    bits_stored = header.get("BitsStored", 16)
     if not isinstance(bits_stored, int) or not 1 <= bits_stored <= 16:
         return None
     length = frame_count * rows * columns * 2
-    explicit = file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    explicit = syntax == ExplicitVRLittleEndian
     element_header = _PIXEL_DATA_TAG + (b"OW\0\0" if explicit else b"") + length.to_bytes(4, "little")
     try:
         with open(path, "rb") as f:
@@ -581,7 +584,7 @@ def _read_native_pixels(
             f.seek(offset - len(element_header))
             if f.read(len(element_header)) != element_header:
                 return None  # Pixel Data is not the last element, or has another length or VR
-            dtype = np.dtype("<i2" if header.get("PixelRepresentation", 0) == 1 else "<u2")
+            dtype = np.dtype("<i2" if signed else "<u2")
             stored = np.fromfile(f, dtype=dtype, count=frame_count * rows * columns)
     except OSError:
         return None  # pydicom's path reports it with the reason

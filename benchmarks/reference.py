@@ -234,7 +234,7 @@ def run_in_process(folder: Path, card_path: Path | None, way: str, reps: int) ->
     Each way runs as it would be deployed: ours as the server's analysis worker
     (``server.process_tuning``), the reference as a plain MONAI script. Sharing one process
     would hand each the other's heap and garbage-collector state (the reference's
-    ``PydicomReader`` is three times slower in a process holding a benchmark's objects).
+    ``PydicomReader`` took up to twice as long in a process holding a benchmark's objects).
     """
     import json
     import subprocess

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmarks.cli import add_cli as add_bench_cli
 from models.monai_bundle import add_cli as add_model_cli
-from training.evaluate import add_cli as add_evaluate_cli
+from training.evaluate_cli import add_cli as add_evaluate_cli
 from server.config import Settings, load_settings
 from server.logs import configure_logging
 

@@ -1,7 +1,7 @@
 """Evaluate a model card on annotated scans, through the server's own code path.
 
 ``python -m training.evaluate --model models/nodulenet --synthetic 50 --real --out runs/eval``
-(also ``lungscreen evaluate ...`` once :func:`add_cli` is wired). Each scan goes through
+(also ``lungscreen evaluate ...``; the arguments are in :mod:`training.evaluate_cli`). Each scan goes through
 :class:`models.detector.Detector`, :mod:`models.calibrate` and :mod:`models.rules`
 (:mod:`training.inference`), so the numbers are the product's. Reported:
 
@@ -32,6 +32,7 @@ from models.card import ModelCard, load_card, validate_card
 from models.detector import Detector
 from models.rules import ClinicalRules
 from training.calibrate import labels_of
+from training.evaluate_cli import add_arguments
 from training.froc_plot import draw_froc
 from training.inference import ScanDetections, detect_scan
 from training.metrics import (
@@ -233,32 +234,6 @@ def _finite(value):
     if isinstance(value, float) and np.isnan(value):
         return None
     return value
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True, help="model card (JSON) or its folder")
-    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="folder for metrics.json and FROC PNGs")
-    p.add_argument("--synthetic", type=int, default=0, help="number of held-out synthetic test scans")
-    p.add_argument("--first-seed", type=int, default=0, help="offset into the test seed block")
-    p.add_argument("--luna16", type=Path, help="LUNA16 folder (.mhd/.raw + annotations.csv)")
-    p.add_argument("--dicom", type=Path, help="folder of DICOM series (one per subfolder)")
-    p.add_argument("--csv", type=Path, help="LUNA16-style CSV for --dicom (default DICOM/annotations.csv)")
-    p.add_argument("--real", action="store_true", help="the bundled real scans (LIDC-IDRI-0001, lung1, contrast CT)")
-    p.add_argument("--timing", action="store_true", help="time a 300-slice CT")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
-    p.add_argument("--write-card", action="store_true", help="store the headline metrics in the model card")
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    run(args)
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``lungscreen evaluate``."""
-    p = subparsers.add_parser("evaluate", help="evaluate a model card on annotated scans (FROC, CPM, ECE)")
-    add_arguments(p)
-    p.set_defaults(func=cmd_evaluate)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from models.card import ModelCard
 from models.rules import ClinicalRules
-from training.evaluate import add_cli, evaluate_set
+from training.evaluate import evaluate_set
+from training.evaluate_cli import add_cli
 from training.export import model_card
 from toy_scans import toy_scan
 

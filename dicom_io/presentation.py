@@ -33,8 +33,16 @@ import pydicom
 from pydicom import Dataset
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage, generate_uid
 
-from dicom_io.errors import ReportError, VolumeError
-from dicom_io.sr import RESEARCH_USE_NOTICE, AlgorithmIdentity, check_result_arguments, finding_label, nodule_outline
+from dicom_io.errors import VolumeError
+from dicom_io.sr import (
+    RESEARCH_USE_NOTICE,
+    AlgorithmIdentity,
+    centre_slice,
+    check_result_arguments,
+    finding_label,
+    nodule_outline,
+    slice_header,
+)
 from dicom_io.volume import CT_SOP_CLASSES, Volume, frame_headers
 from models.findings import NoduleReport
 
@@ -143,13 +151,9 @@ def build_gsps(
     annotations = []
     for number, finding in enumerate(report.findings, start=1):
         what = f"nodule {number}"
-        k = round(finding.center_kji[0])
-        if not 0 <= k < len(volume.slices):
-            raise ReportError(f"{what}: centre slice {k} is outside the volume (0 to {len(volume.slices) - 1})")
+        k = centre_slice(finding, volume, what)
         slice_ref = volume.slices[k]
-        header = headers.get(slice_ref.sop_instance_uid)
-        if header is None:
-            raise ReportError(f"{what}: slice {k} (SOP instance {slice_ref.sop_instance_uid}) is not among the evidence")
+        header = slice_header(volume, k, headers, what)
         outline = nodule_outline(finding, volume, header, number)
         text = finding_label(number, finding.diameter_mm, finding.probability, finding.lung_rads)
         tracking_id = f"Nodule {number}"

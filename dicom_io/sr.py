@@ -53,10 +53,12 @@ __all__ = [
     "AlgorithmIdentity",
     "BillingCodes",
     "build_sr",
+    "centre_slice",
     "check_result_arguments",
     "finding_label",
     "main_exam_procedure",
     "nodule_outline",
+    "slice_header",
 ]
 
 LOCAL_SCHEME = "99LUNGSCR"
@@ -355,7 +357,16 @@ def _with_type2_study_attributes(header: Dataset) -> Dataset:
     return completed
 
 
-def _slice_header(volume: Volume, k: int, evidence: Mapping[str, Dataset], what: str) -> Dataset:
+def centre_slice(finding: Finding, volume: Volume, what: str) -> int:
+    """The index of the slice through the finding's centre, where its outline is drawn."""
+    k = round(finding.center_kji[0])
+    if not 0 <= k < len(volume.slices):
+        raise ReportError(f"{what}: centre slice {k} is outside the volume (0 to {len(volume.slices) - 1})")
+    return k
+
+
+def slice_header(volume: Volume, k: int, evidence: Mapping[str, Dataset], what: str) -> Dataset:
+    """The evidence header of the volume's slice ``k`` (a ``ReportError`` when it is missing)."""
     uid = volume.slices[k].sop_instance_uid
     if uid not in evidence:
         raise ReportError(f"{what}: slice {k} (SOP instance {uid}) is not among the evidence")
@@ -408,14 +419,12 @@ def _measurement_group(
 ) -> tuple[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, Dataset]:
     """TID 1410 group of one nodule, and the header of the slice its region lies on."""
     what = f"nodule {number}"
-    k = round(finding.center_kji[0])
-    if not 0 <= k < len(volume.slices):
-        raise ReportError(f"{what}: centre slice {k} is outside the volume (0 to {len(volume.slices) - 1})")
+    k = centre_slice(finding, volume, what)
     if finding.lung_rads not in _LUNG_RADS_CATEGORIES:
         raise ReportError(f"{what}: unknown Lung-RADS category {finding.lung_rads!r}")
     if not 0.0 <= finding.probability <= 1.0:
         raise ReportError(f"{what}: probability {finding.probability} is not in [0, 1]")
-    header = _slice_header(volume, k, evidence, what)
+    header = slice_header(volume, k, evidence, what)
     slice_ref = volume.slices[k]
     source = hd.sr.SourceImageForRegion(
         referenced_sop_class_uid=slice_ref.sop_class_uid,
@@ -663,7 +672,7 @@ def build_sr(
         library_images.setdefault(header.SOPInstanceUID, _library_view(volume, round(finding.center_kji[0]), header))
     if not library_images:
         k = len(volume.slices) // 2
-        middle = _slice_header(volume, k, headers, "image library")
+        middle = slice_header(volume, k, headers, "image library")
         library_images[middle.SOPInstanceUID] = _library_view(volume, k, middle)
 
     first = _with_type2_study_attributes(evidence[0])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from models.card import ModelCard
 from models.decoding import decode
 from models.detector import Detector, inference_box, lungs_on_model_grid
-from models.preprocess import hu_of
+from models.preprocess import build_transform, hu_of
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 BLOB_FILTER_NAME = "lungscreen-blob-filter"
@@ -125,33 +125,16 @@ def run_ours(paths: list[Path], detector: Detector) -> CandidateRun:
 def run_reference(folder: Path, card: ModelCard, network: torch.nn.Module) -> CandidateRun:
     """The reference way: MONAI loading and transforms, eager PyTorch sliding window."""
     from monai.inferers import sliding_window_inference
-    from monai.transforms import (
-        Compose,
-        EnsureChannelFirst,
-        LoadImage,
-        Orientation,
-        ScaleIntensityRange,
-        Spacing,
-        SpatialCrop,
-    )
+    from monai.transforms import EnsureChannelFirst, LoadImage, SpatialCrop
 
     pre = card.preprocessing
-    window = pre["intensity_window"]
     spec = card.inference
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     image = LoadImage(reader="PydicomReader", image_only=True)(str(folder))
     image = EnsureChannelFirst()(image)
     t1 = time.perf_counter()
-    image = Compose(
-        [
-            Orientation(axcodes=pre["orientation"], labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            Spacing(pixdim=pre["spacing_mm"], mode="bilinear", padding_mode="border", dtype=np.float32),
-            ScaleIntensityRange(
-                a_min=window["hu_min"], a_max=window["hu_max"], b_min=window["out_min"], b_max=window["out_max"], clip=True
-            ),
-        ]
-    )(image)
+    image = build_transform(pre)(image)  # MONAI Orientation, Spacing, ScaleIntensityRange, run eagerly
     # The card's input contract includes the box the network sees (the lungs' box); MONAI
     # crops to the same box, found the same way.
     hu = hu_of(image[0].numpy(), pre)

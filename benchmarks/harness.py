@@ -2,8 +2,7 @@
 
 Every process is started here, bound to loopback (storescp, which cannot bind one address,
 only inside a loopback-only network namespace: see :func:`reexec_in_netns`), and stopped
-by its own process id. Independent of ``tests/`` on purpose (the same ideas as
-``tests/peers.py``).
+by its own process id. ``tests/peers.py`` builds its test peers on these.
 """
 
 from __future__ import annotations
@@ -118,15 +117,21 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def vm_hwm_mb(pid: int) -> float:
-    """Peak resident memory (VmHWM) of one process, MiB; 0 when it is gone."""
+def status_mb(pid: int, field: str) -> float:
+    """A memory figure of one process from /proc (``VmHWM``: peak resident, ``VmRSS``: resident
+    now), MiB; 0 when the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident memory (VmHWM) of one process, MiB; 0 when it is gone."""
+    return status_mb(pid, "VmHWM")
 
 
 class Server:
@@ -134,7 +139,7 @@ class Server:
 
     def __init__(
         self, tmp: Path, *, idle_seconds: float, destinations=(), model: Path | None = None, config=None,
-        port: int | None = None, http_port: int | None = None, extra_args=(),
+        port: int | None = None, http_port: int | None = None, extra_args=(), log_level: str = "INFO",
     ):
         tmp.mkdir(parents=True, exist_ok=True)
         self.data_dir = tmp / "data"
@@ -146,7 +151,8 @@ class Server:
         config_path = tmp / "lungscreen.toml"
         config_path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
         self.args = [
-            sys.executable, "-m", "server.cli", "serve", "--config", str(config_path), "--data-dir", str(self.data_dir),
+            sys.executable, "-m", "server.cli", "--log-level", log_level, "serve", "--config", str(config_path),
+            "--data-dir", str(self.data_dir),
             "--port", str(self.port), "--http-port", str(self.http_port), "--idle-seconds", str(idle_seconds),
             "--ae-title", "LUNGSCREEN", *(["--model", str(model)] if model else []),
             *[a for d in destinations for a in ("--destination", d)], *extra_args,

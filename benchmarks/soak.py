@@ -3,7 +3,7 @@ throughput, errors and memory growth.
 
     python -m benchmarks.soak --minutes 30 [--senders 2] [--slices 64] [--json soak.json]
 
-It starts its own ``lungscreen serve`` on 127.0.0.1 with a temporary data folder, sends
+It starts its own ``lungscreen serve`` (``benchmarks.harness.Server``) on 127.0.0.1 with a temporary data folder, sends
 synthetic studies (fresh UIDs each time) from several pynetdicom senders, and samples the
 server's memory (server plus analysis workers) once a second. The run is bounded by
 ``--minutes``; the server is stopped at the end.
@@ -14,15 +14,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -31,21 +27,13 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from benchmarks.harness import children, free_port
+from benchmarks.harness import Server, children, http_json, status_mb
 from training.dicom_writer import write_ct_series
 
 
 def _rss_mb(pid: int) -> float:
     """Resident memory of ``pid`` and its children (MiB)."""
-    total = 0.0
-    for process in (pid, *children(pid)):
-        try:
-            for line in Path(f"/proc/{process}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            continue  # the process ended meanwhile
-    return total
+    return sum(status_mb(process, "VmRSS") for process in (pid, *children(pid)))
 
 
 def _template(slices: int, folder: Path) -> list[pydicom.Dataset]:
@@ -78,25 +66,10 @@ def _send_study(port: int, template: list[pydicom.Dataset], sender: str) -> tupl
 def run(minutes: float, senders: int, slices: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="lungscreen-soak-") as tmp:
         tmp_path = Path(tmp)
-        port, http_port = free_port(), free_port()
         template = _template(slices, tmp_path / "template")
-        config = tmp_path / "soak.toml"
-        config.write_text("min_free_mb = 64\n")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve", "--config", str(config),
-             "--data-dir", str(tmp_path / "data"), "--port", str(port), "--http-port", str(http_port),
-             "--idle-seconds", "1"],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "wb"), start_new_session=True,
-        )
-        base = f"http://127.0.0.1:{http_port}"
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    urllib.request.urlopen(f"{base}/healthz", timeout=1)
-                    break
-                except OSError:
-                    time.sleep(0.2)
+        server = Server(tmp_path / "server", idle_seconds=1.0, config={"min_free_mb": 64}, log_level="WARNING")
+        with server.running():
+            port, base = server.port, f"http://127.0.0.1:{server.http_port}"
             sent: dict[str, float] = {}
             send_errors = 0
             lock = threading.Lock()
@@ -117,21 +90,18 @@ def run(minutes: float, senders: int, slices: int) -> dict:
                 t.start()
             start = time.monotonic()
             while time.monotonic() < stop_at:
-                memory.append((time.monotonic() - start, _rss_mb(server.pid)))
+                memory.append((time.monotonic() - start, _rss_mb(server.proc.pid)))
                 time.sleep(1.0)
             for t in threads:
                 t.join()
             drain_until = time.monotonic() + 300
             jobs: dict[str, dict] = {}
             while time.monotonic() < drain_until:
-                jobs = {j["study_uid"]: j for j in json.loads(urllib.request.urlopen(f"{base}/studies").read())}
+                jobs = {j["study_uid"]: j for j in http_json(f"{base}/studies")}
                 if all(jobs.get(uid, {}).get("state") in ("reported", "failed") for uid in sent):
                     break
                 time.sleep(1.0)
-            memory.append((time.monotonic() - start, _rss_mb(server.pid)))
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+            memory.append((time.monotonic() - start, _rss_mb(server.proc.pid)))
         states = [jobs.get(uid, {}).get("state", "missing") for uid in sent]
         latencies = [
             jobs[uid]["finished_at"] - sent[uid] for uid in sent if jobs.get(uid, {}).get("finished_at")

@@ -8,7 +8,6 @@ and stopped by its own process id.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from contextlib import contextmanager
@@ -17,11 +16,12 @@ from typing import Iterator
 
 import pytest
 
-from benchmarks.harness import Server, free_port, http_json, port_open, process, wait_until
+from benchmarks.harness import (  # noqa: F401  (storescp is re-exported for the tests)
+    REPO, Server, dcmtk_env, free_port, http_json, in_netns, process, storescp, wait_until,
+)
 from models.card import BLOB_FILTER_CARD
 
-REPO = Path(__file__).resolve().parents[1]
-IN_NETNS = os.environ.get("LUNGSCREEN_TEST_NETNS") == "1"
+IN_NETNS = in_netns()
 
 needs_netns = pytest.mark.skipif(
     not IN_NETNS,
@@ -57,20 +57,10 @@ class LungScreen(Server):
 def storescu(files: list[Path], port: int, *, called="LUNGSCREEN", calling="PACS", propose=(), check=True):
     """dcmtk storescu; ``propose`` e.g. ("-xs",) for JPEG Lossless files."""
     args = ["storescu", "-aet", calling, "-aec", called, *propose, "127.0.0.1", str(port), *map(str, files)]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, "TCP_NODELAY": "1"})
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=dcmtk_env())
     if check and result.returncode != 0:
         raise AssertionError(f"storescu failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
-
-
-@contextmanager
-def storescp(out_dir: Path, port: int, ae_title: str = "DEST", *, log_path: Path) -> Iterator[subprocess.Popen]:
-    """dcmtk storescp writing what it receives into ``out_dir`` (needs the test namespace)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    args = ["storescp", "-aet", ae_title, "-od", str(out_dir), str(port)]
-    with process(args, log_path, env={**os.environ, "TCP_NODELAY": "1"}) as proc:
-        wait_until(lambda: port_open(port), 20, what="storescp")
-        yield proc
 
 
 def dciodvfy_errors(path: Path) -> tuple[list[str], str]:

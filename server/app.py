@@ -27,7 +27,7 @@ from dicom_io.store import InstanceStore
 from models.card import load_card
 from server import __version__
 from server.billing import BillingLedger, ExtensionEntry
-from server.config import Settings
+from server.config import Settings, installation_value
 from server.db import Database
 from server.jobs import FAILED, REPORTED, JobStore
 from server.metrics import Metrics
@@ -57,13 +57,7 @@ def sop_class_name(uid: str) -> str:
 
 def api_token(data_dir: Path) -> str:
     """The HTTP bearer token of this installation, made once and readable by its owner only."""
-    path = data_dir / "api-token"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-    return path.read_text().strip()
+    return installation_value(data_dir, "api-token", lambda: secrets.token_urlsafe(32), mode=0o600)
 
 
 class LungScreenServer:

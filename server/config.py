@@ -6,7 +6,9 @@ reads process-wide globals.
 
 from __future__ import annotations
 
+import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -102,3 +104,21 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     return replace(Settings(), **{k: _coerce(k, v) for k, v in values.items()})
+
+
+def installation_value(data_dir: Path, name: str, make: Callable[[], str], *, mode: int = 0o644) -> str:
+    """A value made once per installation and kept in ``data_dir/name`` with ``mode``
+    (the Device UID, the HTTP token). The file is created exclusively: when two processes
+    start at once, both read the one value that was written."""
+    path = data_dir / name
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(make() + "\n")
+    return path.read_text().strip()
+

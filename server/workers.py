@@ -27,7 +27,7 @@ from models.card import load_card
 from models.detector import Detector
 from models.rules import ClinicalRules
 from server import __version__
-from server.config import Settings
+from server.config import Settings, installation_value
 from server.pipeline import AnalysisResult, Analyzer, analyze_study
 from server.process_tuning import tune_analysis_process
 
@@ -40,11 +40,7 @@ class AnalysisCrashed(LungScreenError):
 
 def installation_uid(data_dir: Path) -> str:
     """A stable Device UID for this installation (IHE AIR Contributing Equipment)."""
-    path = data_dir / "device-uid"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(generate_uid() + "\n")
-    return path.read_text().strip()
+    return installation_value(data_dir, "device-uid", generate_uid)
 
 
 def build_analyzer(settings: Settings) -> Analyzer:

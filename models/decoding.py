@@ -8,6 +8,7 @@ returns :class:`ModelCandidate` in model-voxel coordinates, strongest first.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F

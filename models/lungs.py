@@ -1,7 +1,7 @@
 """The lungs of a chest CT by thresholding: where nodules can be, and where they cannot.
 
 Used at run time on the model's grid (2 mm), twice: the network sees only the lungs' box,
-and a candidate whose centre lies far outside the lungs (in the heart, the liver, a
+and a candidate whose surface lies far outside the lungs (in the heart, the liver, a
 contrast-filled vessel of the mediastinum) is suppressed by a clinical rule, and counted.
 Used in training (``training/``) to insert synthetic nodules into real lungs.
 """

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from monai.transforms import Compose, RandGaussianNoise, RandScaleIntensity, RandShiftIntensity
 
+from models.lungs import lung_mask_xyz
 from models.preprocess import build_transform, preprocess
 from training.scan import Scan
 from training.spec import HU_MAX, HU_MIN, PREPROCESSING, SPACING_MM
-from models.lungs import lung_mask_xyz
 from training.targets import build_targets
 
 PATCH_SIZE = (64, 64, 64)

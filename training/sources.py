@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from dicom_io.volume import read_series_volume
-from training.scan import Exclusion, Nodule, Scan, axial_affine
 from models.lungs import lung_mask
+from training.scan import Exclusion, Nodule, Scan, axial_affine
 from training.synthetic import insert_nodules, make_chest_ct, sample_nodule_specs
 
 # Disjoint seed blocks (first seed, size) per use.

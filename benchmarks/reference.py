@@ -110,7 +110,8 @@ def run_ours(paths: list[Path], detector: Detector) -> CandidateRun:
     choice = choose_series(list(index.series), SelectionRules())
     if choice.selected is None:
         raise RuntimeError("no eligible series")
-    volume = read_series_volume(choice.selected.paths, headers=choice.selected.headers)
+    series = choice.selected
+    volume = read_series_volume(series.paths, headers=series.headers, frames=series.frames)
     t1 = time.perf_counter()
     image = detector.preprocess(volume.voxels, volume.affine)
     t2 = time.perf_counter()

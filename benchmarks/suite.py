@@ -45,7 +45,7 @@ class Config:
     e2e_reps: int = 5
     ingest_reps: int = 5
     ingest_senders: tuple[int, ...] = (1, 2, 4)  # concurrent associations for aggregate_ingest_mb_s
-    reference_reps: int = 3
+    reference_reps: int = 5
     scaling_slices: tuple[int, ...] = (100, 300, 600)
     scaling_reps: int = 3
     senders: int = 4

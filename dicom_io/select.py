@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 
 import pydicom
@@ -20,7 +21,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from dicom_io.errors import VolumeError
-from dicom_io.volume import CT_SOP_CLASSES, frame_headers, stack_geometry
+from dicom_io.volume import CT_SOP_CLASSES, FrameHeader, frame_headers, stack_geometry
 
 _SAME_SPACING_MM = 1e-3
 _BACKSLASH = "\\"  # separates the values of a multi-valued attribute, as in DICOM
@@ -42,6 +43,16 @@ class SeriesCandidate:
         foreign = {str(h.get("SeriesInstanceUID", "")) for h in self.headers} - {self.series_instance_uid}
         if foreign:
             raise ValueError(f"headers of series {sorted(foreign)} given as series {self.series_instance_uid}")
+
+    @cached_property
+    def frames(self) -> tuple[tuple[FrameHeader, ...], ...]:
+        """The frame headers of each instance (built once: the selection checks them and
+        ``read_series_volume`` stacks them).
+
+        Raises:
+            VolumeError: as :func:`dicom_io.volume.frame_headers`.
+        """
+        return tuple(frame_headers(header) for header in self.headers)
 
     @property
     def series_description(self) -> str:
@@ -175,7 +186,7 @@ def _assess(candidate: SeriesCandidate, rules: SelectionRules) -> _Eligible | st
         return image_type_reason
 
     try:
-        frames = [frame for header in headers for frame in frame_headers(header)]
+        frames = [frame for file_frames in candidate.frames for frame in file_frames]
     except VolumeError as exc:
         return str(exc)
     if len(frames) < rules.min_slices:

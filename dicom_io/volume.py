@@ -12,7 +12,9 @@ Conventions (kept identical in every stage):
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,7 +211,11 @@ def stack_geometry(frames: Sequence[FrameHeader]) -> StackGeometry:
 
 
 def read_series_volume(
-    paths: Sequence[Path], *, headers: Sequence[pydicom.Dataset] | None = None, min_slices: int = 10
+    paths: Sequence[Path],
+    *,
+    headers: Sequence[pydicom.Dataset] | None = None,
+    frames: Sequence[Sequence[FrameHeader]] | None = None,
+    min_slices: int = 10,
 ) -> Volume:
     """Assemble the CT series stored in ``paths`` into a :class:`Volume` in HU.
 
@@ -230,6 +236,8 @@ def read_series_volume(
         paths: The files of one series, in any order.
         headers: Their headers, when already read (``dicom_io.study.index_study``), in
             the same order; read here otherwise.
+        frames: The :func:`frame_headers` of each of ``headers``, when already built
+            (``dicom_io.select.SeriesCandidate.frames``); built here otherwise.
         min_slices: The fewest slices accepted.
 
     Raises:
@@ -241,6 +249,8 @@ def read_series_volume(
     paths = [Path(path) for path in paths]
     if not paths:
         raise VolumeError("no files given: a volume needs at least one series of CT images")
+    if frames is not None and (headers is None or len(frames) != len(headers)):
+        raise ValueError("frames come with their headers, one tuple of frames per header")
     if headers is None:
         headers = [_read_header(path) for path in paths]
     elif len(headers) != len(paths):
@@ -255,7 +265,7 @@ def read_series_volume(
             "slice positions in different coordinate systems cannot be stacked"
         )
 
-    frames_per_file = [frame_headers(header) for header in headers]
+    frames_per_file = [frame_headers(header) for header in headers] if frames is None else list(frames)
     frames = [frame for file_frames in frames_per_file for frame in file_frames]
     not_ct = sorted({frame.sop_class_uid for frame in frames} - CT_SOP_CLASSES)
     if not_ct:
@@ -277,23 +287,31 @@ def read_series_volume(
             )
     slice_of_frame = np.empty(len(frames), dtype=np.intp)
     slice_of_frame[list(geometry.order)] = np.arange(len(frames))
+    first_frame_of_file = np.cumsum([0] + [len(file_frames) for file_frames in frames_per_file])
     voxels = np.empty((len(frames), rows, columns), dtype=np.float32)
-    first_frame = 0
-    for path, header, file_frames in zip(paths, headers, frames_per_file):
-        stored = _decode_pixels(path, header, len(file_frames), rows, columns)
-        padding = _padding_mask(header, stored)
-        for index_in_file, frame in enumerate(file_frames):
-            target = voxels[slice_of_frame[first_frame + index_in_file]]
-            # In float32 and in place: a float64 temporary per slice costs more than the decode.
-            intercept = np.float32(frame.rescale_intercept)
-            if frame.rescale_slope == 1:  # the usual CT case: one pass instead of two
-                np.add(stored[index_in_file], intercept, out=target, casting="unsafe")
-            else:
-                np.multiply(stored[index_in_file], np.float32(frame.rescale_slope), out=target, casting="unsafe")
-                target += intercept
-            if padding is not None:
-                target[padding[index_in_file]] = _PADDING_HU
-        first_frame += len(file_frames)
+
+    def fill(files: range) -> None:
+        for file in files:
+            file_frames = frames_per_file[file]
+            stored = _decode_pixels(paths[file], headers[file], len(file_frames), rows, columns)
+            padding = _padding_mask(headers[file], stored)
+            for index_in_file, frame in enumerate(file_frames):
+                target = voxels[slice_of_frame[first_frame_of_file[file] + index_in_file]]
+                # In float32 and in place: a float64 temporary per slice costs more than the decode.
+                intercept = np.float32(frame.rescale_intercept)
+                if frame.rescale_slope == 1:  # the usual CT case: one pass instead of two
+                    np.add(stored[index_in_file], intercept, out=target, casting="unsafe")
+                else:
+                    np.multiply(stored[index_in_file], np.float32(frame.rescale_slope), out=target, casting="unsafe")
+                    target += intercept
+                if padding is not None:
+                    target[padding[index_in_file]] = _PADDING_HU
+
+    # File reads and numpy release the GIL: one contiguous run of files per core.
+    workers = min(len(os.sched_getaffinity(0)), len(paths))
+    bounds = np.linspace(0, len(paths), workers + 1).astype(int)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(fill, [range(a, b) for a, b in zip(bounds, bounds[1:])]))  # list(): re-raises errors
 
     first = headers[0]
     return Volume(

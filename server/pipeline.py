@@ -110,7 +110,8 @@ def analyze_study(
             raise NoEligibleSeries(tuple(rejected), unreadable)
         try:
             with _timed(timings, "volume"):
-                volume = read_series_volume(choice.selected.paths, headers=choice.selected.headers)
+                series = choice.selected
+                volume = read_series_volume(series.paths, headers=series.headers, frames=series.frames)
         except VolumeError as exc:
             description = str(choice.selected.headers[0].get("SeriesDescription", ""))
             rejected.append(SeriesRejection(choice.selected.series_instance_uid, description, str(exc)))

@@ -24,6 +24,8 @@ from pydicom.uid import (
 )
 
 from dicom_io.errors import VolumeError
+from dicom_io.select import SelectionRules, choose_series
+from dicom_io.study import index_study
 from dicom_io.volume import Volume, read_series_volume
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -208,6 +210,23 @@ def test_legacy_converted_enhanced_ct_matches_single_frame_series(
     assert {ref.sop_class_uid for ref in volume.slices} == {"1.2.840.10008.5.1.4.1.1.2.2"}
     assert {ref.sop_instance_uid for ref in volume.slices} == {multi_frame.SOPInstanceUID}
     assert sorted(ref.frame_number for ref in volume.slices) == list(range(1, 13))
+
+
+def test_frame_headers_built_by_the_selection_give_the_same_volume(
+    lidc_subset: list[Path], lidc_subset_volume: Volume
+) -> None:
+    (series,) = index_study(lidc_subset).series
+    assert choose_series([series], SelectionRules(min_slices=10)).selected is series  # builds series.frames
+
+    volume = read_series_volume(series.paths, headers=series.headers, frames=series.frames)
+
+    np.testing.assert_array_equal(volume.voxels, lidc_subset_volume.voxels)
+    np.testing.assert_array_equal(volume.affine, lidc_subset_volume.affine)
+    assert volume.slices == lidc_subset_volume.slices
+    with pytest.raises(ValueError, match="one tuple of frames per header"):
+        read_series_volume(series.paths, headers=series.headers, frames=series.frames[:-1])
+    with pytest.raises(ValueError, match="frames come with their headers"):
+        read_series_volume(series.paths, frames=series.frames)
 
 
 # --- Ordering and geometry -------------------------------------------------------------------

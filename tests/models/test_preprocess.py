@@ -11,6 +11,7 @@ from dicom_io.volume import read_series_volume
 from models.card import DEFAULT_MODEL_CARD, load_card
 from models.detector import Detector
 from models.lungs import distance_outside_mm
+from models import preprocess as preprocess_module
 from models.preprocess import LPS_TO_RAS, bounding_box, build_transform, crop_to_box, preprocess
 
 CARD = load_card(DEFAULT_MODEL_CARD)
@@ -30,11 +31,15 @@ def axis_aligned_affine(spacing, flips=(1, 1, 1)) -> np.ndarray:
     return affine
 
 
+@pytest.mark.parametrize("in_blocks", [False, True], ids=["one-block", "blocks-on-threads"])
 @pytest.mark.parametrize(
     "spacing, flips",
     [((1.25, 0.7, 0.7), (1, 1, 1)), ((2.5, 0.62, 0.62), (1, 1, -1)), ((0.6, 0.9, 0.8), (-1, 1, 1)), ((2.0, 2.0, 2.0), (1, -1, 1))],
 )
-def test_separable_resampling_gives_monais_values(spacing, flips):
+def test_separable_resampling_gives_monais_values(spacing, flips, in_blocks, monkeypatch):
+    if in_blocks:  # large CTs are interpolated in blocks on a thread pool; any size, here
+        monkeypatch.setattr(preprocess_module, "PARALLEL_MIN_VOXELS", 0)
+        monkeypatch.setattr(preprocess_module.os, "sched_getaffinity", lambda pid: {0, 1, 2})
     rng = np.random.default_rng(7)
     voxels = rng.uniform(-1100, 500, size=(37, 61, 53)).astype(np.float32)
     affine = axis_aligned_affine(spacing, flips)
@@ -56,6 +61,16 @@ def test_oblique_grid_falls_back_to_monai():
     reference, reference_affine = monai_reference(voxels, affine)
     np.testing.assert_allclose(ours.index_to_lps, reference_affine, atol=1e-9)
     assert float((ours.tensor - reference).abs().max()) < 1e-5
+
+
+def test_bounding_box_spans_every_set_voxel_plus_the_margin():
+    rng = np.random.default_rng(10)
+    mask = rng.random((30, 40, 20)) > 0.999
+    present = np.argwhere(mask)
+    box = bounding_box(mask, margin_mm=2.0, spacing_mm=(1.0, 2.0, 4.0))
+    assert [b.start for b in box] == list(np.maximum(present.min(axis=0) - [2, 1, 1], 0))
+    assert [b.stop for b in box] == list(np.minimum(present.max(axis=0) + 1 + [2, 1, 1], mask.shape))
+    assert bounding_box(np.zeros((4, 4, 4), dtype=bool), margin_mm=2.0, spacing_mm=(1.0, 1.0, 1.0)) is None
 
 
 def test_crop_keeps_world_coordinates():

@@ -79,6 +79,7 @@ class Volume:
 CT_SOP_CLASSES = frozenset({CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage})
 
 _PADDING_HU = -1024.0  # written over pixel padding (PS3.3 C.7.5.1.1.2): air
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 _ORIENTATION_TOLERANCE = 1e-3  # on the direction cosines of ImageOrientationPatient
 _PIXEL_SPACING_TOLERANCE_MM = 1e-3
@@ -280,10 +281,12 @@ def read_series_volume(
             f"declared size {len(frames)} x {rows} x {columns} voxels exceeds the limit of {MAX_VOXELS:.2g} voxels"
         )
     for frame in frames:
-        if not (math.isfinite(frame.rescale_slope) and math.isfinite(frame.rescale_intercept)):
+        # HU are float32: the largest a 16-bit stored value can become must stay finite there.
+        largest = abs(frame.rescale_slope) * 2.0**16 + abs(frame.rescale_intercept)
+        if not largest <= _FLOAT32_MAX:  # also NaN
             raise VolumeError(
                 f"SOP instance {frame.sop_instance_uid}: rescale slope/intercept "
-                f"{frame.rescale_slope}/{frame.rescale_intercept} are not finite numbers"
+                f"{frame.rescale_slope}/{frame.rescale_intercept} do not give finite single-precision values"
             )
     slice_of_frame = np.empty(len(frames), dtype=np.intp)
     slice_of_frame[list(geometry.order)] = np.arange(len(frames))

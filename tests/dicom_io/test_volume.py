@@ -529,6 +529,11 @@ SOP = r"SOP instance [\d.]+"
             "ImagePositionPatient", [1.0, 2.0], rf"^{SOP}: ImagePositionPatient must hold 3 finite numbers, got 2",
             id="short-position",
         ),
+        pytest.param(  # found by tests/dicom_io/test_hostile.py: finite in float64, infinite as float32 HU
+            "RescaleIntercept", "3.40282357e+38",
+            rf"^{SOP}: rescale slope/intercept 1\.0/3\.40282357e\+38 do not give finite single-precision values$",
+            id="intercept-beyond-float32",
+        ),
         pytest.param("SeriesInstanceUID", "1.2.3.4", r"^files from 2 series", id="two-series"),
         pytest.param(
             "SOPClassUID", "1.2.840.10008.5.1.4.1.1.7",

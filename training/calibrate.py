@@ -1,6 +1,6 @@
 """Calibration and operating points, fitted on validation scans never used in training.
 
-``python -m training.calibrate --card models/nodulenet --scans 30`` runs the card's detector
+``python -m training.calibrate --card models/nodulenet --scans 60`` runs the card's detector
 on synthetic validation scans (seed block ``validation``), labels every candidate TP (its
 centre within a nodule's radius) or FP, fits isotonic regression (pool-adjacent-violators)
 of the label on the raw score, and picks the operating points on the calibrated scale from
@@ -157,7 +157,7 @@ def calibrate_card(card_dir: Path, n_scans: int, screening_fp: float, high_sensi
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m training.calibrate", description=__doc__.splitlines()[0])
     p.add_argument("--card", type=Path, required=True, help="model folder holding model_card.json")
-    p.add_argument("--scans", type=int, default=30)
+    p.add_argument("--scans", type=int, default=60)
     p.add_argument("--screening-fp", type=float, default=SCREENING_FP_PER_SCAN)
     p.add_argument("--high-sensitivity-fp", type=float, default=HIGH_SENSITIVITY_FP_PER_SCAN)
     args = p.parse_args(argv)

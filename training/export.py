@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/nodulenet")
     p.add_argument("--name", default="lungscreen-nodulenet")
-    p.add_argument("--version", default="1.1.0")
+    p.add_argument("--version", default="1.2.0")
     args = p.parse_args(argv)
     export(args.checkpoint, args.out, args.name, args.version)
 

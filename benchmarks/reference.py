@@ -69,16 +69,26 @@ class TorchBlobFilter(torch.nn.Module):
         return torch.cat([(blurred[a] - blurred[b]) * self.scale for a, b in self.pairs], dim=1)
 
 
+def missing_torch_network(card: ModelCard) -> str | None:
+    """Why the card's ONNX model has no PyTorch equivalent here, or None when it has one."""
+    if card.name == BLOB_FILTER_NAME:
+        return None
+    from training.export import WEIGHTS_FILE
+
+    weights = card.onnx_path.parent / WEIGHTS_FILE
+    return None if weights.exists() else f"no PyTorch definition for {card.name}: {weights} is missing"
+
+
 def torch_network(card: ModelCard) -> torch.nn.Module:
     """The PyTorch equivalent of the card's ONNX model; ``LookupError`` when there is none here."""
+    missing = missing_torch_network(card)
+    if missing:
+        raise LookupError(missing)
     if card.name == BLOB_FILTER_NAME:
         return TorchBlobFilter().eval()
     from training.export import WEIGHTS_FILE, load_weights
 
-    weights = card.onnx_path.parent / WEIGHTS_FILE
-    if not weights.exists():
-        raise LookupError(f"no PyTorch definition for {card.name}: {weights} is missing")
-    return load_weights(weights)
+    return load_weights(card.onnx_path.parent / WEIGHTS_FILE)
 
 
 @dataclass

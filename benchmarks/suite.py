@@ -410,15 +410,14 @@ def bench_load(cfg: Config, factory: StudyFactory, server: Server, dest: Destina
 
 def bench_reference(cfg: Config, factory: StudyFactory | None, work: Path) -> dict:
     from benchmarks.reference import (
-        OURS, REFERENCE, WARM_UP_RUNS, compare_candidates, reported_min_score, run_in_process, torch_network,
+        OURS, REFERENCE, WARM_UP_RUNS, compare_candidates, missing_torch_network, reported_min_score, run_in_process,
     )
     from models.card import DEFAULT_MODEL_CARD, load_card
 
     card = load_card(cfg.model or DEFAULT_MODEL_CARD)
-    try:
-        torch_network(card)
-    except LookupError as exc:
-        return {"skipped": str(exc)}
+    missing = missing_torch_network(card)  # the reference's own process loads the network
+    if missing:
+        return {"skipped": missing}
     folder = real_ct_folder(work) if cfg.reference_volume == "real" else None
     label = "LIDC-IDRI-0001 (real, 133 slices)"
     if folder is None:

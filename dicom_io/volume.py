@@ -35,6 +35,11 @@ from dicom_io.errors import VolumeError
 # A chest CT of 2,000 slices of 1024 x 1024 is 2.1e9 voxels (8 GB as float32); anything
 # declared larger is refused before memory is allocated for it.
 MAX_VOXELS = 2_200_000_000
+# Beyond any CT: reconstruction fields of view reach about 80 cm (extended FOV), table travel
+# about 2 m. A larger extent is a wrong PixelSpacing or position (e.g. "7" for "0.7"), and
+# resampling it to the model's grid would take far more memory than the images.
+MAX_FIELD_OF_VIEW_MM = 1000.0
+MAX_SCAN_LENGTH_MM = 3000.0
 
 
 @dataclass(frozen=True)
@@ -186,7 +191,8 @@ def stack_geometry(frames: Sequence[FrameHeader]) -> StackGeometry:
     Every frame needs the Image Plane attributes (PS3.3 C.7.6.2) and all must share one
     orientation, pixel spacing and image size; there is no gantry tilt, neither recorded
     (GantryDetectorTilt) nor visible as slice positions drifting within the image plane;
-    no two slices share a location; every gap is within 10% of the median step.
+    no two slices share a location; every gap is within 10% of the median step; the stack
+    is no wider than ``MAX_FIELD_OF_VIEW_MM`` and no longer than ``MAX_SCAN_LENGTH_MM``.
 
     Raises:
         VolumeError: with the reason the frames do not form such a stack.
@@ -199,6 +205,7 @@ def stack_geometry(frames: Sequence[FrameHeader]) -> StackGeometry:
     positions = np.array([frame.image_position for frame in frames], dtype=np.float64)
     order = np.argsort(positions @ normal, kind="stable")
     step = _check_stack(positions[order], normal, min(pixel_spacing))
+    _check_extent(image_size, pixel_spacing, step * (len(frames) - 1))
     return StackGeometry(
         order=tuple(int(index) for index in order),
         row_cosines=row_cosines,
@@ -489,6 +496,22 @@ def _common_geometry(
         (float(spacings[0, 0]), float(spacings[0, 1])),
         (int(rows), int(columns)),
     )
+
+
+def _check_extent(image_size: tuple[int, int], pixel_spacing: tuple[float, float], length_mm: float) -> None:
+    """Refuse a stack larger than any CT scanner images (``MAX_FIELD_OF_VIEW_MM``, ``MAX_SCAN_LENGTH_MM``)."""
+    height, width = image_size[0] * pixel_spacing[0], image_size[1] * pixel_spacing[1]
+    if max(height, width) > MAX_FIELD_OF_VIEW_MM:
+        raise VolumeError(
+            f"field of view {width:.0f} x {height:.0f} mm ({image_size[1]} x {image_size[0]} pixels, PixelSpacing "
+            f"{pixel_spacing[0]:g}/{pixel_spacing[1]:g} mm) is wider than any CT reconstructs "
+            f"(at most {MAX_FIELD_OF_VIEW_MM:.0f} mm): PixelSpacing, Rows or Columns is wrong"
+        )
+    if length_mm > MAX_SCAN_LENGTH_MM:
+        raise VolumeError(
+            f"the slices span {length_mm:.0f} mm, longer than any CT scan (at most {MAX_SCAN_LENGTH_MM:.0f} mm): "
+            "ImagePositionPatient is wrong"
+        )
 
 
 def _check_stack(sorted_positions: np.ndarray, normal: np.ndarray, smallest_pixel_mm: float) -> float:

@@ -549,6 +549,20 @@ def test_inconsistent_headers_are_rejected(tmp_path: Path, keyword: str, value: 
         read_series_volume(paths)
 
 
+def test_a_stack_larger_than_any_ct_is_rejected(tmp_path: Path) -> None:
+    """A PixelSpacing of "40" for "0.4" would make the model's grid 100 times larger than the images."""
+    wide, _ = _write_series(tmp_path / "wide", edit=lambda k, ds: setattr(ds, "PixelSpacing", [40.0, 35.0]))
+    long, _ = _write_series(tmp_path / "long", step=300.0)
+
+    assert _reject_reason(wide) == (
+        "field of view 1120 x 1280 mm (32 x 32 pixels, PixelSpacing 40/35 mm) is wider than any CT "
+        "reconstructs (at most 1000 mm): PixelSpacing, Rows or Columns is wrong"
+    )
+    assert _reject_reason(long) == (
+        "the slices span 3300 mm, longer than any CT scan (at most 3000 mm): ImagePositionPatient is wrong"
+    )
+
+
 def test_mixed_image_sizes_are_rejected(tmp_path: Path) -> None:
     def shrink(k: int, ds: Dataset) -> None:
         if k == 2:

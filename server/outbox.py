@@ -1,4 +1,4 @@
-"""The durable outbox: each report to each destination, retried with exponential backoff.
+"""The durable outbox: each report to each destination, retried with exponential backoff and jitter.
 
 A row is ``pending`` until sent, then ``sent``; after ``max_attempts`` transient failures,
 or at once on a permanent rejection, it is ``dead`` with the reason (a dead letter): never
@@ -7,7 +7,9 @@ an endless retry loop.
 
 from __future__ import annotations
 
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +31,17 @@ class RetryPolicy:
     max_attempts: int = 8
     base_delay_s: float = 2.0
     max_delay_s: float = 300.0
+    # Each wait is shortened by up to this fraction at random, so that the reports of one study,
+    # failing together, do not retry in lockstep and meet the same busy destination again.
+    jitter: float = 0.5
 
     def delay(self, attempts: int) -> float:
+        """The longest wait after ``attempts`` failed tries."""
         return min(self.max_delay_s, self.base_delay_s * 2 ** max(0, attempts - 1))
+
+    def wait(self, attempts: int, uniform: Callable[[], float] = random.random) -> float:
+        """The wait before the next try: :meth:`delay` less a random part of up to ``jitter``."""
+        return self.delay(attempts) * (1.0 - self.jitter * uniform())
 
 
 class Outbox:
@@ -79,7 +89,7 @@ class Outbox:
         with self.db.transaction() as c:
             c.execute(
                 "UPDATE outbox SET state = ?, attempts = ?, last_error = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?",
-                (state, attempts, error, now + self.policy.delay(attempts), now, item.id),
+                (state, attempts, error, now + self.policy.wait(attempts), now, item.id),
             )
         return state
 

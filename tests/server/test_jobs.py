@@ -203,6 +203,10 @@ def test_outbox_backoff_then_dead_letter(db):
     assert RetryPolicy(base_delay_s=2, max_delay_s=10).delay(1) == 2
     assert RetryPolicy(base_delay_s=2, max_delay_s=10).delay(3) == 8
     assert RetryPolicy(base_delay_s=2, max_delay_s=10).delay(9) == 10
+    jittered = RetryPolicy(base_delay_s=2, max_delay_s=10, jitter=0.5)
+    assert jittered.wait(3, uniform=lambda: 0.0) == 8 and jittered.wait(3, uniform=lambda: 1.0) == 4
+    waits = {RetryPolicy().wait(3) for _ in range(20)}
+    assert len(waits) > 1 and all(4 <= w <= 8 for w in waits), "two reports failing together retry apart"
 
 
 def test_nested_transactions_commit_together_or_not_at_all(db):

@@ -291,7 +291,7 @@ def test_destination_down_then_up_is_delivered(tmp_path):
 def test_destination_that_rejects_ends_in_dead_letter(tmp_path):
     study = phantom_study(tmp_path / "study")
     dest_port = free_port()
-    # storescp --refuse sometimes drops a connection before its rejection is read (pynetdicom then
+    # storescp --refuse aborts an association that arrives just after a refusal (pynetdicom then
     # reports the peer unreachable: a transient failure, retried); quick retries keep the test
     # within its wait however many of those a delivery meets.
     server = LungScreen(

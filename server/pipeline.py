@@ -106,17 +106,15 @@ def analyze_study(
         with _timed(timings, "select"):
             choice = choose_series(remaining, analyzer.selection)
         rejected.extend(r for r in choice.rejected if not r.reason.startswith("eligible"))
-        if choice.selected is None:
+        selected = choice.selected
+        if selected is None:
             raise NoEligibleSeries(tuple(rejected), unreadable)
         try:
             with _timed(timings, "volume"):
-                series = choice.selected
-                volume = read_series_volume(series.paths, headers=series.headers, frames=series.frames)
+                volume = read_series_volume(selected.paths, headers=selected.headers, frames=selected.frames)
         except VolumeError as exc:
-            description = str(choice.selected.headers[0].get("SeriesDescription", ""))
-            rejected.append(SeriesRejection(choice.selected.series_instance_uid, description, str(exc)))
-            remaining = [s for s in remaining if s.series_instance_uid != choice.selected.series_instance_uid]
-    selected = choice.selected
+            rejected.append(SeriesRejection(selected.series_instance_uid, selected.series_description, str(exc)))
+            remaining = [s for s in remaining if s.series_instance_uid != selected.series_instance_uid]
     rejected.extend(r for r in choice.rejected if r.reason.startswith("eligible"))
 
     detector = analyzer.detector

@@ -216,13 +216,15 @@ def storescu(files: list[Path], port: int, *, called: str = "LUNGSCREEN", callin
 
 
 @contextmanager
-def storescp(out_dir: Path, port: int, ae_title: str = "DEST", *, log_path: Path) -> Iterator[subprocess.Popen]:
+def storescp(
+    out_dir: Path, port: int, ae_title: str = "DEST", *, log_path: Path, options: tuple[str, ...] = ()
+) -> Iterator[subprocess.Popen]:
     """dcmtk storescp writing what it receives into ``out_dir`` (listens on all interfaces:
-    only inside the loopback-only namespace)."""
+    only inside the loopback-only namespace). ``options``: more storescp options, e.g. TLS."""
     if not in_netns():
         raise RuntimeError("storescp listens on all interfaces: run inside the loopback-only namespace")
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = ["storescp", "-aet", ae_title, "-od", str(out_dir), str(port)]
+    args = ["storescp", "-aet", ae_title, "-od", str(out_dir), *options, str(port)]
     with process(args, log_path, env=dcmtk_env()) as proc:
         wait_until(lambda: port_open(port), 20, what="storescp")
         yield proc

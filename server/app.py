@@ -14,7 +14,9 @@ import shutil
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
@@ -42,12 +44,33 @@ def listener_tls(settings: Settings) -> ssl.SSLContext | None:
     """The TLS context of the DICOM listener, or None for plain TCP."""
     if settings.tls_cert is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    if settings.tls_ca is not None:
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(settings.tls_ca)
+    with _tls_files("tls_cert, tls_key, tls_ca"):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(settings.tls_ca)
     return context
+
+
+def destination_tls(settings: Settings) -> ssl.SSLContext:
+    """The TLS context for ``tls:`` destinations: their certificates must chain to
+    ``destination_ca`` (default: the system's CA bundle) and name the host dialled; a client
+    certificate, when configured, is shown to those that ask for one."""
+    with _tls_files("destination_ca, destination_cert, destination_key"):
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.destination_ca)
+        if settings.destination_cert is not None:
+            context.load_cert_chain(settings.destination_cert, settings.destination_key)
+    return context
+
+
+@contextmanager
+def _tls_files(settings_names: str) -> Iterator[None]:
+    """Say which settings hold the certificate that cannot be read (ssl's message names none)."""
+    try:
+        yield
+    except OSError as exc:  # ssl.SSLError too
+        raise ValueError(f"TLS settings {settings_names}: {exc}") from None
 
 
 def sop_class_name(uid: str) -> str:
@@ -75,6 +98,7 @@ class LungScreenServer:
         self.analysis = AnalysisPool(settings)
         self.metrics = Metrics(self.jobs)
         self.destinations = [Destination.parse(d) for d in settings.destination]
+        self.destination_tls = destination_tls(settings)  # a bad certificate fails at start-up
         self.api_token = settings.api_token or api_token(settings.data_dir)
         self._stop = threading.Event()
         self._wake_outbox = threading.Event()
@@ -274,7 +298,8 @@ class LungScreenServer:
     def _deliver(self, item: OutboxItem) -> None:
         destination = Destination.parse(item.destination)
         try:
-            send_file(item.path, destination, calling_ae=self.settings.ae_title, timeout_s=self.settings.send_timeout_s)
+            send_file(item.path, destination, calling_ae=self.settings.ae_title, timeout_s=self.settings.send_timeout_s,
+                      tls_context=self.destination_tls)
         except DeliveryError as exc:
             state = self.outbox.mark_failed(item, str(exc), permanent=exc.permanent)
             log.warning("delivery of %s to %s failed (%s): %s", item.report_sop_uid, destination, state, exc)

@@ -31,7 +31,10 @@ class Settings:
     # "association": instances fsynced in the background, the A-RELEASE response waits for them;
     # "instance": fsync before each C-STORE success (slower; see dicom_io/durability.py)
     ingest_sync: str = "association"
-    destination: tuple[str, ...] = ()  # AE@host:port, where reports are sent
+    destination: tuple[str, ...] = ()  # AE@host:port, where reports are sent; tls:AE@host:port over DICOM TLS
+    destination_ca: Path | None = None  # PEM CA bundle that TLS destinations' certificates chain to; default: the system's
+    destination_cert: Path | None = None  # PEM certificate + key shown to TLS destinations that ask for one
+    destination_key: Path | None = None
     idle_seconds: float = 5.0  # quiet period after a study's last instance
     http_host: str = "127.0.0.1"
     http_port: int = 8080  # 0 disables the HTTP endpoint
@@ -57,6 +60,8 @@ class Settings:
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
+        if (self.destination_cert is None) != (self.destination_key is None):
+            raise ValueError("destination_cert and destination_key go together")
         if self.idle_seconds < 0.2:
             raise ValueError("idle_seconds must be at least 0.2")
         if self.ingest_sync not in ("association", "instance"):
@@ -80,7 +85,7 @@ class Settings:
 
 
 _TUPLES = {"allow_ae", "allow_host", "destination", "providers", "ai_extension_code", "fallback_procedure_code"}
-_PATHS = {"data_dir", "model", "tls_cert", "tls_key", "tls_ca"}
+_PATHS = {"data_dir", "model", "tls_cert", "tls_key", "tls_ca", "destination_ca", "destination_cert", "destination_key"}
 
 
 def _coerce(name: str, value: Any) -> Any:

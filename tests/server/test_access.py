@@ -13,7 +13,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from peers import LungScreen, free_port, needs_binary, storescu, wait_until
+from peers import LungScreen, free_port, needs_binary, needs_netns, storescp, storescu, wait_until
 from test_end_to_end import phantom_study
 
 pytestmark = [pytest.mark.slow, needs_binary("storescu", "openssl")]
@@ -71,6 +71,47 @@ def test_dicom_tls_with_client_certificates(tmp_path):
         assert all(assoc.send_c_store(path).Status == 0 for path in study.paths)
         assoc.release()
         assert server.wait_for_state(study.study_instance_uid, ("reported",), timeout=60)["instances"] == 40
+
+
+@needs_netns
+def test_reports_go_to_a_tls_destination_that_checks_our_certificate(tmp_path):
+    """dcmtk storescp over TLS (BCP 195 profile) requires a client certificate signed by the CA;
+    a destination whose certificate the CA did not sign gets nothing, and the log says why."""
+    ca = make_certificate(tmp_path, "test-ca")
+    pacs_key, pacs_cert = make_certificate(tmp_path, "pacs", ca)
+    our_key, our_cert = make_certificate(tmp_path, "lungscreen", ca)
+    impostor_key, impostor_cert = make_certificate(tmp_path, "impostor")
+    study = phantom_study(tmp_path / "study")
+    trusted, impostor = free_port(), free_port()
+    tls_options = ("+tls", str(pacs_key), str(pacs_cert), "+cf", str(ca[1]))
+    impostor_options = ("+tls", str(impostor_key), str(impostor_cert), "+cf", str(ca[1]))
+    with storescp(tmp_path / "received", trusted, "PACS", log_path=tmp_path / "pacs.log", options=tls_options), \
+            storescp(tmp_path / "impostor", impostor, "PACS", log_path=tmp_path / "impostor.log",
+                     options=impostor_options):
+        server = LungScreen(
+            tmp_path, idle_seconds=0.5,
+            destinations=[f"tls:PACS@127.0.0.1:{trusted}", f"tls:PACS@127.0.0.1:{impostor}"],
+            config={"destination_ca": str(ca[1]), "destination_cert": str(our_cert), "destination_key": str(our_key),
+                    "max_delivery_attempts": 1},
+        )
+        with server.running():
+            storescu(list(study.paths), server.port)
+
+            def settled():  # every delivery sent or dead-lettered
+                job = server.study(study.study_instance_uid)
+                return job if job["deliveries"] and {d["state"] for d in job["deliveries"]} <= {"sent", "dead"} else None
+
+            job = wait_until(settled, 60, what="deliveries settled")
+    sent = [d for d in job["deliveries"] if d["destination"] == f"tls:PACS@127.0.0.1:{trusted}"]
+    failed = [d for d in job["deliveries"] if d["destination"] == f"tls:PACS@127.0.0.1:{impostor}"]
+    assert len(sent) == len(failed) == 2, job["deliveries"]  # the SR and the presentation state
+    assert {d["state"] for d in sent} == {"sent"}, sent
+    assert sorted(p.name[:2] for p in (tmp_path / "received").iterdir()) == ["PS", "SR"]
+    assert {d["state"] for d in failed} == {"dead"}, failed
+    assert all("could not be reached over TLS" in d["last_error"] for d in failed), failed
+    assert job["state"] == "failed" and "dead-lettered" in job["reason"], job
+    assert not list((tmp_path / "impostor").iterdir())
+    assert "CERTIFICATE_VERIFY_FAILED" in server.log()
 
 
 def test_peer_address_allowlist(tmp_path):

@@ -213,25 +213,33 @@ def bench_ingest(cfg: Config, factory: StudyFactory, work: Path) -> dict:
     }
 
 
-def concurrent_ingest_mb_s(factory: StudyFactory, port: int, senders: int, slices: int) -> float:
-    """``senders`` storescu processes each pushing its own study at once: all bytes / wall time."""
-    studies = [factory.study(slices)[1] for _ in range(senders)]
-    nbytes = sum(f.stat().st_size for files in studies for f in files)
+def push_concurrently(plans: list[list[list[Path]]], port: int) -> tuple[float, list[Exception]]:
+    """Sender ``k`` pushes its studies ``plans[k]`` one after another with storescu (calling AE
+    ``SENDERk``), all senders at once. Returns the wall time until the last one finished and
+    the failures (a failed study does not stop its sender)."""
     errors: list[Exception] = []
 
-    def push(k: int) -> None:
-        try:
-            storescu(studies[k], port, calling=f"SENDER{k}")
-        except Exception as exc:  # raised below, in the calling thread
-            errors.append(exc)
+    def sender(k: int, studies: list[list[Path]]) -> None:
+        for files in studies:
+            try:
+                storescu(files, port, calling=f"SENDER{k}")
+            except Exception as exc:
+                errors.append(exc)
 
-    threads = [threading.Thread(target=push, args=(k,)) for k in range(senders)]
+    threads = [threading.Thread(target=sender, args=(k, studies)) for k, studies in enumerate(plans)]
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    seconds = time.perf_counter() - start
+    return time.perf_counter() - start, errors
+
+
+def concurrent_ingest_mb_s(factory: StudyFactory, port: int, senders: int, slices: int) -> float:
+    """``senders`` storescu processes each pushing its own study at once: all bytes / wall time."""
+    studies = [factory.study(slices)[1] for _ in range(senders)]
+    nbytes = sum(f.stat().st_size for files in studies for f in files)
+    seconds, errors = push_concurrently([[files] for files in studies], port)
     for files in studies:
         remove(files)
     if errors:
@@ -360,15 +368,6 @@ def bench_load(cfg: Config, factory: StudyFactory, server: Server, dest: Destina
     """Several storescu senders pushing studies at once; studies/hour until the last SR arrives."""
     plans = [[factory.study(cfg.load_slices) for _ in range(cfg.studies_per_sender)] for _ in range(cfg.senders)]
     uids = [uid for plan in plans for uid, _ in plan]
-    errors: list[str] = []
-
-    def sender(k: int, plan) -> None:
-        for _, files in plan:
-            try:
-                storescu(files, server.port, calling=f"SENDER{k}")
-            except Exception as exc:  # recorded, not raised: the figure says how many failed
-                errors.append(str(exc)[:200])
-
     stop = threading.Event()
 
     def sampler() -> None:
@@ -378,12 +377,7 @@ def bench_load(cfg: Config, factory: StudyFactory, server: Server, dest: Destina
 
     threading.Thread(target=sampler, daemon=True).start()
     start = time.time()
-    threads = [threading.Thread(target=sender, args=(k, plan)) for k, plan in enumerate(plans)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    pushed = time.time()
+    push_s, errors = push_concurrently([[files for _, files in plan] for plan in plans], server.port)
     jobs = [server.wait_for_state(uid, ("delivered", "failed"), timeout=1800) for uid in uids]
     stop.set()
     end = max(j["finished_at"] for j in jobs)
@@ -397,8 +391,8 @@ def bench_load(cfg: Config, factory: StudyFactory, server: Server, dest: Destina
         "studies": len(uids),
         "slices": cfg.load_slices,
         "delivered": delivered,
-        "send_errors": errors,
-        "push_s": round(pushed - start, 2),
+        "send_errors": [str(exc)[:200] for exc in errors],  # recorded, not raised: the figure says how many failed
+        "push_s": round(push_s, 2),
         "wall_s": round(end - start, 2),
         "studies_per_hour": round(delivered / (end - start) * 3600, 1),
         "workers": 1,

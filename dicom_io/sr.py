@@ -14,8 +14,9 @@ The report goes back to the PACS next to the analysed CT and follows IHE AI Resu
   Lung-RADS v2022 category, whether the clinical rules call it actionable, and the
   algorithm (TID 4019) with its operating point.
 * Document level (TID 1500 rows 12-14, "Qualitative Evaluations"): research-use notice,
-  CAD processing summary (with or without findings), operating point, score threshold and
-  the candidates each clinical rule suppressed.
+  CAD processing summary (with or without findings), the suggested exam Lung-RADS category
+  (that of the most concerning nodule; none without findings), operating point, score
+  threshold and the candidates each clinical rule suppressed.
 * Billing (China NHSA): AI assistance is an extension item of the main exam, never a
   separate charge. The SR therefore reports the main exam's procedure code as "Procedure
   reported", names the AI extension item in PerformedProcedureCodeSequence, and links the
@@ -45,6 +46,7 @@ from dicom_io.errors import ReportError
 from dicom_io.uids import is_valid_uid
 from dicom_io.volume import Volume
 from models.findings import Finding, NoduleReport, NoduleType
+from models.rules import exam_lung_rads
 
 __all__ = [
     "LOCAL_SCHEME",
@@ -471,10 +473,12 @@ def _report_evaluations(report: NoduleReport) -> hd.sr.ContainerContentItem:
     """TID 1500 row 12 "Qualitative Evaluations" with its CODE (row 13) and TEXT (row 14) items."""
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     threshold = f"{report.score_threshold:g}"
+    exam_category = exam_lung_rads(report.findings)
     if report.findings:
         count = len(report.findings)
         summary = (
-            f"{count} nodule{'s' if count > 1 else ''} reported at operating point {report.operating_point}"
+            f"{count} nodule{'s' if count > 1 else ''} reported at operating point {report.operating_point}; "
+            f"suggested exam category Lung-RADS {exam_category}"
         )
     else:
         summary = f"No nodule detected at operating point {report.operating_point}"
@@ -499,6 +503,10 @@ def _report_evaluations(report: NoduleReport) -> hd.sr.ContainerContentItem:
         ),
         hd.sr.TextContentItem(name=_SCORE_THRESHOLD, value=threshold, relationship_type=contains),
     ]
+    if exam_category is not None:
+        items.append(
+            hd.sr.CodeContentItem(name=_LUNG_RADS, value=_LUNG_RADS_CATEGORIES[exam_category], relationship_type=contains)
+        )
     items += [
         hd.sr.TextContentItem(name=_SUPPRESSED, value=f"{rule}: {count}", relationship_type=contains)
         for rule, count in sorted(report.suppressed.items())

@@ -27,6 +27,7 @@ from dicom_io.scp import ListenerSettings, ReceivedInstance, start_listener
 from dicom_io.send import Destination, send_file
 from dicom_io.store import InstanceStore
 from models.card import load_card
+from models.rules import exam_lung_rads
 from server import __version__
 from server.billing import BillingLedger, ExtensionEntry
 from server.config import Settings, installation_value
@@ -325,6 +326,7 @@ def job_details(result: AnalysisResult, sr_path: Path) -> dict:
         "model": f"{report.model_name} {report.model_version}",
         "candidates": result.candidates,
         "suppressed": report.suppressed,
+        "exam_lung_rads": exam_lung_rads(report.findings),
         "findings": list(result.findings),
         "sr_sop_uid": str(result.sr.SOPInstanceUID),
         "sr_series_uid": str(result.sr.SeriesInstanceUID),

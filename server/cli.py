@@ -54,6 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from models.rules import exam_lung_rads
     from server.workers import build_analyzer
     from server.pipeline import analyze_study
 
@@ -75,6 +76,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         "score_threshold": result.report.score_threshold,
         "candidates": result.candidates,
         "suppressed": result.report.suppressed,
+        "exam_lung_rads": exam_lung_rads(result.report.findings),
         "rejected_series": [r.__dict__ for r in result.rejected_series],
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
         "intended_use": analyzer.detector.card.intended_use,

@@ -189,6 +189,11 @@ def render_study(
 
     parts.append("<h2>Findings</h2>")
     if findings:
+        if details.get("exam_lung_rads"):
+            parts.append(
+                f"<p id=\"exam-lung-rads\">Suggested exam category: Lung-RADS v2022 {_e(details['exam_lung_rads'])}"
+                " (the most concerning nodule's)</p>"
+            )
         parts.append(_finding_rows(findings))
     elif job.get("state") in ("reported", "delivered"):
         parts.append("<p id=\"no-findings\">No nodule reported at this operating point.</p>")

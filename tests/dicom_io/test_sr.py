@@ -361,8 +361,15 @@ class TestBuildSR:
             "calcified: 1",
             "min_diameter_mm: 4",
         ]
-        (summary,) = [item for item in container.ContentSequence if item.ValueType == "CODE"]
+        summary, exam_category = [item for item in container.ContentSequence if item.ValueType == "CODE"]
         assert summary.ConceptCodeSequence[0].CodeValue == codes.DCM.AllAlgorithmsSucceededWithFindings.value
+        # the 23.4 mm solid nodule (4B) outranks the small one (2)
+        assert exam_category.ConceptNameCodeSequence[0].CodeMeaning == "Suggested Lung-RADS v2022 category"
+        assert exam_category.ConceptCodeSequence[0].CodeValue == "LR-4B"
+        assert _text_values(container, codes.DCM.Finding) == [
+            "2 nodules reported at operating point screening; suggested exam category Lung-RADS 4B"
+            " (score threshold 0.35)."
+        ]
 
     def test_calcified_nodule_is_benign_lung_rads_1(self, tmp_path, lidc_headers, lidc_volume, findings):
         calcified = replace(findings[0], nodule_type=NoduleType.CALCIFIED, lung_rads="1", actionable=False)

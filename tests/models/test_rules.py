@@ -13,6 +13,7 @@ from models.rules import (
     SUPPRESSED_UNDER_MIN_SIZE,
     ClinicalRules,
     apply_rules,
+    exam_lung_rads,
     lung_rads_category,
 )
 
@@ -34,6 +35,16 @@ def finding(diameter, probability, kind=NoduleType.SOLID):
 )
 def test_lung_rads_v2022_size_categories(diameter, kind, category):
     assert lung_rads_category(diameter, kind) == category
+
+
+def test_the_exam_is_suggested_the_category_of_its_most_concerning_nodule():
+    def reported(*categories):
+        return [replace(finding(6.0, 0.9), lung_rads=category) for category in categories]
+
+    assert exam_lung_rads(reported("2", "4A", "3")) == "4A"
+    assert exam_lung_rads(reported("4A", "4B")) == "4B"
+    assert exam_lung_rads(reported("1", "2")) == "2"
+    assert exam_lung_rads([]) is None  # no finding is not a negative (category 1) exam
 
 
 def test_rules_suppress_and_count_each_reason():

@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from models.rules import LUNG_RADS_ORDER
 from peers import LungScreen, http_json, needs_binary, storescu
 from test_end_to_end import phantom_study
 
@@ -40,6 +41,9 @@ def test_review_rerun_with_token_and_purge(tmp_path):
         assert status == 200 and kind.startswith("text/html") and uid in page.decode()
         status, page, _ = request(f"{base}/review/{uid}")
         assert status == 200 and "Research use only. Not for diagnostic use." in page.decode()
+        categories = [finding["lung_rads"] for finding in job["details"]["findings"]]
+        assert categories and job["details"]["exam_lung_rads"] == max(categories, key=LUNG_RADS_ORDER.index)
+        assert f"Suggested exam category: Lung-RADS v2022 {job['details']['exam_lung_rads']}" in page.decode()
         status, png, kind = request(f"{base}/review/{uid}/key/1.png")
         assert status == 200 and kind == "image/png" and png.startswith(b"\x89PNG")
         assert request(f"{base}/review/{uid}/key/9.png")[0] == 404

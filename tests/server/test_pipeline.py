@@ -15,7 +15,7 @@ from highdicom.legacy import LegacyConvertedEnhancedCTImage
 from pydicom.uid import generate_uid
 
 from models.card import BLOB_FILTER_CARD
-from models.rules import ClinicalRules
+from models.rules import LUNG_RADS_ORDER, ClinicalRules
 from peers import dciodvfy_errors, needs_binary
 from server.config import load_settings
 from server.pipeline import NoEligibleSeries, analyze_study
@@ -129,6 +129,7 @@ def test_analyze_command_writes_sr_and_findings_json(study, tmp_path):
     summary = json.loads((out / "findings.json").read_text())
     assert "not for diagnostic use" in summary["intended_use"].lower()
     finding = summary["findings"][0]
+    assert summary["exam_lung_rads"] == max((f["lung_rads"] for f in summary["findings"]), key=LUNG_RADS_ORDER.index)
     assert set(finding) >= {"center_lps_mm", "diameter_mm", "volume_mm3", "probability", "lung_rads", "sop_instance_uid"}
     assert finding["volume_mm3"] == pytest.approx(np.pi / 6 * finding["diameter_mm"] ** 3, rel=1e-2)
     sr = pydicom.dcmread(out / "report_sr.dcm")

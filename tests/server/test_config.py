@@ -1,10 +1,10 @@
-"""TLS settings for destinations: checked when the server starts, not at the first delivery."""
+"""TLS settings: checked when the server starts, not at the first association or delivery."""
 
 import ssl
 
 import pytest
 
-from server.app import destination_tls
+from server.app import destination_tls, listener_tls
 from server.config import load_settings
 
 
@@ -13,10 +13,13 @@ def test_a_destination_certificate_needs_its_key():
         load_settings(destination_cert="/etc/lungscreen/node.pem")
 
 
-def test_an_unreadable_destination_certificate_names_its_settings(tmp_path):
-    settings = load_settings(destination_cert=tmp_path / "missing.pem", destination_key=tmp_path / "missing.key")
+def test_an_unreadable_certificate_names_its_settings(tmp_path):
+    missing = {"cert": tmp_path / "missing.pem", "key": tmp_path / "missing.key"}
+    settings = load_settings(destination_cert=missing["cert"], destination_key=missing["key"])
     with pytest.raises(ValueError, match="TLS settings destination_ca, destination_cert, destination_key"):
         destination_tls(settings)
+    with pytest.raises(ValueError, match="TLS settings tls_cert, tls_key, tls_ca"):
+        listener_tls(load_settings(tls_cert=missing["cert"], tls_key=missing["key"]))
 
 
 def test_destinations_must_prove_who_they_are():

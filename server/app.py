@@ -97,7 +97,7 @@ class LungScreenServer:
         self.reports = InstanceStore(settings.reports_dir)
         self.card = load_card(settings.model)  # fail at start-up on a bad model, not on the first study
         self.analysis = AnalysisPool(settings)
-        self.metrics = Metrics(self.jobs)
+        self.metrics = Metrics(self.jobs, self.outbox)
         self.destinations = [Destination.parse(d) for d in settings.destination]
         self.destination_tls = destination_tls(settings)  # a bad certificate fails at start-up
         self.api_token = settings.api_token or api_token(settings.data_dir)

@@ -1,6 +1,8 @@
-"""Prometheus metrics: per-stage latency histograms, instance counters, jobs by state."""
+"""Prometheus metrics: per-stage latency histograms, instance counters, jobs and deliveries by state."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -8,19 +10,21 @@ from prometheus_client.core import GaugeMetricFamily
 STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 
 
-class _JobStateCollector:
-    def __init__(self, jobs) -> None:
-        self.jobs = jobs
+class _StateCountCollector:
+    """A gauge by state, counted in the job store when scraped."""
+
+    def __init__(self, name: str, documentation: str, count_by_state: Callable[[], dict[str, int]]) -> None:
+        self.name, self.documentation, self.count_by_state = name, documentation, count_by_state
 
     def collect(self):
-        gauge = GaugeMetricFamily("lungscreen_jobs", "Jobs by state", labels=["state"])
-        for state, n in self.jobs.count_by_state().items():
+        gauge = GaugeMetricFamily(self.name, self.documentation, labels=["state"])
+        for state, n in self.count_by_state().items():
             gauge.add_metric([state], n)
         yield gauge
 
 
 class Metrics:
-    def __init__(self, jobs) -> None:
+    def __init__(self, jobs, outbox) -> None:
         self.registry = CollectorRegistry()
         self.stage_seconds = Histogram(
             "lungscreen_stage_seconds", "Time spent per pipeline stage", ["stage"],
@@ -32,7 +36,11 @@ class Metrics:
         self.instances_rejected = Counter(
             "lungscreen_instances_rejected", "Instances refused or rejected", registry=self.registry
         )
-        self.registry.register(_JobStateCollector(jobs))
+        self.registry.register(_StateCountCollector("lungscreen_jobs", "Jobs by state", jobs.count_by_state))
+        # A dead delivery is a report the PACS never got: the figure to alert on.
+        self.registry.register(
+            _StateCountCollector("lungscreen_deliveries", "Reports to destinations by state", outbox.count_by_state)
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

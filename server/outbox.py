@@ -16,6 +16,9 @@ from pathlib import Path
 from server.db import Database
 
 
+DELIVERY_STATES = ("pending", "sent", "dead")
+
+
 @dataclass(frozen=True)
 class OutboxItem:
     id: int
@@ -92,6 +95,13 @@ class Outbox:
                 (state, attempts, error, now + self.policy.wait(attempts), now, item.id),
             )
         return state
+
+    def count_by_state(self) -> dict[str, int]:
+        """Deliveries (one report to one destination) by state: pending, sent, dead."""
+        counts = dict.fromkeys(DELIVERY_STATES, 0)
+        for r in self.db.query("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state"):
+            counts[r["state"]] = r["n"]
+        return counts
 
     def all_sent(self, study_uid: str) -> bool:
         """True when every result of the study went to every destination."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import highdicom as hd
@@ -112,8 +113,10 @@ def test_pacs_push_to_storescp_with_a_valid_sr(tmp_path, lidc_files, lidc_header
             # the local copy is kept
             local = Path(job["details"]["sr_path"])
             assert local.is_file() and pydicom.dcmread(local).SOPInstanceUID == pydicom.dcmread(received[0]).SOPInstanceUID
-            metrics = __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics").read().decode()
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics").read().decode()
             assert 'lungscreen_jobs{state="delivered"} 1.0' in metrics
+            assert 'lungscreen_deliveries{state="sent"} 2.0' in metrics  # the SR and the presentation state
+            assert 'lungscreen_deliveries{state="dead"} 0.0' in metrics
             assert 'lungscreen_stage_seconds_count{stage="inference"} 1.0' in metrics
             # re-sending the identical study changes nothing: no second run, no second SR
             storescu(lidc_files[:5], server.port)
@@ -314,6 +317,8 @@ def test_destination_that_rejects_ends_in_dead_letter(tmp_path):
         )
         time.sleep(3)  # a dead letter is final: no more attempts
         later = server.study(study.study_instance_uid)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics").read().decode()
+    assert f'lungscreen_deliveries{{state="dead"}} {float(len(job["deliveries"]))}' in metrics
     assert "dead-lettered after" in job["reason"], job
     assert {d["state"] for d in job["deliveries"]} == {"dead"}, job["deliveries"]
     assert [d["attempts"] for d in later["deliveries"]] == [d["attempts"] for d in job["deliveries"]]

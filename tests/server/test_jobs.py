@@ -189,6 +189,7 @@ def test_outbox_backoff_then_dead_letter(db):
     outbox.enqueue("1.2.3", "1.2.3.100", "/r.dcm", ["A@127.0.0.1:1"])  # idempotent
     items = outbox.due()
     assert len(items) == 2
+    assert outbox.count_by_state() == {"pending": 2, "sent": 0, "dead": 0}
     a = items[0]
     assert outbox.mark_failed(a, "refused", permanent=False) == "pending"
     assert [i.destination for i in outbox.due()] == ["B@127.0.0.1:2"], "A waits for its backoff"
@@ -200,6 +201,7 @@ def test_outbox_backoff_then_dead_letter(db):
     assert outbox.mark_failed(due_for("B"), "status 0xA900", permanent=True) == "dead"
     assert outbox.due(now=1e13) == []
     assert not outbox.all_sent("1.2.3")
+    assert outbox.count_by_state() == {"pending": 0, "sent": 0, "dead": 2}
     assert RetryPolicy(base_delay_s=2, max_delay_s=10).delay(1) == 2
     assert RetryPolicy(base_delay_s=2, max_delay_s=10).delay(3) == 8
     assert RetryPolicy(base_delay_s=2, max_delay_s=10).delay(9) == 10

@@ -46,7 +46,7 @@ from dicom_io.errors import ReportError
 from dicom_io.uids import is_valid_uid
 from dicom_io.volume import Volume
 from models.findings import Finding, NoduleReport, NoduleType
-from models.rules import exam_lung_rads
+from models.rules import LUNG_RADS_ORDER, exam_lung_rads
 
 __all__ = [
     "LOCAL_SCHEME",
@@ -101,8 +101,7 @@ _NODULE_TYPES = {
 }
 _LUNG_RADS = _local("LUNG-RADS-2022", "Suggested Lung-RADS v2022 category")
 _LUNG_RADS_CATEGORIES = {
-    category: _local(f"LR-{category}", f"Lung-RADS {category}")
-    for category in ("0", "1", "2", "3", "4A", "4B", "4X")
+    category: _local(f"LR-{category}", f"Lung-RADS {category}") for category in LUNG_RADS_ORDER
 }
 _ACTIONABLE = _local("ACTIONABLE", "Actionable per clinical rules")
 _OPERATING_POINT = _local("OPERATING-POINT", "Operating point")

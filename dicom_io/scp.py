@@ -1,10 +1,10 @@
 """The DICOM listener (pynetdicom SCP): C-ECHO and C-STORE, nothing else.
 
-The C-STORE handler writes the bytes as received (no decode, no re-encode) to the
-:class:`~dicom_io.store.InstanceStore`, tells the :class:`InstanceSink` and returns a
-status; it parses only the three UIDs it needs. By default the files are fsynced in the
-background, the sink records them without an fsync, and the A-RELEASE response waits until
-both are durable (:mod:`dicom_io.durability`). It never raises: whatever goes wrong becomes
+The C-STORE handler writes the bytes as received (no decode, no re-encode), behind the File
+Format header of :mod:`dicom_io.part10`, to the :class:`~dicom_io.store.InstanceStore`, tells
+the :class:`InstanceSink` and returns a status; it parses only the three UIDs it needs. By
+default the files are fsynced in the background, the sink records them without an fsync, and
+the A-RELEASE response waits until both are durable (:mod:`dicom_io.durability`). It never raises: whatever goes wrong becomes
 a failure status for that one instance, a reason for the sink, and a log line without
 patient data.
 
@@ -43,6 +43,7 @@ from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification
 
 from dicom_io.durability import BackgroundSync
+from dicom_io.part10 import file_header
 from dicom_io.store import InstanceStore, InvalidUID
 from dicom_io.uids import is_valid_uid
 
@@ -189,7 +190,9 @@ def _store_handler(event, store: InstanceStore, sink: InstanceSink, files: _Asso
             sink.instance_rejected(study_uid or None, reason, calling_ae)
             log.warning("rejected instance from %s: %s", calling_ae, reason)
             return STATUS_DATASET_DOES_NOT_MATCH
-        stored = store.save(study_uid, series_uid, sop_uid, event.encoded_dataset(), sync=files.syncer is None)
+        header = file_header(sop_class_uid, sop_uid, event.context.transfer_syntax)
+        with event.request.DataSet.getbuffer() as dataset:  # the received bytes, not a copy
+            stored = store.save(study_uid, series_uid, sop_uid, (header, dataset), sync=files.syncer is None)
         if files.syncer is not None:  # a re-send too: its row may be new
             files.add(event.assoc, files.syncer.submit(stored.path))
     except InvalidUID as exc:

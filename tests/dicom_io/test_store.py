@@ -38,3 +38,13 @@ def test_crafted_uid_never_becomes_a_path(tmp_path, which):
     with pytest.raises(InvalidUID, match="not a valid DICOM UID"):
         store.save(*uids, b"x")
     assert not any(tmp_path.parent.glob("etc")) and not list((tmp_path / "images").rglob("*"))
+
+
+def test_save_writes_parts_in_order_and_a_resend_in_parts_is_recognised(tmp_path):
+    store = InstanceStore(tmp_path)
+    header, body = b"HEADER", bytearray(b"pixels" * 100_000)
+    with memoryview(body) as view:
+        first = store.save("1.2.3", "1.2.3.4", "1.2.3.4.5", (header, view))
+    assert first.path.read_bytes() == header + bytes(body)
+    again = store.save("1.2.3", "1.2.3.4", "1.2.3.4.5", (header[:3], header[3:] + bytes(body)))
+    assert first.created and not again.created

@@ -4,9 +4,12 @@ The C-STORE handler writes the bytes as received (no decode, no re-encode), behi
 Format header of :mod:`dicom_io.part10`, to the :class:`~dicom_io.store.InstanceStore`, tells
 the :class:`InstanceSink` and returns a status; it parses only the three UIDs it needs. By
 default the files are fsynced in the background, the sink records them without an fsync, and
-the A-RELEASE response waits until both are durable (:mod:`dicom_io.durability`). It never raises: whatever goes wrong becomes
-a failure status for that one instance, a reason for the sink, and a log line without
-patient data.
+the A-RELEASE response waits until both are durable (:mod:`dicom_io.durability`). It never
+raises: whatever goes wrong becomes a failure status for that one instance, a reason for the
+sink, and a log line without patient data.
+
+The listener either binds its address itself or serves connections that another process
+accepted and handed over (:class:`Listener`, ``bind=False``; :mod:`server.receivers`).
 
 Only CT images are kept. Every other storage class is accepted with success and dropped,
 so a PACS that pushes a whole study (with its SRs, SEGs, secondary captures, dose reports,
@@ -16,6 +19,7 @@ and our own earlier results) never sees failures and never triggers processing.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import weakref
 from dataclasses import dataclass
@@ -41,6 +45,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationServer
 
 from dicom_io.durability import BackgroundSync
 from dicom_io.part10 import file_header
@@ -121,6 +126,9 @@ class InstanceSink(Protocol):
         """A non-CT instance, accepted and dropped; it never triggers processing."""
 
     def instance_rejected(self, study_uid: str | None, reason: str, calling_ae: str) -> None: ...
+
+    def connection_closed(self) -> None:
+        """A connection ended: released, aborted, rejected or dropped."""
 
 
 @dataclass(frozen=True)
@@ -240,6 +248,10 @@ def _on_release_request(event, files: _AssociationFiles, sink: InstanceSink, tim
                   event.assoc.requestor.address, len(failures), failures[0])
 
 
+def _on_connection_closed(event, sink: InstanceSink) -> None:
+    sink.connection_closed()
+
+
 def _on_association_request(event, settings: ListenerSettings, sink: InstanceSink) -> None:
     """Say who is calling, and turn away what must be turned away before any data is sent."""
     event.assoc.dul._run_loop_delay = DUL_POLL_S
@@ -276,21 +288,61 @@ def build_ae(settings: ListenerSettings) -> AE:
     return ae
 
 
-class Listener:
-    """The running SCP; :meth:`shutdown` stops it and makes what it received durable."""
+class _HandedOverConnections(AssociationServer):
+    """A pynetdicom association server that listens on nothing: each connection, accepted by
+    another process and handed over, is given to :meth:`serve` and becomes an association."""
 
-    def __init__(self, settings: ListenerSettings, store: InstanceStore, sink: InstanceSink) -> None:
+    def server_bind(self) -> None:
+        pass  # no socket of its own: the address is the one the connections came in on
+
+    def server_activate(self) -> None:
+        pass
+
+    def serve(self, connection: socket.socket, peer: tuple[str, int]) -> None:
+        """Run an association on an accepted ``connection`` (the TLS handshake, when configured,
+        happens here, in the caller's thread, and may take up to the network timeout)."""
+        if self.ssl_context is not None:
+            connection.settimeout(self.ae.network_timeout)  # a silent client cannot hold the thread
+            connection = self.ssl_context.wrap_socket(connection, server_side=True)
+            connection.settimeout(None)  # as pynetdicom's own accepted connections
+        self.process_request(connection, peer)
+
+    def shutdown(self) -> None:
+        self.server_close()  # serve_forever never ran, so there is no loop to stop
+
+
+class Listener:
+    """The running SCP; :meth:`shutdown` stops it and makes what it received durable.
+
+    With ``bind`` it listens on ``settings.host:port`` itself. Without, it listens on nothing
+    and :meth:`serve` runs associations on connections accepted elsewhere (the server's
+    receiver processes, :mod:`server.receivers`).
+    """
+
+    def __init__(self, settings: ListenerSettings, store: InstanceStore, sink: InstanceSink, *, bind: bool = True) -> None:
         self.files = _AssociationFiles(None if settings.sync_each_instance else BackgroundSync())
         handlers = [
             (evt.EVT_C_STORE, _store_handler, [store, sink, self.files]),
             (evt.EVT_REQUESTED, _on_association_request, [settings, sink]),
+            (evt.EVT_CONN_CLOSE, _on_connection_closed, [sink]),
         ]
         if self.files.syncer is not None:
             handlers.append((evt.EVT_ACSE_RECV, _on_release_request, [self.files, sink, settings.release_sync_timeout_s]))
-        self.server = build_ae(settings).start_server(
-            (settings.host, settings.port), block=False, evt_handlers=handlers, ssl_context=settings.ssl_context
-        )
-        log.info("DICOM listener %s on %s:%d", settings.ae_title, settings.host, settings.port)
+        ae = build_ae(settings)
+        address = (settings.host, settings.port)
+        if bind:
+            self.server = ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=settings.ssl_context)
+            log.info("DICOM listener %s on %s:%d", settings.ae_title, settings.host, settings.port)
+        else:
+            self.server = ae.make_server(
+                address, evt_handlers=handlers, ssl_context=settings.ssl_context, server_class=_HandedOverConnections
+            )
+
+    def serve(self, connection: socket.socket, peer: tuple[str, int]) -> None:
+        """Run an association on a connection accepted elsewhere (a listener made with ``bind=False``)."""
+        if not isinstance(self.server, _HandedOverConnections):
+            raise TypeError("this listener accepts its own connections")
+        self.server.serve(connection, peer)
 
     def shutdown(self) -> None:
         self.server.shutdown()
@@ -299,5 +351,5 @@ class Listener:
 
 
 def start_listener(settings: ListenerSettings, store: InstanceStore, sink: InstanceSink) -> Listener:
-    """Start the SCP in background threads (call ``.shutdown()`` on the result)."""
+    """Start the SCP on ``settings.host:port`` in background threads (call ``.shutdown()`` on the result)."""
     return Listener(settings, store, sink)

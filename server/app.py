@@ -1,29 +1,24 @@
 """The LungScreen server: wires the stages together and schedules them. It reads no tags.
 
-Threads: the DICOM listener (pynetdicom), a scheduler that queues studies whose quiet period
-has passed and hands them to a bounded worker pool, an outbox sender, and the HTTP endpoint.
+Processes and threads: DICOM receiver processes that take the associations the server process
+accepts (:mod:`server.receivers`), a scheduler that queues studies whose quiet period has passed
+and hands them to a bounded pool of analysis processes, an outbox sender, and the HTTP endpoint.
 All state lives in SQLite and on disk, so a restart resumes where the last process stopped.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
-import shutil
-import ssl
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import generate_uid
 
 from dicom_io.errors import DeliveryError, LungScreenError
-from dicom_io.scp import ListenerSettings, ReceivedInstance, start_listener
 from dicom_io.send import Destination, send_file
 from dicom_io.store import InstanceStore
 from models.card import load_card
@@ -32,51 +27,16 @@ from server import __version__
 from server.billing import BillingLedger, ExtensionEntry
 from server.config import Settings, installation_value
 from server.db import Database
+from server.ingest import IngestCounts
 from server.jobs import FAILED, REPORTED, JobStore
 from server.metrics import Metrics
 from server.outbox import Outbox, OutboxItem, RetryPolicy
 from server.pipeline import AnalysisResult, NoEligibleSeries
+from server.receivers import ReceiverPool
+from server.tls import destination_tls, listener_tls
 from server.workers import AnalysisPool, ReportUIDs
 
 log = logging.getLogger(__name__)
-
-
-def listener_tls(settings: Settings) -> ssl.SSLContext | None:
-    """The TLS context of the DICOM listener, or None for plain TCP."""
-    if settings.tls_cert is None:
-        return None
-    with _tls_files("tls_cert, tls_key, tls_ca"):
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
-        if settings.tls_ca is not None:
-            context.verify_mode = ssl.CERT_REQUIRED
-            context.load_verify_locations(settings.tls_ca)
-    return context
-
-
-def destination_tls(settings: Settings) -> ssl.SSLContext:
-    """The TLS context for ``tls:`` destinations: their certificates must chain to
-    ``destination_ca`` (default: the system's CA bundle) and name the host dialled; a client
-    certificate, when configured, is shown to those that ask for one."""
-    with _tls_files("destination_ca, destination_cert, destination_key"):
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.destination_ca)
-        if settings.destination_cert is not None:
-            context.load_cert_chain(settings.destination_cert, settings.destination_key)
-    return context
-
-
-@contextmanager
-def _tls_files(settings_names: str) -> Iterator[None]:
-    """Say which settings hold the certificate that cannot be read (ssl's message names none)."""
-    try:
-        yield
-    except OSError as exc:  # ssl.SSLError too
-        raise ValueError(f"TLS settings {settings_names}: {exc}") from None
-
-
-def sop_class_name(uid: str) -> str:
-    name = UID(uid).name
-    return name if name != uid else f"SOP class {uid}"
 
 
 def api_token(data_dir: Path) -> str:
@@ -100,6 +60,7 @@ class LungScreenServer:
         self.metrics = Metrics(self.jobs, self.outbox)
         self.destinations = [Destination.parse(d) for d in settings.destination]
         self.destination_tls = destination_tls(settings)  # a bad certificate fails at start-up
+        listener_tls(settings)  # so does the listener's, before the receiver processes build theirs
         self.api_token = settings.api_token or api_token(settings.data_dir)
         self._stop = threading.Event()
         self._wake_outbox = threading.Event()
@@ -107,9 +68,8 @@ class LungScreenServer:
         self._in_flight: set[str] = set()
         self._in_flight_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._listener = None
+        self._receivers: ReceiverPool | None = None
         self._http = None
-        self._storage_checked: tuple[float, str | None] = (0.0, None)
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -117,19 +77,11 @@ class LungScreenServer:
         if resumed:
             log.info("resuming %d interrupted job(s)", len(resumed))
         self.analysis.warm_up()
-        self._listener = start_listener(
-            ListenerSettings(
-                ae_title=self.settings.ae_title,
-                host=self.settings.host,
-                port=self.settings.port,
-                allowed_calling_aes=self.settings.allow_ae,
-                allowed_hosts=self.settings.allow_host,
-                ssl_context=listener_tls(self.settings),
-                sync_each_instance=self.settings.ingest_sync == "instance",
-            ),
-            self.images,
-            self,
+        self._receivers = ReceiverPool(
+            self.settings, self.settings.receiver_processes, self._count_ingest,
+            log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         )
+        self._receivers.start()
         for target, name in ((self._schedule_loop, "scheduler"), (self._outbox_loop, "outbox")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -146,8 +98,8 @@ class LungScreenServer:
     def stop(self) -> None:
         self._stop.set()
         self._wake_outbox.set()
-        if self._listener is not None:
-            self._listener.shutdown()
+        if self._receivers is not None:
+            self._receivers.stop()
         if self._http is not None:
             self._http.shutdown()
         for thread in self._threads:
@@ -156,41 +108,13 @@ class LungScreenServer:
         self.analysis.shutdown()
         self.db.close()
 
-    # --- InstanceSink (called by the DICOM listener) ------------------------------------------
-    def refusal_reason(self) -> str | None:
-        checked_at, reason = self._storage_checked
-        if time.monotonic() - checked_at > 1.0:  # cheap, but not once per instance
-            reason = self._storage_problem()
-            self._storage_checked = (time.monotonic(), reason)
-        return reason
+    @property
+    def receivers_running(self) -> int:
+        return 0 if self._receivers is None else self._receivers.running
 
-    def _storage_problem(self) -> str | None:
-        if not os.access(self.settings.images_dir, os.W_OK):  # a read-only mount says so even to root
-            return "the data folder is not writable"
-        if shutil.disk_usage(self.settings.data_dir).free < self.settings.min_free_mb * 1024**2:
-            return f"less than {self.settings.min_free_mb} MiB free in the data folder"
-        return None
-
-    def is_own_instance(self, sop_uid: str) -> bool:
-        return self.jobs.is_report(sop_uid)
-
-    def instance_stored(self, instance: ReceivedInstance) -> None:
-        self.jobs.record_instance(
-            instance.study_uid, instance.series_uid, instance.sop_uid, instance.sop_class_uid, instance.path,
-            content_changed=instance.created, durable=instance.durable,
-        )
-        self.metrics.instances_received.inc()
-
-    def make_durable(self) -> None:
-        self.jobs.make_durable()
-
-    def instance_ignored(self, study_uid: str | None, sop_class_uid: str, calling_ae: str) -> None:
-        if study_uid:
-            self.jobs.record_ignored(study_uid, sop_class_name(sop_class_uid))
-
-    def instance_rejected(self, study_uid: str | None, reason: str, calling_ae: str) -> None:
-        self.jobs.record_rejection(study_uid, calling_ae, reason)
-        self.metrics.instances_rejected.inc()
+    def _count_ingest(self, counts: IngestCounts) -> None:
+        self.metrics.instances_received.inc(counts.received)
+        self.metrics.instances_rejected.inc(counts.rejected)
 
     # --- scheduling -------------------------------------------------------------------------
     def _schedule_loop(self) -> None:

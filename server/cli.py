@@ -33,7 +33,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
         key: getattr(args, key, None)
         for key in ("ae_title", "host", "port", "data_dir", "allow_ae", "destination", "idle_seconds", "http_port",
-                    "model", "operating_point", "workers")
+                    "model", "operating_point", "workers", "receivers")
     }
     return load_settings(args.config, **overrides)
 
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, help="HTTP endpoint port (0: off)")
     serve.add_argument("--operating-point")
     serve.add_argument("--workers", type=int)
+    serve.add_argument("--receivers", type=int, help="DICOM receiver processes (default: one per CPU core, at most 4)")
     serve.set_defaults(func=cmd_serve)
 
     analyze = sub.add_parser("analyze", help="run the pipeline on a folder of DICOM files, offline")

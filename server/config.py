@@ -16,6 +16,9 @@ from typing import Any
 from models.card import DEFAULT_MODEL_CARD
 
 
+MAX_AUTO_RECEIVERS = 4  # beyond this the disk, not the interpreter, limits ingest
+
+
 @dataclass(frozen=True)
 class Settings:
     ae_title: str = "LUNGSCREEN"
@@ -31,6 +34,7 @@ class Settings:
     # "association": instances fsynced in the background, the A-RELEASE response waits for them;
     # "instance": fsync before each C-STORE success (slower; see dicom_io/durability.py)
     ingest_sync: str = "association"
+    receivers: int = 0  # DICOM receiver processes (associations spread over cores); 0: one per core, at most 4
     destination: tuple[str, ...] = ()  # AE@host:port, where reports are sent; tls:AE@host:port over DICOM TLS
     destination_ca: Path | None = None  # PEM CA bundle that TLS destinations' certificates chain to; default: the system's
     destination_cert: Path | None = None  # PEM certificate + key shown to TLS destinations that ask for one
@@ -68,8 +72,15 @@ class Settings:
             raise ValueError(f"ingest_sync must be 'association' or 'instance': {self.ingest_sync!r}")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
+        if self.receivers < 0:
+            raise ValueError("receivers must be 0 (one per CPU core) or more")
         if not 0 < len(self.ae_title) <= 16:
             raise ValueError(f"AE title must be 1 to 16 characters: {self.ae_title!r}")
+
+    @property
+    def receiver_processes(self) -> int:
+        """How many receiver processes take DICOM associations (``receivers``, or one per core)."""
+        return self.receivers or min(MAX_AUTO_RECEIVERS, len(os.sched_getaffinity(0)))
 
     @property
     def db_path(self) -> Path:

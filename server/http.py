@@ -43,7 +43,10 @@ def _handler_for(server_app):
             path = urlparse(self.path).path.rstrip("/")
             if path == "/healthz":
                 server_app.jobs.count_by_state()  # proves the database answers
-                return self._json(200, {"status": "ok"})
+                receivers = server_app.receivers_running
+                if not receivers:
+                    return self._json(503, {"status": "no DICOM receiver process is running", "dicom_receivers": 0})
+                return self._json(200, {"status": "ok", "dicom_receivers": receivers})
             if path == "/metrics":
                 return self._send(200, server_app.metrics.render(), "text/plain; version=0.0.4")
             if path == "/studies":

@@ -22,6 +22,7 @@ class RecordingSink:
     def __init__(self) -> None:
         self.stored: list[ReceivedInstance] = []
         self.made_durable_with = -1  # how many instances were stored at the last make_durable
+        self.connections_closed = 0
         self.lock = threading.Lock()
 
     def refusal_reason(self):
@@ -43,6 +44,10 @@ class RecordingSink:
 
     def instance_rejected(self, study_uid, reason, calling_ae):
         raise AssertionError(f"unexpected rejection: {reason}")
+
+    def connection_closed(self):
+        with self.lock:
+            self.connections_closed += 1
 
 
 def test_background_sync_reports_durable_tickets_and_failures(tmp_path):

@@ -1,11 +1,13 @@
-"""TLS settings: checked when the server starts, not at the first association or delivery."""
+"""Settings checked when the server starts, not at the first association or delivery: TLS
+files, receiver processes."""
 
+import os
 import ssl
 
 import pytest
 
-from server.app import destination_tls, listener_tls
 from server.config import load_settings
+from server.tls import destination_tls, listener_tls
 
 
 def test_a_destination_certificate_needs_its_key():
@@ -26,3 +28,10 @@ def test_destinations_must_prove_who_they_are():
     context = destination_tls(load_settings())
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+def test_receivers_default_to_one_per_core_and_at_most_four():
+    assert load_settings().receiver_processes == min(4, len(os.sched_getaffinity(0)))
+    assert load_settings(receivers=3).receiver_processes == 3
+    with pytest.raises(ValueError, match="receivers must be 0"):
+        load_settings(receivers=-1)

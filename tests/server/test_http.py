@@ -75,4 +75,5 @@ def test_review_rerun_with_token_and_purge(tmp_path):
             capture_output=True, text=True, check=True,
         )
         assert len(json.loads(ledger.stdout)) == 1, "billing is kept"
-        assert http_json(f"{base}/healthz")["status"] == "ok"
+        health = http_json(f"{base}/healthz")
+        assert health["status"] == "ok" and health["dicom_receivers"] >= 1

@@ -30,10 +30,8 @@ def kill_group(server: LungScreen) -> None:
 
 
 def analysis_workers(server: LungScreen) -> list[int]:
-    return [
-        pid for pid in children(server.proc.pid)
-        if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    ]
+    """The server's children that run the model (the DICOM receivers do not load ONNX Runtime)."""
+    return [pid for pid in children(server.proc.pid) if "onnxruntime" in Path(f"/proc/{pid}/maps").read_text()]
 
 
 def billing_rows(server: LungScreen) -> list[dict]:

@@ -53,7 +53,6 @@ class LungScreenServer:
             self.db, RetryPolicy(max_attempts=settings.max_delivery_attempts, base_delay_s=settings.retry_base_delay_s)
         )
         self.ledger = BillingLedger(self.db)
-        self.images = InstanceStore(settings.images_dir)
         self.reports = InstanceStore(settings.reports_dir)
         self.card = load_card(settings.model)  # fail at start-up on a bad model, not on the first study
         self.analysis = AnalysisPool(settings)

@@ -247,6 +247,7 @@ def run_receiver(settings: Settings, channel: socket.socket, log_level: str) -> 
     """A receiver process's life: take connections from ``channel`` until it closes."""
     configure_logging(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server decides
+    signal.signal(signal.SIGTERM, _exit_gracefully)  # e.g. systemd stopping the whole group
     try:
         db = Database(settings.db_path)
         sink = IngestSink(settings, JobStore(db))
@@ -285,6 +286,10 @@ def run_receiver(settings: Settings, channel: socket.socket, log_level: str) -> 
         sink.connection_ended.set()
         reporter.join()
         db.close()
+
+
+def _exit_gracefully(signum, frame) -> None:
+    raise SystemExit(0)  # unwinds run_receiver's loop: its finally makes what was received durable
 
 
 def _serve(listener: Listener, sink: IngestSink, connection: socket.socket, peer: tuple) -> None:

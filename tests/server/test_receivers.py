@@ -85,9 +85,10 @@ def test_concurrent_associations_go_to_different_receivers_and_land_in_one_store
     assert pool.counted.received == sum(len(study.paths) for study in studies)
 
 
-def test_a_receiver_that_dies_is_replaced(pool, tmp_path):
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_a_receiver_that_dies_is_replaced(pool, tmp_path, how):
     victim = pool.pids[0]
-    os.kill(victim, signal.SIGKILL)
+    os.kill(victim, how)  # SIGTERM: it stops as it would with the server (what it received made durable)
     wait_until(lambda: victim not in pool.pids and len(pool.pids) == 2, 60, what="a replacement receiver")
     study = phantom_study(tmp_path / "after", shape=(12, 32, 32), spheres=())
     for _ in range(2):  # whichever receiver takes it

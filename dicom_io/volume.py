@@ -138,6 +138,15 @@ def frame_headers(dataset: pydicom.Dataset) -> tuple[FrameHeader, ...]:
         raise VolumeError(f"a DICOM header cannot be parsed: {type(exc).__name__}: {str(exc)[:120]}") from exc
 
 
+def _attribute_text(dataset: pydicom.Dataset, keyword: str) -> str:
+    """An attribute's value as text, ``""`` when absent; a value pydicom cannot parse (it
+    parses on first access: a corrupt VR, a truncated value) is a :class:`VolumeError`."""
+    try:
+        return str(dataset.get(keyword, ""))
+    except Exception as exc:
+        raise VolumeError(f"{keyword} cannot be parsed: {type(exc).__name__}: {str(exc)[:120]}") from exc
+
+
 def _frame_headers(dataset: pydicom.Dataset) -> tuple[FrameHeader, ...]:
     sop_instance_uid = str(dataset.get("SOPInstanceUID", ""))
     if "PerFrameFunctionalGroupsSequence" not in dataset:
@@ -263,10 +272,10 @@ def read_series_volume(
         headers = [_read_header(path) for path in paths]
     elif len(headers) != len(paths):
         raise ValueError(f"{len(headers)} headers for {len(paths)} files")
-    series_uids = sorted({str(header.get("SeriesInstanceUID", "")) for header in headers})
+    series_uids = sorted({_attribute_text(header, "SeriesInstanceUID") for header in headers})
     if len(series_uids) > 1:
         raise VolumeError(f"files from {len(series_uids)} series ({', '.join(series_uids)}); a volume is one series")
-    frame_of_reference_uids = sorted({str(header.get("FrameOfReferenceUID", "")) for header in headers})
+    frame_of_reference_uids = sorted({_attribute_text(header, "FrameOfReferenceUID") for header in headers})
     if len(frame_of_reference_uids) > 1:
         raise VolumeError(
             f"{len(frame_of_reference_uids)} frames of reference in one series; "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -139,3 +140,14 @@ def test_huge_declared_dimensions_do_not_allocate(tmp_path):
         assert "65535" in str(exc) or "pixel data" in str(exc).lower()
     else:
         raise AssertionError("a 65535 x 65535 image with 2 KiB of pixel data was accepted")
+
+
+def test_a_corrupt_series_uid_is_a_clear_error(tmp_path):
+    """Found by the fuzzing above: the series UIDs are compared before any frame header is built."""
+    blobs = list(series_bytes())
+    at = blobs[0].find(b"\x20\x00\x0e\x00UI")  # (0020,000E) SeriesInstanceUID, explicit VR
+    assert at > 0
+    blobs[0] = blobs[0][: at + 5] + bytes([ord("I") ^ 0xFF]) + blobs[0][at + 6 :]  # VR "U\xb6"
+    with pytest.raises(VolumeError, match="SeriesInstanceUID cannot be parsed"):
+        read_series_volume(write_all(tmp_path / "series", blobs))
+

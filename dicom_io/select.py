@@ -56,12 +56,20 @@ class SeriesCandidate:
 
     @property
     def series_description(self) -> str:
-        return str(self.headers[0].get("SeriesDescription", "") or "")
+        """SeriesDescription, ``""`` when absent or unreadable (it only names the series)."""
+        try:
+            return str(self.headers[0].get("SeriesDescription", "") or "")
+        except Exception:  # pydicom parses values on first access: a corrupt element fails here
+            return ""
 
     @property
     def series_number(self) -> int | None:
-        value = self.headers[0].get("SeriesNumber")
-        return None if value is None or value == "" else int(value)
+        """SeriesNumber, None when absent or unreadable (it only names the series)."""
+        try:
+            value = self.headers[0].get("SeriesNumber")
+            return None if value is None or value == "" else int(value)
+        except Exception:
+            return None
 
     @property
     def label(self) -> str:
@@ -149,7 +157,7 @@ def choose_series(candidates: Iterable[SeriesCandidate], rules: SelectionRules =
         other series with the reason it was not chosen.
     """
     candidates = tuple(candidates)
-    outcomes = [_assess(candidate, rules) for candidate in candidates]
+    outcomes = [_assess_or_why_not(candidate, rules) for candidate in candidates]
     reasons = {index: outcome for index, outcome in enumerate(outcomes) if isinstance(outcome, str)}
     eligible = {index: outcome for index, outcome in enumerate(outcomes) if isinstance(outcome, _Eligible)}
     chosen = None
@@ -169,6 +177,15 @@ def choose_series(candidates: Iterable[SeriesCandidate], rules: SelectionRules =
 class _Eligible:
     spacing_mm: float
     slice_count: int
+
+
+def _assess_or_why_not(candidate: SeriesCandidate, rules: SelectionRules) -> _Eligible | str:
+    """:func:`_assess`; a header value that pydicom cannot parse (it parses on first access: a
+    corrupt VR, a truncated value) makes the series ineligible, with that as the reason."""
+    try:
+        return _assess(candidate, rules)
+    except Exception as exc:
+        return f"a DICOM header cannot be parsed: {type(exc).__name__}: {str(exc)[:120]}"
 
 
 def _assess(candidate: SeriesCandidate, rules: SelectionRules) -> _Eligible | str:

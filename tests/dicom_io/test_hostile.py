@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dicom_io.errors import VolumeError
+from dicom_io.select import choose_series
 from dicom_io.study import index_study
 from dicom_io.volume import read_series_volume
 from training.dicom_writer import write_ct_series
@@ -118,6 +119,8 @@ def test_truncated_or_corrupted_bytes_give_a_clear_error(tmp_path, slice_index, 
     assemble_or_clear_error(paths)
     index = index_study(paths)  # never raises; unreadable files are listed
     assert len(index.unreadable) + sum(len(s.paths) for s in index.series) == len(paths)
+    choice = choose_series(index.series)  # never raises: a series it cannot use is rejected with a reason
+    assert all(rejection.reason for rejection in choice.rejected)
 
 
 @FUZZ

@@ -56,7 +56,11 @@ class LungScreenServer:
         self.reports = InstanceStore(settings.reports_dir)
         self.card = load_card(settings.model)  # fail at start-up on a bad model, not on the first study
         self.analysis = AnalysisPool(settings)
-        self.metrics = Metrics(self.jobs, self.outbox)
+        self.receivers = ReceiverPool(
+            settings, settings.receiver_processes, self._count_ingest,
+            log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+        )
+        self.metrics = Metrics(self.jobs, self.outbox, self.receivers)
         self.destinations = [Destination.parse(d) for d in settings.destination]
         self.destination_tls = destination_tls(settings)  # a bad certificate fails at start-up
         listener_tls(settings)  # so does the listener's, before the receiver processes build theirs
@@ -67,7 +71,6 @@ class LungScreenServer:
         self._in_flight: set[str] = set()
         self._in_flight_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._receivers: ReceiverPool | None = None
         self._http = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -76,11 +79,7 @@ class LungScreenServer:
         if resumed:
             log.info("resuming %d interrupted job(s)", len(resumed))
         self.analysis.warm_up()
-        self._receivers = ReceiverPool(
-            self.settings, self.settings.receiver_processes, self._count_ingest,
-            log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
-        )
-        self._receivers.start()
+        self.receivers.start()
         for target, name in ((self._schedule_loop, "scheduler"), (self._outbox_loop, "outbox")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -97,8 +96,7 @@ class LungScreenServer:
     def stop(self) -> None:
         self._stop.set()
         self._wake_outbox.set()
-        if self._receivers is not None:
-            self._receivers.stop()
+        self.receivers.stop()
         if self._http is not None:
             self._http.shutdown()
         for thread in self._threads:
@@ -106,10 +104,6 @@ class LungScreenServer:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.analysis.shutdown()
         self.db.close()
-
-    @property
-    def receivers_running(self) -> int:
-        return 0 if self._receivers is None else self._receivers.running
 
     def _count_ingest(self, counts: IngestCounts) -> None:
         self.metrics.instances_received.inc(counts.received)

@@ -43,7 +43,7 @@ def _handler_for(server_app):
             path = urlparse(self.path).path.rstrip("/")
             if path == "/healthz":
                 server_app.jobs.count_by_state()  # proves the database answers
-                receivers = server_app.receivers_running
+                receivers = server_app.receivers.running
                 if not receivers:
                     return self._json(503, {"status": "no DICOM receiver process is running", "dicom_receivers": 0})
                 return self._json(200, {"status": "ok", "dicom_receivers": receivers})

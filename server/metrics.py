@@ -1,4 +1,5 @@
-"""Prometheus metrics: per-stage latency histograms, instance counters, jobs and deliveries by state."""
+"""Prometheus metrics: per-stage latency histograms, instance counters, jobs and deliveries by state,
+DICOM receivers and their open associations."""
 
 from __future__ import annotations
 
@@ -23,8 +24,21 @@ class _StateCountCollector:
         yield gauge
 
 
+class _ReceiverCollector:
+    """The DICOM receiver processes running, and the associations open in them, when scraped."""
+
+    def __init__(self, receivers) -> None:
+        self.receivers = receivers
+
+    def collect(self):
+        yield GaugeMetricFamily("lungscreen_dicom_receivers", "DICOM receiver processes running",
+                                value=self.receivers.running)
+        yield GaugeMetricFamily("lungscreen_dicom_associations_open", "DICOM connections open in the receivers",
+                                value=sum(self.receivers.open_connections))
+
+
 class Metrics:
-    def __init__(self, jobs, outbox) -> None:
+    def __init__(self, jobs, outbox, receivers) -> None:
         self.registry = CollectorRegistry()
         self.stage_seconds = Histogram(
             "lungscreen_stage_seconds", "Time spent per pipeline stage", ["stage"],
@@ -41,6 +55,7 @@ class Metrics:
         self.registry.register(
             _StateCountCollector("lungscreen_deliveries", "Reports to destinations by state", outbox.count_by_state)
         )
+        self.registry.register(_ReceiverCollector(receivers))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,6 +8,7 @@ detection quality, which the detector's own evaluation measures.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import urllib.request
@@ -118,6 +119,9 @@ def test_pacs_push_to_storescp_with_a_valid_sr(tmp_path, lidc_files, lidc_header
             assert 'lungscreen_deliveries{state="sent"} 2.0' in metrics  # the SR and the presentation state
             assert 'lungscreen_deliveries{state="dead"} 0.0' in metrics
             assert 'lungscreen_stage_seconds_count{stage="inference"} 1.0' in metrics
+            assert "lungscreen_instances_received_total 133.0" in metrics  # counted in the receivers
+            assert "lungscreen_dicom_associations_open 0.0" in metrics
+            assert re.search(r"^lungscreen_dicom_receivers [1-9]", metrics, re.M)
             # re-sending the identical study changes nothing: no second run, no second SR
             storescu(lidc_files[:5], server.port)
             time.sleep(2.5)

@@ -5,8 +5,8 @@ throughput, errors and memory growth.
 
 It starts its own ``lungscreen serve`` (``benchmarks.harness.Server``) on 127.0.0.1 with a temporary data folder, sends
 synthetic studies (fresh UIDs each time) from several pynetdicom senders, and samples the
-server's memory (server plus analysis workers) once a second. The run is bounded by
-``--minutes``; the server is stopped at the end.
+server's memory (the server and its children: analysis workers, DICOM receivers) once a
+second. The run is bounded by ``--minutes``; the server is stopped at the end.
 """
 
 from __future__ import annotations

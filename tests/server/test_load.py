@@ -7,15 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from benchmarks.harness import vm_hwm_mb
+from benchmarks.harness import children, vm_hwm_mb
 from peers import LungScreen, needs_binary, storescu, wait_until
 from test_end_to_end import phantom_study
-from test_reliability import analysis_workers
 
 pytestmark = [pytest.mark.slow, needs_binary("storescu")]
 
 SENDERS, STUDIES_PER_SENDER = 4, 10
-MEMORY_BOUND_MB = 3000  # server + analysis worker; a bounded pool keeps this flat however many studies queue
+MEMORY_BOUND_MB = 3000  # server + its children (analysis worker, receivers); bounded pools keep this flat
 
 
 def test_four_senders_ten_studies_each(tmp_path):
@@ -44,7 +43,7 @@ def test_four_senders_ten_studies_each(tmp_path):
         for study in studies:
             job = server.study(study.study_instance_uid)
             assert job["instances"] == 32 and job["runs"] == 1 and len(job["details"]["findings"]) == 1
-        peaks = [vm_hwm_mb(server.proc.pid), *(vm_hwm_mb(pid) for pid in analysis_workers(server))]
+        peaks = [vm_hwm_mb(pid) for pid in (server.proc.pid, *children(server.proc.pid))]
         assert sum(peaks) < MEMORY_BOUND_MB, peaks
         metrics = subprocess.run(
             ["curl", "-s", f"http://127.0.0.1:{server.http_port}/metrics"], capture_output=True, text=True

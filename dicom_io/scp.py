@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -145,12 +146,24 @@ class ListenerSettings:
     release_sync_timeout_s: float = 60.0
 
 
-class _AssociationFiles:
-    """The durability tickets of each open association's files (first, last)."""
+@dataclass
+class _Tally:
+    """What one association sent, for the line logged when it ends."""
+
+    started: float = field(default_factory=time.monotonic)  # at its first C-STORE request
+    stored: int = 0  # CT instances written
+    stored_bytes: int = 0
+    ignored: int = 0  # other storage classes, and our own reports coming back
+    failed: int = 0  # any status but success
+
+
+class _OpenAssociations:
+    """Per open association: the durability tickets of its files (first, last) and its tally."""
 
     def __init__(self, syncer: BackgroundSync | None) -> None:
         self.syncer = syncer
         self._tickets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._tallies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def add(self, assoc, ticket: int) -> None:
         first, _ = self._tickets.get(assoc, (ticket, ticket))
@@ -158,6 +171,12 @@ class _AssociationFiles:
 
     def pop(self, assoc) -> tuple[int, int] | None:
         return self._tickets.pop(assoc, None)
+
+    def tally(self, assoc) -> _Tally:
+        return self._tallies.setdefault(assoc, _Tally())
+
+    def pop_tally(self, assoc) -> _Tally | None:
+        return self._tallies.pop(assoc, None)
 
 
 def _identifying_attributes(event) -> Dataset:
@@ -174,18 +193,30 @@ def _identifying_attributes(event) -> Dataset:
     )
 
 
-def _store_handler(event, store: InstanceStore, sink: InstanceSink, files: _AssociationFiles):
+def _store_handler(event, store: InstanceStore, sink: InstanceSink, associations: _OpenAssociations) -> int:
+    tally = associations.tally(event.assoc)
+    status = _store_instance(event, store, sink, associations, tally)
+    if status != STATUS_SUCCESS:
+        tally.failed += 1
+    return status
+
+
+def _store_instance(
+    event, store: InstanceStore, sink: InstanceSink, associations: _OpenAssociations, tally: _Tally
+) -> int:
     calling_ae = event.assoc.requestor.ae_title
     sop_class_uid = str(event.request.AffectedSOPClassUID)
     sop_uid = str(event.request.AffectedSOPInstanceUID)
     study_uid = None
     try:
         if sink.is_own_instance(sop_uid):
+            tally.ignored += 1
             return STATUS_SUCCESS  # loop guard: our own report coming back
         ds = _identifying_attributes(event)
         if sop_class_uid not in CT_STORAGE_CLASSES:
             study_uid = str(ds.get("StudyInstanceUID", ""))
             sink.instance_ignored(study_uid if is_valid_uid(study_uid) else None, sop_class_uid, calling_ae)
+            tally.ignored += 1
             return STATUS_SUCCESS
         refusal = sink.refusal_reason()
         if refusal:
@@ -200,9 +231,10 @@ def _store_handler(event, store: InstanceStore, sink: InstanceSink, files: _Asso
             return STATUS_DATASET_DOES_NOT_MATCH
         header = file_header(sop_class_uid, sop_uid, event.context.transfer_syntax)
         with event.request.DataSet.getbuffer() as dataset:  # the received bytes, not a copy
-            stored = store.save(study_uid, series_uid, sop_uid, (header, dataset), sync=files.syncer is None)
-        if files.syncer is not None:  # a re-send too: its row may be new
-            files.add(event.assoc, files.syncer.submit(stored.path))
+            stored = store.save(study_uid, series_uid, sop_uid, (header, dataset), sync=associations.syncer is None)
+            tally.stored_bytes += len(header) + dataset.nbytes
+        if associations.syncer is not None:  # a re-send too: its row may be new
+            associations.add(event.assoc, associations.syncer.submit(stored.path))
     except InvalidUID as exc:
         sink.instance_rejected(study_uid or None, str(exc), calling_ae)
         log.warning("rejected instance from %s: %s", calling_ae, exc)
@@ -218,13 +250,14 @@ def _store_handler(event, store: InstanceStore, sink: InstanceSink, files: _Asso
     sink.instance_stored(
         ReceivedInstance(
             study_uid, series_uid, sop_uid, sop_class_uid, stored.path, stored.created, calling_ae,
-            durable=files.syncer is None,
+            durable=associations.syncer is None,
         )
     )
+    tally.stored += 1
     return STATUS_SUCCESS
 
 
-def _on_release_request(event, files: _AssociationFiles, sink: InstanceSink, timeout_s: float) -> None:
+def _on_release_request(event, associations: _OpenAssociations, sink: InstanceSink, timeout_s: float) -> None:
     """Hold the A-RELEASE response until every instance of the association is durable:
     its file, then what the sink recorded of it.
 
@@ -232,11 +265,11 @@ def _on_release_request(event, files: _AssociationFiles, sink: InstanceSink, tim
     """
     if not isinstance(event.primitive, A_RELEASE) or event.primitive.result is not None:
         return
-    tickets = files.pop(event.assoc)
+    tickets = associations.pop(event.assoc)
     if tickets is None:
         return
     try:
-        failures = files.syncer.wait(*tickets, timeout=timeout_s)
+        failures = associations.syncer.wait(*tickets, timeout=timeout_s)
     except TimeoutError as exc:
         failures = [str(exc)]
     try:
@@ -248,7 +281,18 @@ def _on_release_request(event, files: _AssociationFiles, sink: InstanceSink, tim
                   event.assoc.requestor.address, len(failures), failures[0])
 
 
-def _on_connection_closed(event, sink: InstanceSink) -> None:
+def _on_connection_closed(event, associations: _OpenAssociations, sink: InstanceSink) -> None:
+    """Say what an association that sent instances brought (the line a PACS administrator looks
+    for when a study seems missing), then tell the sink."""
+    tally = associations.pop_tally(event.assoc)
+    if tally is not None:
+        seconds = time.monotonic() - tally.started
+        log.info(
+            "association from %s, calling AE title %r, closed: %d CT instance(s) stored (%.1f MB in %.1f s "
+            "from its first instance), %d other object(s) ignored, %d failed",
+            event.assoc.requestor.address, event.assoc.requestor.ae_title, tally.stored, tally.stored_bytes / 1e6,
+            seconds, tally.ignored, tally.failed,
+        )
     sink.connection_closed()
 
 
@@ -320,14 +364,16 @@ class Listener:
     """
 
     def __init__(self, settings: ListenerSettings, store: InstanceStore, sink: InstanceSink, *, bind: bool = True) -> None:
-        self.files = _AssociationFiles(None if settings.sync_each_instance else BackgroundSync())
+        self.associations = _OpenAssociations(None if settings.sync_each_instance else BackgroundSync())
         handlers = [
-            (evt.EVT_C_STORE, _store_handler, [store, sink, self.files]),
+            (evt.EVT_C_STORE, _store_handler, [store, sink, self.associations]),
             (evt.EVT_REQUESTED, _on_association_request, [settings, sink]),
-            (evt.EVT_CONN_CLOSE, _on_connection_closed, [sink]),
+            (evt.EVT_CONN_CLOSE, _on_connection_closed, [self.associations, sink]),
         ]
-        if self.files.syncer is not None:
-            handlers.append((evt.EVT_ACSE_RECV, _on_release_request, [self.files, sink, settings.release_sync_timeout_s]))
+        if self.associations.syncer is not None:
+            handlers.append(
+                (evt.EVT_ACSE_RECV, _on_release_request, [self.associations, sink, settings.release_sync_timeout_s])
+            )
         ae = build_ae(settings)
         address = (settings.host, settings.port)
         if bind:
@@ -346,8 +392,8 @@ class Listener:
 
     def shutdown(self) -> None:
         self.server.shutdown()
-        if self.files.syncer is not None:
-            self.files.syncer.close()
+        if self.associations.syncer is not None:
+            self.associations.syncer.close()
 
 
 def start_listener(settings: ListenerSettings, store: InstanceStore, sink: InstanceSink) -> Listener:

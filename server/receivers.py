@@ -158,6 +158,7 @@ class ReceiverPool:
             ready = {"error": f"no answer: {exc}"}
         if "error" in ready:
             process.kill()
+            process.join(5)
             ours.close()
             raise ReceiverError(f"DICOM receiver process {index} did not start: {ready['error']}")
         ours.settimeout(CHANNEL_TIMEOUT_S)

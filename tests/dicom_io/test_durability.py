@@ -90,7 +90,7 @@ def test_every_instance_is_durable_when_the_association_is_released(tmp_path, li
     listener = start_listener(settings, InstanceStore(tmp_path / "images"), sink)
     try:
         storescu(files, settings.port)  # returns once the A-RELEASE response came
-        syncer = listener.files.syncer
+        syncer = listener.associations.syncer
         assert (syncer is None) == sync_each_instance
         if syncer is not None:
             assert syncer.pending == 0, "the release was answered before every file was fsynced"

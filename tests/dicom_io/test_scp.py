@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 
 import pydicom
 import pytest
 
-from benchmarks.harness import free_port
+from benchmarks.harness import free_port, wait_until
 from dicom_io.scp import Listener, ListenerSettings
 from dicom_io.store import InstanceStore
 from peers import needs_binary, storescu
@@ -16,7 +17,8 @@ from test_durability import RecordingSink
 
 
 @needs_binary("storescu")
-def test_a_connection_accepted_elsewhere_becomes_an_association(tmp_path, lidc_series_dir):
+def test_a_connection_accepted_elsewhere_becomes_an_association(tmp_path, lidc_series_dir, caplog):
+    caplog.set_level(logging.INFO, logger="dicom_io.scp")
     files = sorted(lidc_series_dir.glob("*.dcm"))[:5]
     settings = ListenerSettings(port=free_port())
     sink = RecordingSink()
@@ -41,7 +43,11 @@ def test_a_connection_accepted_elsewhere_becomes_an_association(tmp_path, lidc_s
         assert stored.file_meta.MediaStorageSOPInstanceUID == instance.sop_uid
         assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
         assert stored.PixelData == original.PixelData and stored.PatientID == original.PatientID
-    assert sink.connections_closed == 1
+    wait_until(lambda: sink.connections_closed == 1, 10, what="the connection's close")  # after storescu exits
+    megabytes = sum(instance.path.stat().st_size for instance in sink.stored) / 1e6
+    closed = [r.getMessage() for r in caplog.records if "closed:" in r.getMessage()]
+    assert len(closed) == 1 and "calling AE title 'PACS'" in closed[0]
+    assert f"5 CT instance(s) stored ({megabytes:.1f} MB in " in closed[0] and "0 failed" in closed[0]
 
 
 def test_a_listener_that_binds_refuses_handed_over_connections(tmp_path):

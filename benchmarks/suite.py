@@ -62,8 +62,9 @@ class Config:
 
     @classmethod
     def quick_config(cls) -> "Config":
-        return cls(quick=True, e2e_reps=3, ingest_reps=3, ingest_senders=(1, 2), aggregate_reps=1, reference_reps=1, scaling_slices=(100, 300, 600),
-                   scaling_reps=1, studies_per_sender=1, load_slices=100, idle_default_s=5.0)
+        return cls(quick=True, e2e_reps=3, ingest_reps=3, ingest_senders=(1, 2), aggregate_reps=1, reference_reps=1,
+                   scaling_slices=(100, 300, 600), scaling_reps=1, studies_per_sender=1, load_slices=100,
+                   idle_default_s=5.0)
 
 
 def stats(values: list[float], digits: int = 3) -> dict:

@@ -153,4 +153,3 @@ def test_a_corrupt_series_uid_is_a_clear_error(tmp_path):
     blobs[0] = blobs[0][: at + 5] + bytes([ord("I") ^ 0xFF]) + blobs[0][at + 6 :]  # VR "U\xb6"
     with pytest.raises(VolumeError, match="SeriesInstanceUID cannot be parsed"):
         read_series_volume(write_all(tmp_path / "series", blobs))
-

@@ -640,7 +640,8 @@ def build_sr(
     ReportError
         When the report cannot be built from the evidence: no evidence, evidence from another
         study or series than the volume, a finding centre outside the volume, a predecessor from
-        another study, or a report made by another model than ``algorithm`` names.
+        another study, a report made by another model than ``algorithm`` names, or CT headers
+        that highdicom refuses as evidence (an unknown character set, for one).
     """
     if not isinstance(algorithm, AlgorithmIdentity):
         raise TypeError(f"algorithm must be an AlgorithmIdentity, got {type(algorithm).__name__}")
@@ -700,27 +701,30 @@ def build_sr(
         groups=groups,
         evaluations=_report_evaluations(report),
     )
-    return hd.sr.ComprehensiveSR(
-        evidence=[first, *evidence[1:]],
-        content=content,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number,
-        manufacturer=algorithm.manufacturer,
-        software_versions=algorithm.software_version,
-        institution_name=algorithm.institution,
-        series_description=SERIES_DESCRIPTION,
-        # Complete, but PRELIMINARY and UNVERIFIED: research output, never the definitive report.
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        performed_procedure_codes=[ai_extension],
-        requested_procedures=_referenced_requests(first),
-        previous_versions=None if predecessor is None else [predecessor],
-        contributing_equipment=[_algorithm_equipment(algorithm)],
-        coding_schemes=_coding_schemes(
-            [LOCAL_SCHEME, ai_extension.scheme_designator, procedure.scheme_designator],
-            algorithm.manufacturer,
-        ),
-    )
+    try:
+        return hd.sr.ComprehensiveSR(
+            evidence=[first, *evidence[1:]],
+            content=content,
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=instance_number,
+            manufacturer=algorithm.manufacturer,
+            software_versions=algorithm.software_version,
+            institution_name=algorithm.institution,
+            series_description=SERIES_DESCRIPTION,
+            # Complete, but PRELIMINARY and UNVERIFIED: research output, never the definitive report.
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            performed_procedure_codes=[ai_extension],
+            requested_procedures=_referenced_requests(first),
+            previous_versions=None if predecessor is None else [predecessor],
+            contributing_equipment=[_algorithm_equipment(algorithm)],
+            coding_schemes=_coding_schemes(
+                [LOCAL_SCHEME, ai_extension.scheme_designator, procedure.scheme_designator],
+                algorithm.manufacturer,
+            ),
+        )
+    except ValueError as error:  # highdicom checks the evidence: a CT header it cannot use
+        raise ReportError(f"the SR cannot be built from the CT's headers: {str(error)[:160]}") from error

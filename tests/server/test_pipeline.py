@@ -134,3 +134,18 @@ def test_analyze_command_writes_sr_and_findings_json(study, tmp_path):
     assert finding["volume_mm3"] == pytest.approx(np.pi / 6 * finding["diameter_mm"] ** 3, rel=1e-2)
     sr = pydicom.dcmread(out / "report_sr.dcm")
     assert sr.SOPInstanceUID == summary["sr_sop_instance_uid"] and sr.Modality == "SR"
+
+
+def test_ct_headers_the_report_cannot_use_fail_the_study_with_the_reason(analyzer, study, tmp_path):
+    """Found by fuzzing the whole pipeline: a corrupt SpecificCharacterSet reached highdicom's
+    checks of the evidence and came out as a bare ValueError (an "internal error")."""
+    from dicom_io.errors import ReportError
+
+    paths = []
+    for path in study.paths:
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = "ISO_IR 999"  # no such character set
+        ds.save_as(tmp_path / path.name, enforce_file_format=True)
+        paths.append(tmp_path / path.name)
+    with pytest.raises(ReportError, match="the SR cannot be built from the CT's headers"):
+        analyze_study(paths, analyzer)

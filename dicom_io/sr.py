@@ -393,10 +393,12 @@ def _finding_sites(finding: Finding, number: int) -> list[hd.sr.FindingSite]:
 
 
 def nodule_outline(finding: Finding, volume: Volume, header: Dataset, number: int) -> np.ndarray:
-    """Closed POLYLINE ``(column, row)`` points of a circle of the nodule's diameter.
+    """Closed POLYLINE ``(column, row)`` points of a circle of the nodule's diameter, clipped
+    to the image (a nodule at the edge of a small field of view).
 
     SCOORD pixel coordinates (PS3.3 C.18.6.1.1) put (0, 0) at the top left corner of the top
-    left pixel, so the centre of voxel column ``i``, row ``j`` is ``(i + 0.5, j + 0.5)``.
+    left pixel, so the centre of voxel column ``i``, row ``j`` is ``(i + 0.5, j + 0.5)``, and
+    they lie within 0 to Columns and 0 to Rows (highdicom refuses a GSPS outline beyond).
     """
     _, j, i = finding.center_kji
     if not (0 <= j < header.Rows and 0 <= i < header.Columns):
@@ -405,7 +407,10 @@ def nodule_outline(finding: Finding, volume: Volume, header: Dataset, number: in
     radius = finding.diameter_mm / 2
     angles = np.linspace(0.0, 2 * np.pi, POLYLINE_VERTICES, endpoint=False)
     vertices = np.column_stack(
-        [i + 0.5 + radius / column_spacing * np.cos(angles), j + 0.5 + radius / row_spacing * np.sin(angles)]
+        [
+            np.clip(i + 0.5 + radius / column_spacing * np.cos(angles), 0.0, float(header.Columns)),
+            np.clip(j + 0.5 + radius / row_spacing * np.sin(angles), 0.0, float(header.Rows)),
+        ]
     )
     return np.vstack([vertices, vertices[:1]])
 

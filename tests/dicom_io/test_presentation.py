@@ -58,6 +58,15 @@ class TestFindingLabel:
 
 
 class TestBuildGSPS:
+    def test_an_outline_at_the_edge_of_the_image_is_clipped_to_it(self, lidc_headers, lidc_volume, findings):
+        # Found by fuzzing the pipeline: highdicom refused a circle reaching past column 0.
+        at_edge = Finding(**(vars(findings[1]) | {"center_kji": (40.0, 250.0, 1.0), "diameter_mm": 20.0}))
+        gsps = _roundtrip(build_gsps(lidc_headers, lidc_volume, nodule_report((at_edge,)), algorithm=algorithm()))
+        (annotation,) = gsps.GraphicAnnotationSequence
+        points = np.asarray(annotation.GraphicObjectSequence[0].GraphicData, dtype=float).reshape(-1, 2)
+        assert points[:, 0].min() == 0.0 and points[:, 0].max() <= lidc_headers[0].Columns
+        assert 0.0 <= points[:, 1].min() and points[:, 1].max() <= lidc_headers[0].Rows
+
     def test_is_a_gsps_in_the_ct_study_and_not_a_ct_class(self, gsps, lidc_headers):
         assert gsps.SOPClassUID == GrayscaleSoftcopyPresentationStateStorage == GSPS_SOP_CLASS_UID
         assert GSPS_SOP_CLASS_UID not in CT_SOP_CLASSES  # the SCP ignores it: no processing loop

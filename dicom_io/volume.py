@@ -149,6 +149,8 @@ def _attribute_text(dataset: pydicom.Dataset, keyword: str) -> str:
 
 def _frame_headers(dataset: pydicom.Dataset) -> tuple[FrameHeader, ...]:
     sop_instance_uid = str(dataset.get("SOPInstanceUID", ""))
+    if not sop_instance_uid:
+        raise VolumeError("an instance has no SOPInstanceUID: a report could not refer to its slices")
     if "PerFrameFunctionalGroupsSequence" not in dataset:
         return (_single_frame_header(dataset, sop_instance_uid),)
     per_frame = dataset.PerFrameFunctionalGroupsSequence

@@ -153,3 +153,13 @@ def test_a_corrupt_series_uid_is_a_clear_error(tmp_path):
     blobs[0] = blobs[0][: at + 5] + bytes([ord("I") ^ 0xFF]) + blobs[0][at + 6 :]  # VR "U\xb6"
     with pytest.raises(VolumeError, match="SeriesInstanceUID cannot be parsed"):
         read_series_volume(write_all(tmp_path / "series", blobs))
+
+
+def test_a_slice_without_sop_instance_uid_is_a_clear_error(tmp_path):
+    """Found by fuzzing the pipeline: the report stage was the first to need the UID."""
+    paths = write_all(tmp_path / "series", list(series_bytes()))
+    ds = pydicom.dcmread(paths[3])
+    del ds.SOPInstanceUID
+    ds.save_as(paths[3], enforce_file_format=False)
+    with pytest.raises(VolumeError, match="no SOPInstanceUID"):
+        read_series_volume(paths)

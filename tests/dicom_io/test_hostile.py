@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from corruption import DAMAGED_SLICE, damaged
 from dicom_io.errors import VolumeError
 from dicom_io.select import choose_series
 from dicom_io.study import index_study
@@ -106,15 +107,11 @@ def test_mutated_headers_give_a_volume_or_a_clear_error(tmp_path, slice_index, k
 
 
 @FUZZ
-@given(slice_index=st.integers(0, 11), cut=st.integers(0, 20_000), flips=st.lists(st.integers(0, 2500), max_size=8))
+@given(**DAMAGED_SLICE)
 @example(slice_index=0, cut=0, flips=[951])  # a corrupt VR in ImagePositionPatient, parsed on first access
 def test_truncated_or_corrupted_bytes_give_a_clear_error(tmp_path, slice_index, cut, flips):
     blobs = list(series_bytes())
-    blob = bytearray(blobs[slice_index][: len(blobs[slice_index]) - cut])
-    for position in flips:
-        if position < len(blob):
-            blob[position] ^= 0xFF
-    blobs[slice_index] = bytes(blob)
+    blobs[slice_index] = damaged(blobs[slice_index], cut, flips)
     paths = write_all(tmp_path / f"case-{slice_index}-{cut}-{abs(hash(tuple(flips))) % 10**8}", blobs)
     assemble_or_clear_error(paths)
     index = index_study(paths)  # never raises; unreadable files are listed

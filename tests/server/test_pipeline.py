@@ -15,9 +15,9 @@ import pydicom
 import pytest
 from highdicom.legacy import LegacyConvertedEnhancedCTImage
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
+from corruption import DAMAGED_SLICE, damaged
 from dicom_io.errors import LungScreenError, ReportError
 from dicom_io.select import SelectionRules
 from models.card import BLOB_FILTER_CARD
@@ -166,14 +166,10 @@ def _small_series_bytes() -> tuple[bytes, ...]:
 # derandomize: the same 100 cases in every CI run (a probe of 1200 random cases found the three
 # defects this guards: an unknown character set, an outline past the image edge, no SOPInstanceUID)
 @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(slice_index=st.integers(0, 11), cut=st.integers(0, 20_000), flips=st.lists(st.integers(0, 2500), max_size=8))
+@given(**DAMAGED_SLICE)
 def test_corrupted_bytes_fail_the_study_with_a_reason_never_an_internal_error(analyzer, slice_index, cut, flips):
     blobs = list(_small_series_bytes())
-    blob = bytearray(blobs[slice_index][: len(blobs[slice_index]) - cut])
-    for position in flips:
-        if position < len(blob):
-            blob[position] ^= 0xFF
-    blobs[slice_index] = bytes(blob)
+    blobs[slice_index] = damaged(blobs[slice_index], cut, flips)
     small = dataclasses.replace(analyzer, selection=SelectionRules(min_slices=4))
     with tempfile.TemporaryDirectory() as folder:
         paths = [Path(folder) / f"{n:03d}.dcm" for n in range(len(blobs))]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
+import time
 from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -68,13 +70,27 @@ def build_analyzer(settings: Settings) -> Analyzer:
 _analyzer: Analyzer | None = None  # one per worker process
 
 
-def _init_worker(settings: Settings, log_level: int) -> None:
+PARENT_CHECK_INTERVAL_S = 1.0
+
+
+def _init_worker(settings: Settings, log_level: int, server_pid: int) -> None:
     from server.logs import configure_logging
 
     global _analyzer
     configure_logging(logging.getLevelName(log_level))
+    # The server's pid comes from the server: it may have died while this process imported.
+    threading.Thread(target=_exit_with_parent, args=(server_pid,), name="parent-watch", daemon=True).start()
     _analyzer = build_analyzer(settings)
     tune_analysis_process()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """End this worker when the server process is gone (killed -9, out of memory): its pool
+    queues hold both ends of their pipes, so the worker would otherwise wait for work forever,
+    holding the model's memory."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_INTERVAL_S)
+    os._exit(0)
 
 
 def _warm_up() -> list[str]:
@@ -119,7 +135,7 @@ class AnalysisPool:
             # spawn, not fork: the server process has threads (listener, scheduler, outbox)
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.settings, logging.getLogger().level),
+            initargs=(self.settings, logging.getLogger().level, os.getpid()),
         )
 
     def warm_up(self) -> None:

@@ -54,6 +54,15 @@ class LungScreen(Server):
             raise AssertionError(f"{exc}\njob: {self.study(study_uid)}\nlog:\n{self.log()[-4000:]}") from None
 
 
+def process_running(pid: int) -> bool:
+    """Running: not gone and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return "State:\tZ" not in status.read()
+    except FileNotFoundError:
+        return False
+
+
 def storescu(files: list[Path], port: int, *, called="LUNGSCREEN", calling="PACS", propose=(), check=True):
     """dcmtk storescu; ``propose`` e.g. ("-xs",) for JPEG Lossless files."""
     args = ["storescu", "-aet", calling, "-aec", called, *propose, "127.0.0.1", str(port), *map(str, files)]

@@ -20,6 +20,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
+from benchmarks.harness import children
 from peers import (
     LungScreen,
     Orthanc,
@@ -27,6 +28,7 @@ from peers import (
     free_port,
     needs_binary,
     needs_netns,
+    process_running,
     storescp,
     storescu,
     wait_until,
@@ -412,8 +414,12 @@ def test_restart_resumes_unfinished_jobs(tmp_path):
     with slow.running():
         storescu(list(study.paths), slow.port)
         assert slow.study(study.study_instance_uid)["state"] == "receiving"
+        orphans = children(slow.proc.pid)  # analysis worker, DICOM receivers, resource tracker
+        assert orphans
         slow.proc.kill()  # kill -9: no clean shutdown
         slow.proc.wait()
+    # None of its processes outlives it (each notices within about a second)
+    wait_until(lambda: not any(map(process_running, orphans)), 30, what="the killed server's processes to end")
     restarted = LungScreen(tmp_path, idle_seconds=0.5, port=port, http_port=http_port)
     with restarted.running():
         job = restarted.wait_for_state(study.study_instance_uid, ("reported",), timeout=60)

@@ -14,7 +14,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from benchmarks.harness import REPO, free_port, wait_until
-from peers import needs_binary, storescu
+from peers import needs_binary, process_running, storescu
 from server.config import load_settings
 from server.db import Database
 from server.ingest import IngestCounts
@@ -49,16 +49,7 @@ def pool(tmp_path):
         yield receivers
     finally:
         receivers.stop()
-    assert not any(_alive(pid) for pid in receivers.pids), "every receiver stopped with the pool"
-
-
-def _alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting to be reaped)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return "State:\tZ" not in status.read()
-    except FileNotFoundError:
-        return False
+    assert not any(process_running(pid) for pid in receivers.pids), "every receiver stopped with the pool"
 
 
 def test_concurrent_associations_go_to_different_receivers_and_land_in_one_store(pool, tmp_path):
@@ -115,11 +106,11 @@ time.sleep(600)
     server = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(pid) for pid in server.stdout.readline().split()]
-        assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+        assert len(pids) == 2 and all(process_running(pid) for pid in pids)
     finally:
         server.kill()  # no chance to stop its receivers
         server.wait(10)
     deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(process_running(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(pid) for pid in pids), "a receiver outlived its server"
+    assert not any(process_running(pid) for pid in pids), "a receiver outlived its server"

@@ -161,6 +161,14 @@ class Database:
         with self.transaction() as c:
             c.execute("INSERT OR REPLACE INTO durability (id, synced_at) VALUES (1, ?)", (time.time(),))
 
+    def count_by_state(self, table: str, states: tuple[str, ...]) -> dict[str, int]:
+        """Rows of ``table`` (one of this schema's, never user input) per value of its ``state``
+        column; each of ``states`` is listed, 0 when no row has it."""
+        counts = dict.fromkeys(states, 0)
+        for row in self.query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state"):
+            counts[row["state"]] = row["n"]
+        return counts
+
     def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()

@@ -234,10 +234,7 @@ class JobStore:
         return [_job(r) for r in self.db.query("SELECT * FROM jobs ORDER BY updated_at DESC LIMIT ?", (limit,))]
 
     def count_by_state(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATES, 0)
-        for r in self.db.query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
-            counts[r["state"]] = r["n"]
-        return counts
+        return self.db.count_by_state("jobs", STATES)
 
     def instance_paths(self, study_uid: str) -> list[Path]:
         rows = self.db.query("SELECT path FROM instances WHERE study_uid = ? ORDER BY path", (study_uid,))

@@ -12,7 +12,7 @@ STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 
 
 class _StateCountCollector:
-    """A gauge by state, counted in the job store when scraped."""
+    """A gauge by state, counted in the database when scraped."""
 
     def __init__(self, name: str, documentation: str, count_by_state: Callable[[], dict[str, int]]) -> None:
         self.name, self.documentation, self.count_by_state = name, documentation, count_by_state

@@ -98,10 +98,7 @@ class Outbox:
 
     def count_by_state(self) -> dict[str, int]:
         """Deliveries (one report to one destination) by state: pending, sent, dead."""
-        counts = dict.fromkeys(DELIVERY_STATES, 0)
-        for r in self.db.query("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state"):
-            counts[r["state"]] = r["n"]
-        return counts
+        return self.db.count_by_state("outbox", DELIVERY_STATES)
 
     def all_sent(self, study_uid: str) -> bool:
         """True when every result of the study went to every destination."""

@@ -57,8 +57,7 @@ class LungScreenServer:
         self.card = load_card(settings.model)  # fail at start-up on a bad model, not on the first study
         self.analysis = AnalysisPool(settings)
         self.receivers = ReceiverPool(
-            settings, settings.receiver_processes, self._count_ingest,
-            log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+            settings, self._count_ingest, log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel())
         )
         self.metrics = Metrics(self.jobs, self.outbox, self.receivers)
         self.destinations = [Destination.parse(d) for d in settings.destination]

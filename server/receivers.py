@@ -60,14 +60,13 @@ class _Receiver:
 
 
 class ReceiverPool:
-    """Accepts DICOM connections on ``settings.host:port`` and hands them to ``count`` receiver
-    processes; ``on_counts`` hears what they stored and rejected."""
+    """Accepts DICOM connections on ``settings.host:port`` and hands them to
+    ``settings.receiver_processes`` receiver processes; ``on_counts`` hears what they stored and
+    rejected."""
 
-    def __init__(self, settings: Settings, count: int, on_counts: Callable[[IngestCounts], None], *, log_level: str) -> None:
-        if count < 1:
-            raise ValueError("at least one receiver process is needed")
+    def __init__(self, settings: Settings, on_counts: Callable[[IngestCounts], None], *, log_level: str) -> None:
         self.settings = settings
-        self.count = count
+        self.count = settings.receiver_processes
         self.on_counts = on_counts
         self.log_level = log_level
         self._context = multiprocessing.get_context("spawn")
@@ -107,7 +106,7 @@ class ReceiverPool:
                 pass
             self._listening.close()
         with self._lock:
-            receivers = [r for r in self._receivers if r is not None]
+            receivers = self._present()
         for receiver in receivers:
             try:
                 receiver.channel.shutdown(socket.SHUT_WR)  # the receiver reads the end of its channel
@@ -128,21 +127,25 @@ class ReceiverPool:
     def running(self) -> int:
         """How many receivers can take a connection now."""
         with self._lock:
-            return sum(r is not None and r.process.is_alive() for r in self._receivers)
+            return sum(r.process.is_alive() for r in self._present())
 
     @property
     def open_connections(self) -> list[int]:
         """Each receiver's open connections, as the server counts them (dispatched, not yet reported closed)."""
         with self._lock:
-            return [r.open_connections for r in self._receivers if r is not None]
+            return [r.open_connections for r in self._present()]
 
     @property
     def pids(self) -> list[int]:
         """The receiver processes' ids (for diagnostics and memory accounting)."""
         with self._lock:
-            return [r.process.pid for r in self._receivers if r is not None and r.process.pid is not None]
+            return [r.process.pid for r in self._present()]
 
     # --- inside the server process ---------------------------------------------------------
+    def _present(self) -> list[_Receiver]:
+        """The receivers in their slots (not those being replaced); the caller holds the lock."""
+        return [r for r in self._receivers if r is not None]
+
     def _spawn(self, index: int) -> _Receiver:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         process = self._context.Process(
@@ -186,7 +189,7 @@ class ReceiverPool:
 
     def _hand_over(self, connection: socket.socket, peer: tuple) -> None:
         with self._lock:
-            running = [r for r in self._receivers if r is not None]
+            running = self._present()
             if not running:
                 log.error("connection from %s dropped: no DICOM receiver process is running", peer[0])
                 return

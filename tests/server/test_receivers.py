@@ -42,7 +42,7 @@ def pool(tmp_path):
     settings = load_settings(data_dir=tmp_path / "data", port=free_port(), receivers=2, min_free_mb=0)
     Database(settings.db_path).close()  # the server makes the schema before its receivers start
     counted = Counted()
-    receivers = ReceiverPool(settings, settings.receiver_processes, counted, log_level="INFO")
+    receivers = ReceiverPool(settings, counted, log_level="INFO")
     receivers.start()
     receivers.counted = counted
     try:
@@ -98,7 +98,7 @@ from server.db import Database
 from server.receivers import ReceiverPool
 settings = load_settings(data_dir=Path({str(tmp_path / 'data')!r}), port={port}, receivers=2, min_free_mb=0)
 Database(settings.db_path).close()
-pool = ReceiverPool(settings, 2, lambda counts: None, log_level="WARNING")
+pool = ReceiverPool(settings, lambda counts: None, log_level="WARNING")
 pool.start()
 print(" ".join(map(str, pool.pids)), flush=True)
 time.sleep(600)

@@ -2,7 +2,7 @@
 
 dcmtk's storescp (the destination and the ingest baseline) cannot bind 127.0.0.1 only, so
 the suite re-runs itself inside a new network namespace that has only a loopback interface
-(``unshare --net --fork``, as root). Also runnable as ``python -m benchmarks.cli bench``.
+(``unshare --net --fork``, as root). Also runnable as ``python -m lungscreen.benchmarks.cli bench``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import REPO, can_unshare, in_netns, reexec_in_netns
+from lungscreen.benchmarks.harness import REPO, can_unshare, in_netns, reexec_in_netns
 
 
 def add_cli(subparsers) -> None:
@@ -33,14 +33,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print("bench: needs root and `unshare --net` (storescp listens on all interfaces; the suite runs in a "
                   "loopback-only network namespace)", file=sys.stderr)
             return 2
-        argv = ["-m", "benchmarks.cli", "bench", "--json", str(args.json.resolve())]
+        argv = ["-m", "lungscreen.benchmarks.cli", "bench", "--json", str(args.json.resolve())]
         argv += ["--quick"] if args.quick else []
         argv += ["--model", str(args.model.resolve())] if args.model else []
         argv += [a for s in args.skip for a in ("--skip", s)]
         argv += ["--work-dir", str(args.work_dir.resolve())] if args.work_dir else []
         return reexec_in_netns(argv)
 
-    from benchmarks.suite import Config, markdown, run_suite, write_outputs
+    from lungscreen.benchmarks.suite import Config, markdown, run_suite, write_outputs
 
     cfg = Config.quick_config() if args.quick else Config()
     cfg.model = args.model
@@ -59,7 +59,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cli")
+    parser = argparse.ArgumentParser(prog="python -m lungscreen.benchmarks.cli")
     add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

@@ -151,7 +151,7 @@ class Server:
         config_path = tmp / "lungscreen.toml"
         config_path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
         self.args = [
-            sys.executable, "-m", "server.cli", "--log-level", log_level, "serve", "--config", str(config_path),
+            sys.executable, "-m", "lungscreen.server.cli", "--log-level", log_level, "serve", "--config", str(config_path),
             "--data-dir", str(self.data_dir),
             "--port", str(self.port), "--http-port", str(self.http_port), "--idle-seconds", str(idle_seconds),
             "--ae-title", "LUNGSCREEN", *(["--model", str(model)] if model else []),

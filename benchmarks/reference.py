@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.card import ModelCard
-from models.decoding import decode
-from models.detector import Detector, inference_box, lungs_on_model_grid
-from models.preprocess import build_transform, hu_of
+from lungscreen.models.card import ModelCard
+from lungscreen.models.decoding import decode
+from lungscreen.models.detector import Detector, inference_box, lungs_on_model_grid
+from lungscreen.models.preprocess import build_transform, hu_of
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 BLOB_FILTER_NAME = "lungscreen-blob-filter"
@@ -38,7 +38,7 @@ class TorchBlobFilter(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from models import blob_filter as bf
+        from lungscreen.models import blob_filter as bf
 
         sigmas_mm = []
         for d in bf.SCALE_DIAMETERS_MM:
@@ -73,7 +73,7 @@ def missing_torch_network(card: ModelCard) -> str | None:
     """Why the card's ONNX model has no PyTorch equivalent here, or None when it has one."""
     if card.name == BLOB_FILTER_NAME:
         return None
-    from training.export import WEIGHTS_FILE
+    from lungscreen.training.export import WEIGHTS_FILE
 
     weights = card.onnx_path.parent / WEIGHTS_FILE
     return None if weights.exists() else f"no PyTorch definition for {card.name}: {weights} is missing"
@@ -86,7 +86,7 @@ def torch_network(card: ModelCard) -> torch.nn.Module:
         raise LookupError(missing)
     if card.name == BLOB_FILTER_NAME:
         return TorchBlobFilter().eval()
-    from training.export import WEIGHTS_FILE, load_weights
+    from lungscreen.training.export import WEIGHTS_FILE, load_weights
 
     return load_weights(card.onnx_path.parent / WEIGHTS_FILE)
 
@@ -110,9 +110,9 @@ def _as_arrays(raw, index_to_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
 
 def run_ours(paths: list[Path], detector: Detector) -> CandidateRun:
     """Our path (``server.pipeline.analyze_study``'s stages) from files to candidates."""
-    from dicom_io.select import SelectionRules, choose_series
-    from dicom_io.study import index_study
-    from dicom_io.volume import read_series_volume
+    from lungscreen.dicom_io.select import SelectionRules, choose_series
+    from lungscreen.dicom_io.study import index_study
+    from lungscreen.dicom_io.volume import read_series_volume
 
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -205,7 +205,7 @@ def compare_candidates(ours: CandidateRun, ref: CandidateRun, *, tolerance_mm: f
 def reported_min_score(card: ModelCard, *runs: CandidateRun) -> float | None:
     """The lowest raw score among candidates the default operating point reports in any of
     ``runs`` (calibrated probability >= its threshold); None when none is reported."""
-    from models.calibrate import calibrate
+    from lungscreen.models.calibrate import calibrate
 
     threshold = card.operating_point(None).threshold
     reported = [run.scores[np.asarray(calibrate(list(run.scores), card.calibration)) >= threshold]
@@ -237,7 +237,7 @@ def run_in_process(folder: Path, card_path: Path | None, way: str, reps: int) ->
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "runs.json"
-        args = [sys.executable, "-m", "benchmarks.reference", way, str(folder), str(reps), str(out)]
+        args = [sys.executable, "-m", "lungscreen.benchmarks.reference", way, str(folder), str(reps), str(out)]
         if card_path is not None:
             args.append(str(card_path))
         result = subprocess.run(args, capture_output=True, text=True, timeout=1800)
@@ -254,12 +254,12 @@ def _main(argv: list[str]) -> None:
     import json
     from functools import partial
 
-    from models.card import DEFAULT_MODEL_CARD, load_card
+    from lungscreen.models.card import DEFAULT_MODEL_CARD, load_card
 
     way, folder, reps, out = argv[0], Path(argv[1]), int(argv[2]), Path(argv[3])
     card = load_card(Path(argv[4]) if len(argv) > 4 else DEFAULT_MODEL_CARD)
     if way == OURS:
-        from server.process_tuning import tune_analysis_process
+        from lungscreen.server.process_tuning import tune_analysis_process
 
         detector = Detector(card)
         tune_analysis_process()  # as server.workers does once the model is loaded

@@ -1,7 +1,7 @@
 """Soak test (not part of CI): push studies at a LungScreen server for N minutes and report
 throughput, errors and memory growth.
 
-    python -m benchmarks.soak --minutes 30 [--senders 2] [--slices 64] [--json soak.json]
+    python -m lungscreen.benchmarks.soak --minutes 30 [--senders 2] [--slices 64] [--json soak.json]
 
 It starts its own ``lungscreen serve`` (``benchmarks.harness.Server``) on 127.0.0.1 with a temporary data folder, sends
 synthetic studies (fresh UIDs each time) from several pynetdicom senders, and samples the
@@ -27,8 +27,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from benchmarks.harness import Server, children, http_json, status_mb
-from training.dicom_writer import write_ct_series
+from lungscreen.benchmarks.harness import Server, children, http_json, status_mb
+from lungscreen.training.dicom_writer import write_ct_series
 
 
 def _rss_mb(pid: int) -> float:

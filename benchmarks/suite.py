@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import (
+from lungscreen.benchmarks.harness import (
     REAL_CT, Server, free_port, in_netns, storescp, storescu, wait_for_file,
 )
 
@@ -91,7 +91,7 @@ class StudyFactory:
     (``training.synthetic.make_chest_ct``) linearly interpolated along the slice axis."""
 
     def __init__(self, work: Path, rows: int = 512, base_slices: int = 100, seed: int = 7) -> None:
-        from training.synthetic import make_chest_ct
+        from lungscreen.training.synthetic import make_chest_ct
 
         self.work = work
         self.rows = rows
@@ -111,7 +111,7 @@ class StudyFactory:
 
     def study(self, slices: int, name: str | None = None) -> tuple[str, list[Path]]:
         """Write a fresh study (new UIDs); return its Study Instance UID and its files."""
-        from training.dicom_writer import write_ct_series
+        from lungscreen.training.dicom_writer import write_ct_series
 
         self._count += 1
         folder = self.work / "studies" / (name or f"s{self._count:03d}_{slices}")
@@ -146,8 +146,8 @@ def remove(paths: list[Path]) -> None:
 def device_info(model: Path | None = None) -> dict:
     import onnxruntime as ort
 
-    from models.card import DEFAULT_MODEL_CARD, load_card
-    from models.detector import choose_providers
+    from lungscreen.models.card import DEFAULT_MODEL_CARD, load_card
+    from lungscreen.models.detector import choose_providers
 
     cpu = "unknown"
     try:
@@ -408,10 +408,10 @@ def bench_load(cfg: Config, factory: StudyFactory, server: Server, dest: Destina
 
 
 def bench_reference(cfg: Config, factory: StudyFactory | None, work: Path) -> dict:
-    from benchmarks.reference import (
+    from lungscreen.benchmarks.reference import (
         OURS, REFERENCE, WARM_UP_RUNS, compare_candidates, missing_torch_network, reported_min_score, run_in_process,
     )
-    from models.card import DEFAULT_MODEL_CARD, load_card
+    from lungscreen.models.card import DEFAULT_MODEL_CARD, load_card
 
     card = load_card(cfg.model or DEFAULT_MODEL_CARD)
     missing = missing_torch_network(card)  # the reference's own process loads the network

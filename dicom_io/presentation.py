@@ -33,8 +33,8 @@ import pydicom
 from pydicom import Dataset
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage, generate_uid
 
-from dicom_io.errors import VolumeError
-from dicom_io.sr import (
+from lungscreen.dicom_io.errors import VolumeError
+from lungscreen.dicom_io.sr import (
     RESEARCH_USE_NOTICE,
     AlgorithmIdentity,
     centre_slice,
@@ -43,8 +43,8 @@ from dicom_io.sr import (
     nodule_outline,
     slice_header,
 )
-from dicom_io.volume import CT_SOP_CLASSES, Volume, frame_headers
-from models.findings import NoduleReport
+from lungscreen.dicom_io.volume import CT_SOP_CLASSES, Volume, frame_headers
+from lungscreen.models.findings import NoduleReport
 
 __all__ = [
     "CONTENT_LABEL",

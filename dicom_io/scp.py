@@ -48,10 +48,10 @@ from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationServer
 
-from dicom_io.durability import BackgroundSync
-from dicom_io.part10 import file_header
-from dicom_io.store import InstanceStore, InvalidUID
-from dicom_io.uids import is_valid_uid
+from lungscreen.dicom_io.durability import BackgroundSync
+from lungscreen.dicom_io.part10 import file_header
+from lungscreen.dicom_io.store import InstanceStore, InvalidUID
+from lungscreen.dicom_io.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 

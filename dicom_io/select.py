@@ -20,8 +20,8 @@ import pydicom
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from dicom_io.errors import VolumeError
-from dicom_io.volume import CT_SOP_CLASSES, FrameHeader, frame_headers, stack_geometry
+from lungscreen.dicom_io.errors import VolumeError
+from lungscreen.dicom_io.volume import CT_SOP_CLASSES, FrameHeader, frame_headers, stack_geometry
 
 _SAME_SPACING_MM = 1e-3
 _BACKSLASH = "\\"  # separates the values of a multi-valued attribute, as in DICOM

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_io.durability import fsync_path
-from dicom_io.errors import LungScreenError
-from dicom_io.uids import is_valid_uid
+from lungscreen.dicom_io.durability import fsync_path
+from lungscreen.dicom_io.errors import LungScreenError
+from lungscreen.dicom_io.uids import is_valid_uid
 
 
 BytesLike = bytes | bytearray | memoryview

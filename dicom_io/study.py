@@ -13,7 +13,7 @@ from typing import Iterable
 
 from pydicom import dcmread
 
-from dicom_io.select import SeriesCandidate
+from lungscreen.dicom_io.select import SeriesCandidate
 
 
 @dataclass(frozen=True)

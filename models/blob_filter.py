@@ -9,7 +9,7 @@ It really finds spheres in a CT, which is what the end-to-end path needs to be t
 real ONNX Runtime, but it knows nothing of vessels: it is not a clinical detector. The
 trained detector of ``training/`` replaces it as the default model.
 
-Build with ``python -m models.blob_filter OUT_DIR``.
+Build with ``python -m lungscreen.models.blob_filter OUT_DIR``.
 """
 
 from __future__ import annotations

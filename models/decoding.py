@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.decoding_heatmap import decode_center_heatmap
-from models.decoding_retinanet import decode_retinanet
-from models.errors import ModelError
-from models.findings import ModelCandidate
+from lungscreen.models.decoding_heatmap import decode_center_heatmap
+from lungscreen.models.decoding_retinanet import decode_retinanet
+from lungscreen.models.errors import ModelError
+from lungscreen.models.findings import ModelCandidate
 
 
 def decode(output: np.ndarray, spacing_mm: np.ndarray, decoding: dict) -> list[ModelCandidate]:

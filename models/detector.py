@@ -15,12 +15,12 @@ import torch
 from monai.apps.detection.utils.detector_utils import pad_images
 from monai.inferers import sliding_window_inference
 
-from models.card import ModelCard
-from models.decoding import decode
-from models.errors import ModelError
-from models.findings import Candidate, ModelCandidate
-from models.lungs import distance_outside_mm, lung_mask_xyz
-from models.preprocess import PreprocessedImage, bounding_box, build_transform, crop_to_box, hu_of, preprocess
+from lungscreen.models.card import ModelCard
+from lungscreen.models.decoding import decode
+from lungscreen.models.errors import ModelError
+from lungscreen.models.findings import Candidate, ModelCandidate
+from lungscreen.models.lungs import distance_outside_mm, lung_mask_xyz
+from lungscreen.models.preprocess import PreprocessedImage, bounding_box, build_transform, crop_to_box, hu_of, preprocess
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Errors of the model stages."""
 
-from dicom_io.errors import LungScreenError
+from lungscreen.dicom_io.errors import LungScreenError
 
 
 class ModelError(LungScreenError):

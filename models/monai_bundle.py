@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.card import validate_card
-from models.errors import ModelError
+from lungscreen.models.card import validate_card
+from lungscreen.models.errors import ModelError
 
 if TYPE_CHECKING:
     from monai.apps.detection.networks.retinanet_network import RetinaNet
@@ -290,7 +290,7 @@ def load_network(weights: Path, spec: RetinaNetSpec) -> RetinaNet:
     """The bundle's RetinaNet with its weights (``torch.load(weights_only=True)``, strict key match)."""
     import torch  # here, like the other heavy imports, so that registering the CLI stays cheap
 
-    from models.retinanet import build_retinanet
+    from lungscreen.models.retinanet import build_retinanet
 
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -326,7 +326,7 @@ def export_onnx(network: RetinaNet, spec: RetinaNetSpec, path: Path, *, opset: i
     import onnxruntime as ort
     import torch
 
-    from models.retinanet import PackedRetinaNet
+    from lungscreen.models.retinanet import PackedRetinaNet
 
     packed = PackedRetinaNet(network, spec).eval()
     example = torch.zeros(1, 1, *(2 * k for k in spec.size_divisible))

@@ -41,10 +41,10 @@ from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork,
 from monai.networks.nets import resnet
 from torch import Tensor, nn
 
-from models.errors import ModelError
+from lungscreen.models.errors import ModelError
 
 if TYPE_CHECKING:
-    from models.monai_bundle import RetinaNetSpec
+    from lungscreen.models.monai_bundle import RetinaNetSpec
 
 SPATIAL_DIMS = 3
 BOX_CODE_SIZE = 2 * SPATIAL_DIMS  # (dx, dy, dz, dw, dh, dd) per anchor

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
-from models.findings import Finding, NoduleType
+from lungscreen.models.findings import Finding, NoduleType
 
 SUPPRESSED_BELOW_OPERATING_POINT = "below_operating_point"
 SUPPRESSED_UNDER_MIN_SIZE = "under_min_size"

@@ -1,1 +1,1 @@
-__version__ = "0.1.0"
+"""Wiring and scheduling: the DICOM listener, the job store, analysis workers, delivery, HTTP."""

@@ -18,23 +18,23 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from dicom_io.errors import DeliveryError, LungScreenError
-from dicom_io.send import Destination, send_file
-from dicom_io.store import InstanceStore
-from models.card import load_card
-from models.rules import exam_lung_rads
-from server import __version__
-from server.billing import BillingLedger, ExtensionEntry
-from server.config import Settings, installation_value
-from server.db import Database
-from server.ingest import IngestCounts
-from server.jobs import FAILED, REPORTED, JobStore
-from server.metrics import Metrics
-from server.outbox import Outbox, OutboxItem, RetryPolicy
-from server.pipeline import AnalysisResult, NoEligibleSeries
-from server.receivers import ReceiverPool
-from server.tls import destination_tls, listener_tls
-from server.workers import AnalysisPool, ReportUIDs
+from lungscreen.dicom_io.errors import DeliveryError, LungScreenError
+from lungscreen.dicom_io.send import Destination, send_file
+from lungscreen.dicom_io.store import InstanceStore
+from lungscreen.models.card import load_card
+from lungscreen.models.rules import exam_lung_rads
+from lungscreen import __version__
+from lungscreen.server.billing import BillingLedger, ExtensionEntry
+from lungscreen.server.config import Settings, installation_value
+from lungscreen.server.db import Database
+from lungscreen.server.ingest import IngestCounts
+from lungscreen.server.jobs import FAILED, REPORTED, JobStore
+from lungscreen.server.metrics import Metrics
+from lungscreen.server.outbox import Outbox, OutboxItem, RetryPolicy
+from lungscreen.server.pipeline import AnalysisResult, NoEligibleSeries
+from lungscreen.server.receivers import ReceiverPool
+from lungscreen.server.tls import destination_tls, listener_tls
+from lungscreen.server.workers import AnalysisPool, ReportUIDs
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class LungScreenServer:
             thread.start()
             self._threads.append(thread)
         if self.settings.http_port:
-            from server.http import start_http
+            from lungscreen.server.http import start_http
 
             self._http = start_http(self, self.settings.http_host, self.settings.http_port)
         log.info(

@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from server.db import Database
+from lungscreen.server.db import Database
 
 CHARGE_RULE = "extension of the main exam item: no separate or additional charge"
 COLUMNS = (

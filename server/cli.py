@@ -20,11 +20,11 @@ import sys
 import threading
 from pathlib import Path
 
-from benchmarks.cli import add_cli as add_bench_cli
-from models.monai_bundle import add_cli as add_model_cli
-from training.evaluate_cli import add_cli as add_evaluate_cli
-from server.config import Settings, load_settings
-from server.logs import configure_logging
+from lungscreen.benchmarks.cli import add_cli as add_bench_cli
+from lungscreen.models.monai_bundle import add_cli as add_model_cli
+from lungscreen.training.evaluate_cli import add_cli as add_evaluate_cli
+from lungscreen.server.config import Settings, load_settings
+from lungscreen.server.logs import configure_logging
 
 log = logging.getLogger("lungscreen")
 
@@ -39,7 +39,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.app import LungScreenServer
+    from lungscreen.server.app import LungScreenServer
 
     settings = _settings(args)
     server = LungScreenServer(settings)
@@ -54,9 +54,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from models.rules import exam_lung_rads
-    from server.workers import build_analyzer
-    from server.pipeline import analyze_study
+    from lungscreen.models.rules import exam_lung_rads
+    from lungscreen.server.workers import build_analyzer
+    from lungscreen.server.pipeline import analyze_study
 
     settings = _settings(args)
     paths = [p for p in Path(args.dicom_dir).rglob("*") if p.is_file()]
@@ -88,8 +88,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from server.db import Database
-    from server.jobs import JobStore
+    from lungscreen.server.db import Database
+    from lungscreen.server.jobs import JobStore
 
     settings = _settings(args)
     jobs = JobStore(Database(settings.db_path)).list()
@@ -103,8 +103,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_billing_export(args: argparse.Namespace) -> int:
-    from server.billing import BillingLedger
-    from server.db import Database
+    from lungscreen.server.billing import BillingLedger
+    from lungscreen.server.db import Database
 
     settings = _settings(args)
     text = BillingLedger(Database(settings.db_path)).export(args.format)
@@ -116,9 +116,9 @@ def cmd_billing_export(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from dicom_io.store import InstanceStore
-    from server.db import Database
-    from server.retention import purge_images
+    from lungscreen.dicom_io.store import InstanceStore
+    from lungscreen.server.db import Database
+    from lungscreen.server.retention import purge_images
 
     settings = _settings(args)
     purged = purge_images(Database(settings.db_path), InstanceStore(settings.images_dir), args.older_than * 86400)
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
-    from dicom_io.errors import LungScreenError
+    from lungscreen.dicom_io.errors import LungScreenError
 
     try:
         return args.func(args)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from models.card import DEFAULT_MODEL_CARD
+from lungscreen.models.card import DEFAULT_MODEL_CARD
 
 
 MAX_AUTO_RECEIVERS = 4  # each costs about 90 MiB; aggregate ingest was measured with 2 (on 2 cores)

@@ -15,8 +15,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
-from dicom_io.uids import is_valid_uid
-from server.review import render_key_image, render_study, render_study_list
+from lungscreen.dicom_io.uids import is_valid_uid
+from lungscreen.server.review import render_key_image, render_study, render_study_list
 
 KEY_IMAGE = re.compile(r"^/review/([0-9.]+)/key/([0-9]{1,3})\.png$")
 RERUN = re.compile(r"^/studies/([0-9.]+)/rerun$")

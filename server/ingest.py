@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from pydicom.uid import UID
 
-from dicom_io.scp import ReceivedInstance
-from server.config import Settings
-from server.jobs import JobStore
+from lungscreen.dicom_io.scp import ReceivedInstance
+from lungscreen.server.config import Settings
+from lungscreen.server.jobs import JobStore
 
 STORAGE_CHECK_INTERVAL_S = 1.0  # a disk check is cheap, but not once per instance
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.db import Database
+from lungscreen.server.db import Database
 
 RECEIVING, QUEUED, PROCESSING, REPORTED, DELIVERED, FAILED = (
     "receiving", "queued", "processing", "reported", "delivered", "failed",

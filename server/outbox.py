@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.db import Database
+from lungscreen.server.db import Database
 
 
 DELIVERY_STATES = ("pending", "sent", "dead")

@@ -25,15 +25,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dicom_io.errors import LungScreenError
-from dicom_io.scp import Listener, ListenerSettings
-from dicom_io.store import InstanceStore
-from server.config import Settings
-from server.db import Database
-from server.ingest import IngestCounts, IngestSink
-from server.jobs import JobStore
-from server.logs import configure_logging
-from server.tls import listener_tls
+from lungscreen.dicom_io.errors import LungScreenError
+from lungscreen.dicom_io.scp import Listener, ListenerSettings
+from lungscreen.dicom_io.store import InstanceStore
+from lungscreen.server.config import Settings
+from lungscreen.server.db import Database
+from lungscreen.server.ingest import IngestCounts, IngestSink
+from lungscreen.server.jobs import JobStore
+from lungscreen.server.logs import configure_logging
+from lungscreen.server.tls import listener_tls
 
 log = logging.getLogger(__name__)
 

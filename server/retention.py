@@ -11,8 +11,8 @@ import logging
 import shutil
 import time
 
-from dicom_io.store import InstanceStore
-from server.db import Database
+from lungscreen.dicom_io.store import InstanceStore
+from lungscreen.server.db import Database
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from urllib.parse import quote, urlencode
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dicom_io.presentation import LUNG_WINDOW, key_slice
-from dicom_io.sr import RESEARCH_USE_NOTICE, finding_label
+from lungscreen.dicom_io.presentation import LUNG_WINDOW, key_slice
+from lungscreen.dicom_io.sr import RESEARCH_USE_NOTICE, finding_label
 
 __all__ = ["KEY_IMAGE_OUTLINE_RGB", "ohif_viewer_url", "render_key_image", "render_study", "render_study_list"]
 

@@ -9,7 +9,7 @@ import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from server.config import Settings
+from lungscreen.server.config import Settings
 
 
 def listener_tls(settings: Settings) -> ssl.SSLContext | None:

@@ -22,16 +22,16 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from dicom_io.errors import LungScreenError
-from dicom_io.select import SelectionRules
-from dicom_io.sr import AlgorithmIdentity, BillingCodes
-from models.card import load_card
-from models.detector import Detector
-from models.rules import ClinicalRules
-from server import __version__
-from server.config import Settings, installation_value
-from server.pipeline import AnalysisResult, Analyzer, analyze_study
-from server.process_tuning import tune_analysis_process
+from lungscreen.dicom_io.errors import LungScreenError
+from lungscreen.dicom_io.select import SelectionRules
+from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes
+from lungscreen.models.card import load_card
+from lungscreen.models.detector import Detector
+from lungscreen.models.rules import ClinicalRules
+from lungscreen import __version__
+from lungscreen.server.config import Settings, installation_value
+from lungscreen.server.pipeline import AnalysisResult, Analyzer, analyze_study
+from lungscreen.server.process_tuning import tune_analysis_process
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ PARENT_CHECK_INTERVAL_S = 1.0
 
 
 def _init_worker(settings: Settings, log_level: int, server_pid: int) -> None:
-    from server.logs import configure_logging
+    from lungscreen.server.logs import configure_logging
 
     global _analyzer
     configure_logging(logging.getLevelName(log_level))

@@ -44,7 +44,7 @@ def lidc_volume(lidc_headers):
     Only the geometry and slice references are real: stages that must not read voxels
     (the SR) can use it without loading 70 MB of pixels.
     """
-    from dicom_io.volume import SliceRef, Volume
+    from lungscreen.dicom_io.volume import SliceRef, Volume
 
     first = lidc_headers[0]
     origin = np.array([float(v) for v in first.ImagePositionPatient])

@@ -16,10 +16,10 @@ from typing import Iterator
 
 import pytest
 
-from benchmarks.harness import (  # noqa: F401  (storescp is re-exported for the tests)
+from lungscreen.benchmarks.harness import (  # noqa: F401  (storescp is re-exported for the tests)
     REPO, Server, dcmtk_env, free_port, http_json, in_netns, process, storescp, wait_until,
 )
-from models.card import BLOB_FILTER_CARD
+from lungscreen.models.card import BLOB_FILTER_CARD
 
 IN_NETNS = in_netns()
 

@@ -1,6 +1,6 @@
 """Calibration and operating points, fitted on validation scans never used in training.
 
-``python -m training.calibrate --card models/nodulenet --scans 60`` runs the card's detector
+``python -m lungscreen.training.calibrate --card models/nodulenet --scans 60`` runs the card's detector
 on synthetic validation scans (seed block ``validation``), labels every candidate TP (its
 centre within a nodule's radius) or FP, fits isotonic regression (pool-adjacent-violators)
 of the label on the raw score, and picks the operating points on the calibrated scale from
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from models.card import load_card, validate_card
-from models.detector import Detector
-from models.rules import ClinicalRules
-from training.inference import ScanDetections, detect_scan
-from training.metrics import expected_calibration_error, match
-from training.sources import SEED_RANGES, synthetic_scan
+from lungscreen.models.card import load_card, validate_card
+from lungscreen.models.detector import Detector
+from lungscreen.models.rules import ClinicalRules
+from lungscreen.training.inference import ScanDetections, detect_scan
+from lungscreen.training.metrics import expected_calibration_error, match
+from lungscreen.training.sources import SEED_RANGES, synthetic_scan
 
 SCREENING_FP_PER_SCAN = 1.0
 HIGH_SENSITIVITY_FP_PER_SCAN = 4.0
@@ -155,7 +155,7 @@ def calibrate_card(card_dir: Path, n_scans: int, screening_fp: float, high_sensi
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m training.calibrate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lungscreen.training.calibrate", description=__doc__.splitlines()[0])
     p.add_argument("--card", type=Path, required=True, help="model folder holding model_card.json")
     p.add_argument("--scans", type=int, default=60)
     p.add_argument("--screening-fp", type=float, default=SCREENING_FP_PER_SCAN)

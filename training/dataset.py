@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from monai.transforms import Compose, RandGaussianNoise, RandScaleIntensity, RandShiftIntensity
 
-from models.lungs import lung_mask_xyz
-from models.preprocess import build_transform, preprocess
-from training.scan import Scan
-from training.spec import HU_MAX, HU_MIN, PREPROCESSING, SPACING_MM
-from training.targets import build_targets
+from lungscreen.models.lungs import lung_mask_xyz
+from lungscreen.models.preprocess import build_transform, preprocess
+from lungscreen.training.scan import Scan
+from lungscreen.training.spec import HU_MAX, HU_MIN, PREPROCESSING, SPACING_MM
+from lungscreen.training.targets import build_targets
 
 PATCH_SIZE = (64, 64, 64)
 POSITIVE_FRACTION = 0.5

@@ -1,6 +1,6 @@
 """Evaluate a model card on annotated scans, through the server's own code path.
 
-``python -m training.evaluate --model models/nodulenet --synthetic 50 --real --out runs/eval``
+``python -m lungscreen.training.evaluate --model models/nodulenet --synthetic 50 --real --out runs/eval``
 (also ``lungscreen evaluate ...``; the arguments are in :mod:`training.evaluate_cli`). Each scan goes through
 :class:`models.detector.Detector`, :mod:`models.calibrate` and :mod:`models.rules`
 (:mod:`training.inference`), so the numbers are the product's. Reported:
@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from models.card import ModelCard, load_card, validate_card
-from models.detector import Detector
-from models.rules import ClinicalRules
-from training.calibrate import labels_of
-from training.evaluate_cli import add_arguments
-from training.froc_plot import draw_froc
-from training.inference import ScanDetections, detect_scan
-from training.metrics import (
+from lungscreen.models.card import ModelCard, load_card, validate_card
+from lungscreen.models.detector import Detector
+from lungscreen.models.rules import ClinicalRules
+from lungscreen.training.calibrate import labels_of
+from lungscreen.training.evaluate_cli import add_arguments
+from lungscreen.training.froc_plot import draw_froc
+from lungscreen.training.inference import ScanDetections, detect_scan
+from lungscreen.training.metrics import (
     SIZE_BANDS_MM,
     ScanMatches,
     at_threshold,
@@ -45,9 +45,9 @@ from training.metrics import (
     froc,
     match,
 )
-from training.readers import read_dicom_csv, read_luna16, read_nifti, read_nrrd_with_mask
-from training.scan import Scan
-from training.sources import SEED_RANGES, read_lidc_0001, synthetic_scan
+from lungscreen.training.readers import read_dicom_csv, read_luna16, read_nifti, read_nrrd_with_mask
+from lungscreen.training.scan import Scan
+from lungscreen.training.sources import SEED_RANGES, read_lidc_0001, synthetic_scan
 
 SHARED_DATA = Path("/work/shared/data")
 LUNG1_IMAGE = SHARED_DATA / "pyradiomics_lung" / "lung1_image.nrrd"
@@ -237,7 +237,7 @@ def _finite(value):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lungscreen.training.evaluate", description=__doc__.splitlines()[0])
     add_arguments(p)
     run(p.parse_args(argv))
 

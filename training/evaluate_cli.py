@@ -1,4 +1,4 @@
-"""``lungscreen evaluate`` and ``python -m training.evaluate``: the arguments.
+"""``lungscreen evaluate`` and ``python -m lungscreen.training.evaluate``: the arguments.
 
 Kept apart from :mod:`training.evaluate`, which loads ONNX Runtime, PyTorch and MONAI, so
 that every other ``lungscreen`` command starts without them.
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import run
+    from lungscreen.training.evaluate import run
 
     run(args)
     return 0

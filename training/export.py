@@ -1,6 +1,6 @@
 """Export a trained checkpoint to ONNX and write its model card.
 
-``python -m training.export --checkpoint runs/default/checkpoint.pt --out models/nodulenet``
+``python -m lungscreen.training.export --checkpoint runs/default/checkpoint.pt --out models/nodulenet``
 writes ``model.onnx`` (opset 17, dynamic batch and spatial axes) and ``model_card.json``, after
 checking that ONNX Runtime and PyTorch agree on a random volume of an odd shape. The card's
 calibration and operating points are placeholders until :mod:`training.calibrate` fits them
@@ -18,9 +18,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from models.card import validate_card
-from training.network import OUTPUT_STRIDE, NoduleNet
-from training.spec import PREPROCESSING
+from lungscreen.models.card import validate_card
+from lungscreen.training.network import OUTPUT_STRIDE, NoduleNet
+from lungscreen.training.spec import PREPROCESSING
 
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "pytorch_weights.pt"  # state_dict of training.network.NoduleNet
@@ -145,7 +145,7 @@ def export(checkpoint: Path, out_dir: Path, name: str, version: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lungscreen.training.export", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/nodulenet")
     p.add_argument("--name", default="lungscreen-nodulenet")

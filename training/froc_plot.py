@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.metrics import CPM_FP_RATES
+from lungscreen.training.metrics import CPM_FP_RATES
 
 SIZE = (640, 480)
 MARGIN = (70, 30, 30, 60)  # left, top, right, bottom (pixels)

@@ -13,12 +13,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from models.calibrate import calibrate
-from models.detector import Detector
-from models.findings import Candidate, Finding
-from models.measure import nodule_type, sphere_volume_mm3
-from models.rules import ClinicalRules, apply_rules
-from training.scan import Nodule, Scan
+from lungscreen.models.calibrate import calibrate
+from lungscreen.models.detector import Detector
+from lungscreen.models.findings import Candidate, Finding
+from lungscreen.models.measure import nodule_type, sphere_volume_mm3
+from lungscreen.models.rules import ClinicalRules, apply_rules
+from lungscreen.training.scan import Nodule, Scan
 
 
 @dataclass(frozen=True, eq=False)

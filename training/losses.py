@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from training.network import HEATMAP, LOG_DIAMETER, OFFSET
+from lungscreen.training.network import HEATMAP, LOG_DIAMETER, OFFSET
 
 # CenterNet's focal-loss exponents (Law & Deng 2018; Zhou et al. 2019).
 FOCAL_ALPHA = 2.0

@@ -20,8 +20,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from dicom_io.volume import read_series_volume
-from training.scan import Nodule, Scan
+from lungscreen.dicom_io.volume import read_series_volume
+from lungscreen.training.scan import Nodule, Scan
 
 METAIMAGE_TYPES = {
     "MET_UCHAR": np.uint8, "MET_CHAR": np.int8, "MET_USHORT": np.uint16, "MET_SHORT": np.int16,

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_io.volume import read_series_volume
-from models.lungs import lung_mask
-from training.scan import Exclusion, Nodule, Scan, axial_affine
-from training.synthetic import insert_nodules, make_chest_ct, sample_nodule_specs
+from lungscreen.dicom_io.volume import read_series_volume
+from lungscreen.models.lungs import lung_mask
+from lungscreen.training.scan import Exclusion, Nodule, Scan, axial_affine
+from lungscreen.training.synthetic import insert_nodules, make_chest_ct, sample_nodule_specs
 
 # Disjoint seed blocks (first seed, size) per use.
 SEED_RANGES = {"train": (0, 1_000_000), "validation": (2_000_000, 1_000_000), "test": (3_000_000, 1_000_000)}

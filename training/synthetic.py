@@ -25,7 +25,7 @@ import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from training.dicom_writer import HU_MIN, write_ct_series
+from lungscreen.training.dicom_writer import HU_MIN, write_ct_series
 
 __all__ = [
     "LOCATIONS",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.network import OUTPUT_STRIDE
+from lungscreen.training.network import OUTPUT_STRIDE
 
 # Gaussian width (mm): a third of the diameter, at least half an output cell at 2 mm spacing,
 # so small nodules still get a peak a few cells wide and big ones a proportionally wider one.

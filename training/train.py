@@ -1,4 +1,4 @@
-"""Train the nodule detector: ``python -m training.train --out runs/default --steps N``.
+"""Train the nodule detector: ``python -m lungscreen.training.train --out runs/default --steps N``.
 
 Sources: on-the-fly synthetic chest CT (:mod:`training.synthetic`), LIDC-IDRI-0001 as a real
 background with inserted synthetic nodules (its own nodule region excluded), and optionally
@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.dataset import PreparedVolume, VolumePool, intensity_augmentation, make_batch, prepare
-from training.losses import detection_loss
-from training.network import NoduleNet
-from training.readers import Luna16Folder
-from training.scan import Scan
-from training.sources import SEED_RANGES, RealBackground, read_lidc_0001, synthetic_scan
+from lungscreen.training.dataset import PreparedVolume, VolumePool, intensity_augmentation, make_batch, prepare
+from lungscreen.training.losses import detection_loss
+from lungscreen.training.network import NoduleNet
+from lungscreen.training.readers import Luna16Folder
+from lungscreen.training.scan import Scan
+from lungscreen.training.sources import SEED_RANGES, RealBackground, read_lidc_0001, synthetic_scan
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -140,7 +140,7 @@ def _save(path: Path, model: NoduleNet, optimiser: torch.optim.Optimizer, step: 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lungscreen.training.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, log)")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=8)

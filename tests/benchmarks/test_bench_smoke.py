@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 
-from benchmarks.harness import in_netns
-from benchmarks.reference import (
+from lungscreen.benchmarks.harness import in_netns
+from lungscreen.benchmarks.reference import (
     TorchBlobFilter, compare_candidates, run_ours, run_reference, torch_network,
 )
-from benchmarks.suite import Config, StudyFactory, device_info, markdown, run_suite, write_outputs
-from models.card import BLOB_FILTER_CARD, DEFAULT_MODEL_CARD, load_card
-from models.detector import Detector
+from lungscreen.benchmarks.suite import Config, StudyFactory, device_info, markdown, run_suite, write_outputs
+from lungscreen.models.card import BLOB_FILTER_CARD, DEFAULT_MODEL_CARD, load_card
+from lungscreen.models.detector import Detector
 
 TINY = dict(rows=64, ingest_slices=40, e2e_slices=40, e2e_reps=2, ingest_reps=1, ingest_senders=(1, 2), aggregate_reps=1,
             reference_reps=1, scaling_slices=(32, 40), scaling_reps=1, senders=2, studies_per_sender=1, load_slices=32,

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from pynetdicom.dul import DULServiceProvider
 
-from benchmarks.harness import free_port
-from dicom_io.durability import BackgroundSync
-from dicom_io.scp import ListenerSettings, ReceivedInstance, start_listener
-from dicom_io.store import InstanceStore
+from lungscreen.benchmarks.harness import free_port
+from lungscreen.dicom_io.durability import BackgroundSync
+from lungscreen.dicom_io.scp import ListenerSettings, ReceivedInstance, start_listener
+from lungscreen.dicom_io.store import InstanceStore
 from peers import needs_binary, storescu
 
 

@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from corruption import DAMAGED_SLICE, damaged
-from dicom_io.errors import VolumeError
-from dicom_io.select import choose_series
-from dicom_io.study import index_study
-from dicom_io.volume import read_series_volume
-from training.dicom_writer import write_ct_series
+from lungscreen.dicom_io.errors import VolumeError
+from lungscreen.dicom_io.select import choose_series
+from lungscreen.dicom_io.study import index_study
+from lungscreen.dicom_io.volume import read_series_volume
+from lungscreen.training.dicom_writer import write_ct_series
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -7,7 +7,7 @@ import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from dicom_io.part10 import file_header
+from lungscreen.dicom_io.part10 import file_header
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -11,18 +11,18 @@ import pydicom
 import pytest
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage, generate_uid
 
-from dicom_io.errors import ReportError
-from dicom_io.presentation import (
+from lungscreen.dicom_io.errors import ReportError
+from lungscreen.dicom_io.presentation import (
     CONTENT_LABEL,
     GRAPHIC_LAYER,
     GSPS_SOP_CLASS_UID,
     LUNG_WINDOW,
     build_gsps,
 )
-from dicom_io.sr import RESEARCH_USE_NOTICE, finding_label
-from dicom_io.volume import CT_SOP_CLASSES
+from lungscreen.dicom_io.sr import RESEARCH_USE_NOTICE, finding_label
+from lungscreen.dicom_io.volume import CT_SOP_CLASSES
 from lidc_reports import LUNA16_NODULE_DIAMETER, LUNA16_NODULE_LPS, algorithm, dciodvfy, lidc_findings, nodule_report
-from models.findings import Finding
+from lungscreen.models.findings import Finding
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,16 @@ import threading
 import pydicom
 import pytest
 
-from benchmarks.harness import free_port, wait_until
-from dicom_io.scp import Listener, ListenerSettings
-from dicom_io.store import InstanceStore
+from lungscreen.benchmarks.harness import free_port, wait_until
+from lungscreen.dicom_io.scp import Listener, ListenerSettings
+from lungscreen.dicom_io.store import InstanceStore
 from peers import needs_binary, storescu
 from test_durability import RecordingSink
 
 
 @needs_binary("storescu")
 def test_a_connection_accepted_elsewhere_becomes_an_association(tmp_path, lidc_series_dir, caplog):
-    caplog.set_level(logging.INFO, logger="dicom_io.scp")
+    caplog.set_level(logging.INFO, logger="lungscreen.dicom_io.scp")
     files = sorted(lidc_series_dir.glob("*.dcm"))[:5]
     settings = ListenerSettings(port=free_port())
     sink = RecordingSink()

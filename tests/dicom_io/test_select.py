@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, generate_uid
 
-from dicom_io.select import SelectionRules, SeriesCandidate, SeriesChoice, choose_series
+from lungscreen.dicom_io.select import SelectionRules, SeriesCandidate, SeriesChoice, choose_series
 
 AXIAL = [1, 0, 0, 0, 1, 0]
 CORONAL = [1, 0, 0, 0, 0, -1]

@@ -3,7 +3,7 @@ Sending itself is proven against real peers (tests/server: storescp plain and ov
 
 import pytest
 
-from dicom_io.send import Destination
+from lungscreen.dicom_io.send import Destination
 
 
 @pytest.mark.parametrize(

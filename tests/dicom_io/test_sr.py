@@ -17,8 +17,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
 
-from dicom_io.errors import ReportError
-from dicom_io.sr import (
+from lungscreen.dicom_io.errors import ReportError
+from lungscreen.dicom_io.sr import (
     LOCAL_SCHEME,
     RESEARCH_USE_NOTICE,
     SERIES_DESCRIPTION,
@@ -26,7 +26,7 @@ from dicom_io.sr import (
     build_sr,
     main_exam_procedure,
 )
-from dicom_io.volume import Volume
+from lungscreen.dicom_io.volume import Volume
 from lidc_reports import (
     DEVICE_UID,
     LUNA16_NODULE_DIAMETER,
@@ -38,7 +38,7 @@ from lidc_reports import (
     lidc_findings,
     nodule_report,
 )
-from models.findings import Finding, NoduleReport, NoduleType
+from lungscreen.models.findings import Finding, NoduleReport, NoduleType
 
 AI_EXTENSION = ("AI-LUNG-EXT", "99LUNGSCREEN", "AI-assisted diagnosis extension item")
 FALLBACK_PROCEDURE = ("CT-CHEST-LDCT", "99LUNGSCREEN", "Low-dose CT chest")

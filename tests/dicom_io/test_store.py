@@ -2,8 +2,8 @@
 
 import pytest
 
-from dicom_io.store import InstanceStore, InvalidUID
-from dicom_io.uids import is_valid_uid
+from lungscreen.dicom_io.store import InstanceStore, InvalidUID
+from lungscreen.dicom_io.uids import is_valid_uid
 
 
 @pytest.mark.parametrize("uid", ["1.2.3", "1.2.840.10008.5.1.4.1.1.2", "0.1", "2.25.12345678901234567890"])

@@ -23,10 +23,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_io.errors import VolumeError
-from dicom_io.select import SelectionRules, choose_series
-from dicom_io.study import index_study
-from dicom_io.volume import Volume, read_series_volume
+from lungscreen.dicom_io.errors import VolumeError
+from lungscreen.dicom_io.select import SelectionRules, choose_series
+from lungscreen.dicom_io.study import index_study
+from lungscreen.dicom_io.volume import Volume, read_series_volume
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 # Rows run along (cos 30°, sin 30°, 0), columns tilt out of the axial plane: a non-axial normal.

@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from models.blob_filter import build_model, model_card
-from models.calibrate import calibrate
-from models.card import BLOB_FILTER_CARD, DEFAULT_MODEL_CARD, load_card, validate_card
-from models.detector import Detector, choose_providers
-from models.errors import ModelError
+from lungscreen.models.blob_filter import build_model, model_card
+from lungscreen.models.calibrate import calibrate
+from lungscreen.models.card import BLOB_FILTER_CARD, DEFAULT_MODEL_CARD, load_card, validate_card
+from lungscreen.models.detector import Detector, choose_providers
+from lungscreen.models.errors import ModelError
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.decoding import DECODERS, decode
-from models.errors import ModelError
+from lungscreen.models.decoding import DECODERS, decode
+from lungscreen.models.errors import ModelError
 
 DECODING = {"kind": "center_heatmap_size", "min_score": 0.1, "nms_radius_mm": 6.0, "max_candidates": 10, "output_stride": [4, 4, 4]}
 SPACING = np.array([2.0, 2.0, 2.0])
@@ -58,7 +58,7 @@ def test_wrong_channel_count() -> None:
 
 def test_round_trip_with_training_targets() -> None:
     """Targets written by training decode back to the nodule they describe."""
-    from training.targets import build_targets
+    from lungscreen.training.targets import build_targets
 
     t = build_targets(np.array([[21.3, 30.6, 9.1]]), np.array([7.5]), (48, 48, 48), 2.0)
     (c,) = decode(np.concatenate([t.heatmap, t.regression]), SPACING, DECODING)

@@ -28,13 +28,13 @@ from monai.networks.nets import resnet
 from monai.transforms import Compose, Orientation, ScaleIntensityRange, Spacing
 from torch import nn
 
-from models.calibrate import calibrate
-from models.card import load_card
-from models.decoding import decode
-from models.decoding_retinanet import anchors_at
-from models.detector import Detector
-from models.errors import ModelError
-from models.monai_bundle import (
+from lungscreen.models.calibrate import calibrate
+from lungscreen.models.card import load_card
+from lungscreen.models.decoding import decode
+from lungscreen.models.decoding_retinanet import anchors_at
+from lungscreen.models.detector import Detector
+from lungscreen.models.errors import ModelError
+from lungscreen.models.monai_bundle import (
     BundleSpec,
     RetinaNetSpec,
     add_cli,
@@ -42,8 +42,8 @@ from models.monai_bundle import (
     import_monai_bundle,
     read_bundle_spec,
 )
-from models.preprocess import LPS_TO_RAS, PreprocessedImage, build_transform, preprocess
-from models.retinanet import (
+from lungscreen.models.preprocess import LPS_TO_RAS, PreprocessedImage, build_transform, preprocess
+from lungscreen.models.retinanet import (
     build_retinanet,
     pack_head_outputs,
     packing_factors,

@@ -7,12 +7,12 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from dicom_io.volume import read_series_volume
-from models.card import DEFAULT_MODEL_CARD, load_card
-from models.detector import Detector
-from models.lungs import distance_outside_mm
-from models import preprocess as preprocess_module
-from models.preprocess import LPS_TO_RAS, bounding_box, build_transform, crop_to_box, preprocess
+from lungscreen.dicom_io.volume import read_series_volume
+from lungscreen.models.card import DEFAULT_MODEL_CARD, load_card
+from lungscreen.models.detector import Detector
+from lungscreen.models.lungs import distance_outside_mm
+from lungscreen.models import preprocess as preprocess_module
+from lungscreen.models.preprocess import LPS_TO_RAS, bounding_box, build_transform, crop_to_box, preprocess
 
 CARD = load_card(DEFAULT_MODEL_CARD)
 LUNA16_NODULE_LPS = (56.21, 86.34, -115.87)  # LIDC-IDRI-0001's LUNA16 nodule, world LPS mm

@@ -4,9 +4,9 @@ from dataclasses import replace
 
 import pytest
 
-from models.findings import Finding, NoduleType
-from models.measure import nodule_type
-from models.rules import (
+from lungscreen.models.findings import Finding, NoduleType
+from lungscreen.models.measure import nodule_type
+from lungscreen.models.rules import (
     SUPPRESSED_BELOW_OPERATING_POINT,
     SUPPRESSED_OUTSIDE_LUNGS,
     SUPPRESSED_OVER_CAP,

@@ -6,8 +6,8 @@ import ssl
 
 import pytest
 
-from server.config import load_settings
-from server.tls import destination_tls, listener_tls
+from lungscreen.server.config import load_settings
+from lungscreen.server.tls import destination_tls, listener_tls
 
 
 def test_a_destination_certificate_needs_its_key():

@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
-from benchmarks.harness import children
+from lungscreen.benchmarks.harness import children
 from peers import (
     LungScreen,
     Orthanc,
@@ -144,7 +144,7 @@ def test_pacs_push_to_storescp_with_a_valid_sr(tmp_path, lidc_files, lidc_header
 
 def phantom_study(out_dir: Path, *, study_uid=None, spheres=(((20, 64, 64), 10.0),), shape=(40, 128, 128), **kwargs):
     """A lung-like block with solid spheres, written by the repository's own DICOM writer."""
-    from training.dicom_writer import write_ct_series
+    from lungscreen.training.dicom_writer import write_ct_series
 
     spacing = (1.25, 0.8, 0.8)
     hu = np.full(shape, -850.0, np.float32)

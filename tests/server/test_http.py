@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from models.rules import LUNG_RADS_ORDER
+from lungscreen.models.rules import LUNG_RADS_ORDER
 from peers import LungScreen, http_json, needs_binary, storescu
 from test_end_to_end import phantom_study
 
@@ -60,7 +60,7 @@ def test_review_rerun_with_token_and_purge(tmp_path):
         assert "refused unauthenticated POST" in server.log()
 
         purge = subprocess.run(
-            [sys.executable, "-m", "server.cli", "purge", "--older-than", "0", "--data-dir", str(server.data_dir)],
+            [sys.executable, "-m", "lungscreen.server.cli", "purge", "--older-than", "0", "--data-dir", str(server.data_dir)],
             capture_output=True, text=True, check=True,
         )
         assert "purged the images of 1 study" in purge.stdout
@@ -71,7 +71,7 @@ def test_review_rerun_with_token_and_purge(tmp_path):
         assert request(f"{base}/review/{uid}/key/1.png")[0] == 410
         assert request(f"{base}/studies/{uid}/rerun", "POST", token=token)[0] == 409, "nothing left to analyse"
         ledger = subprocess.run(
-            [sys.executable, "-m", "server.cli", "billing", "export", "--format", "json", "--data-dir", str(server.data_dir)],
+            [sys.executable, "-m", "lungscreen.server.cli", "billing", "export", "--format", "json", "--data-dir", str(server.data_dir)],
             capture_output=True, text=True, check=True,
         )
         assert len(json.loads(ledger.stdout)) == 1, "billing is kept"

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from server.billing import CHARGE_RULE, BillingLedger, ExtensionEntry
-from server.db import SCHEMA, Database
-from server.jobs import DELIVERED, FAILED, MAX_INTERRUPTIONS, PROCESSING, QUEUED, RECEIVING, REPORTED, JobStore
-from server.outbox import Outbox, RetryPolicy
+from lungscreen.server.billing import CHARGE_RULE, BillingLedger, ExtensionEntry
+from lungscreen.server.db import SCHEMA, Database
+from lungscreen.server.jobs import DELIVERED, FAILED, MAX_INTERRUPTIONS, PROCESSING, QUEUED, RECEIVING, REPORTED, JobStore
+from lungscreen.server.outbox import Outbox, RetryPolicy
 
 
 @pytest.fixture
@@ -236,9 +236,9 @@ def test_non_ct_study_gets_a_failed_job_but_never_overrides_a_ct_job(db):
 def test_pipeline_errors_survive_the_trip_from_a_worker_process():
     import pickle
 
-    from dicom_io.errors import VolumeError
-    from dicom_io.select import SeriesRejection
-    from server.pipeline import NoEligibleSeries
+    from lungscreen.dicom_io.errors import VolumeError
+    from lungscreen.dicom_io.select import SeriesRejection
+    from lungscreen.server.pipeline import NoEligibleSeries
 
     error = NoEligibleSeries((SeriesRejection("1.2.3", "scout", "localizer images"),), ("unreadable file x.dcm",))
     copy = pickle.loads(pickle.dumps(error))

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from benchmarks.harness import children, vm_hwm_mb
+from lungscreen.benchmarks.harness import children, vm_hwm_mb
 from peers import LungScreen, needs_binary, storescu, wait_until
 from test_end_to_end import phantom_study
 

@@ -18,14 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from pydicom.uid import generate_uid
 
 from corruption import DAMAGED_SLICE, damaged
-from dicom_io.errors import LungScreenError, ReportError
-from dicom_io.select import SelectionRules
-from models.card import BLOB_FILTER_CARD
-from models.rules import LUNG_RADS_ORDER, ClinicalRules
+from lungscreen.dicom_io.errors import LungScreenError, ReportError
+from lungscreen.dicom_io.select import SelectionRules
+from lungscreen.models.card import BLOB_FILTER_CARD
+from lungscreen.models.rules import LUNG_RADS_ORDER, ClinicalRules
 from peers import dciodvfy_errors, needs_binary
-from server.config import load_settings
-from server.pipeline import NoEligibleSeries, analyze_study
-from training.dicom_writer import write_ct_series
+from lungscreen.server.config import load_settings
+from lungscreen.server.pipeline import NoEligibleSeries, analyze_study
+from lungscreen.training.dicom_writer import write_ct_series
 
 SPACING = (1.25, 0.8, 0.8)
 # (k, j, i) centre and diameter (mm): an actionable 10 mm nodule and a 5 mm (Lung-RADS 2) one.
@@ -43,7 +43,7 @@ def phantom(shape=(40, 128, 128), spacing=SPACING, spheres=SPHERES) -> np.ndarra
 
 @pytest.fixture(scope="module")
 def analyzer(tmp_path_factory):
-    from server.workers import build_analyzer
+    from lungscreen.server.workers import build_analyzer
 
     return build_analyzer(load_settings(model=BLOB_FILTER_CARD, data_dir=tmp_path_factory.mktemp("data")))
 
@@ -128,7 +128,7 @@ def test_no_eligible_series_names_every_reason(analyzer, tmp_path):
 def test_analyze_command_writes_sr_and_findings_json(study, tmp_path):
     out = tmp_path / "out"
     subprocess.run(
-        [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "analyze", str(study.paths[0].parent),
+        [sys.executable, "-m", "lungscreen.server.cli", "--log-level", "WARNING", "analyze", str(study.paths[0].parent),
          "--out", str(out), "--model", str(BLOB_FILTER_CARD), "--data-dir", str(tmp_path / "data")],
         check=True, capture_output=True,
     )

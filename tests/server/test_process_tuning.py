@@ -7,7 +7,7 @@ import sys
 PROBE = """
 import gc, resource
 import numpy as np
-from server.process_tuning import tune_analysis_process
+from lungscreen.server.process_tuning import tune_analysis_process
 
 def faults_of_a_study():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -13,13 +13,13 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from benchmarks.harness import REPO, free_port, wait_until
+from lungscreen.benchmarks.harness import REPO, free_port, wait_until
 from peers import needs_binary, process_running, storescu
-from server.config import load_settings
-from server.db import Database
-from server.ingest import IngestCounts
-from server.jobs import JobStore
-from server.receivers import ReceiverPool
+from lungscreen.server.config import load_settings
+from lungscreen.server.db import Database
+from lungscreen.server.ingest import IngestCounts
+from lungscreen.server.jobs import JobStore
+from lungscreen.server.receivers import ReceiverPool
 from test_end_to_end import phantom_study
 
 pytestmark = needs_binary("storescu")
@@ -93,9 +93,9 @@ def test_receivers_stop_when_the_server_process_dies(tmp_path):
     script = f"""
 import sys, time
 from pathlib import Path
-from server.config import load_settings
-from server.db import Database
-from server.receivers import ReceiverPool
+from lungscreen.server.config import load_settings
+from lungscreen.server.db import Database
+from lungscreen.server.receivers import ReceiverPool
 settings = load_settings(data_dir=Path({str(tmp_path / 'data')!r}), port={port}, receivers=2, min_free_mb=0)
 Database(settings.db_path).close()
 pool = ReceiverPool(settings, lambda counts: None, log_level="WARNING")

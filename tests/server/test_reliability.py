@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from benchmarks.harness import children
+from lungscreen.benchmarks.harness import children
 from peers import LungScreen, free_port, needs_binary, needs_netns, process, storescp, storescu, wait_until
 from test_end_to_end import phantom_study
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.calibrate import calibrate
-from models.card import validate_card
-from models.rules import ClinicalRules
-from training.calibrate import choose_threshold, fit_isotonic
-from training.export import model_card
+from lungscreen.models.calibrate import calibrate
+from lungscreen.models.card import validate_card
+from lungscreen.models.rules import ClinicalRules
+from lungscreen.training.calibrate import choose_threshold, fit_isotonic
+from lungscreen.training.export import model_card
 from toy_scans import toy_scan
 
 

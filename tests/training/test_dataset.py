@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from training.dataset import PreparedVolume, augment_geometry, crop, sample_patch
-from training.losses import detection_loss, focal_loss
-from training.targets import build_targets
+from lungscreen.training.dataset import PreparedVolume, augment_geometry, crop, sample_patch
+from lungscreen.training.losses import detection_loss, focal_loss
+from lungscreen.training.targets import build_targets
 
 
 def test_targets_peak_offset_and_size() -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from models.card import ModelCard
-from models.rules import ClinicalRules
-from training.evaluate import evaluate_set
-from training.evaluate_cli import add_cli
-from training.export import model_card
+from lungscreen.models.card import ModelCard
+from lungscreen.models.rules import ClinicalRules
+from lungscreen.training.evaluate import evaluate_set
+from lungscreen.training.evaluate_cli import add_cli
+from lungscreen.training.export import model_card
 from toy_scans import toy_scan
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.card import load_card, validate_card
-from models.detector import Detector
-from training import train as train_module
-from training.export import export, model_card, parity_error
-from training.network import NoduleNet
-from training.scan import Nodule, Scan, axial_affine
-from training.synthetic import make_chest_ct
+from lungscreen.models.card import load_card, validate_card
+from lungscreen.models.detector import Detector
+from lungscreen.training import train as train_module
+from lungscreen.training.export import export, model_card, parity_error
+from lungscreen.training.network import NoduleNet
+from lungscreen.training.scan import Nodule, Scan, axial_affine
+from lungscreen.training.synthetic import make_chest_ct
 
 
 def _tiny_scan(index: int, *_args) -> Scan:
@@ -25,7 +25,7 @@ def _tiny_scan(index: int, *_args) -> Scan:
 @pytest.fixture()
 def tiny_training(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(train_module, "synthetic_scan", _tiny_scan)
-    monkeypatch.setattr("training.dataset.PATCH_SIZE", (32, 32, 32))
+    monkeypatch.setattr("lungscreen.training.dataset.PATCH_SIZE", (32, 32, 32))
 
 
 def _args(out: Path, steps: int) -> list[str]:
@@ -50,7 +50,7 @@ def test_train_resume_export(tmp_path: Path, tiny_training: None) -> None:
 
 
 def test_onnx_matches_pytorch(tmp_path: Path) -> None:
-    from training.export import export_onnx
+    from lungscreen.training.export import export_onnx
 
     model = NoduleNet().eval()
     export_onnx(model, tmp_path / "m.onnx")

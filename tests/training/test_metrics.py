@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.metrics import ScanMatches, at_threshold, bootstrap_ci, cpm, expected_calibration_error, froc, match
+from lungscreen.training.metrics import ScanMatches, at_threshold, bootstrap_ci, cpm, expected_calibration_error, froc, match
 
 # Scan A: nodules 0 (10 mm) and 1 (5 mm). Candidates 0.9 hits 0, 0.8 FP, 0.7 hits 0 again
 # (ignored), 0.3 FP. Scan B: nodule 0 (7 mm). Candidates 0.6 FP, 0.5 hits 0.

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from training.readers import read_luna16, read_metaimage, read_nifti, read_nrrd, read_nrrd_with_mask
+from lungscreen.training.readers import read_luna16, read_metaimage, read_nifti, read_nrrd, read_nrrd_with_mask
 
 SHAPE_KJI = (4, 5, 6)
 

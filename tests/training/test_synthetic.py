@@ -13,9 +13,9 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 from scipy import ndimage
 
-from models.lungs import lung_mask
-from training.dicom_writer import HU_MAX, HU_MIN, write_ct_series
-from training.synthetic import (
+from lungscreen.models.lungs import lung_mask
+from lungscreen.training.dicom_writer import HU_MAX, HU_MIN, write_ct_series
+from lungscreen.training.synthetic import (
     LOCATIONS,
     NODULE_TYPES,
     NoduleSpec,

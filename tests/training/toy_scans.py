@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from models.findings import Candidate, Finding, NoduleType
-from training.inference import ScanDetections
-from training.scan import Nodule
+from lungscreen.models.findings import Candidate, Finding, NoduleType
+from lungscreen.training.inference import ScanDetections
+from lungscreen.training.scan import Nodule
 
 
 def toy_scan(scores: list[float], true_index: int) -> ScanDetections:

@@ -140,7 +140,7 @@ DRAWN_JS = """
 
 def _analyze(series_dir: Path, out: Path) -> dict:
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "analyze", str(series_dir), "--out", str(out),
+        [sys.executable, "-m", "lungscreen.server.cli", "analyze", str(series_dir), "--out", str(out),
          "--model", str(REPO / "models" / "blob-filter")],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from browser import chromium_page, serve, static_handler  # tests/viewer/browser.py
-from dicom_io.sr import RESEARCH_USE_NOTICE, finding_label
-from server.review import (
+from lungscreen.dicom_io.sr import RESEARCH_USE_NOTICE, finding_label
+from lungscreen.server.review import (
     KEY_IMAGE_OUTLINE_RGB,
     ohif_viewer_url,
     render_key_image,
@@ -221,7 +221,7 @@ class TestRenderKeyImage:
         assert top.max() > 200 and (top < 30).mean() > 0.4
 
     def test_rejects_a_non_ct_file(self, tmp_path):
-        from dicom_io.errors import VolumeError
+        from lungscreen.dicom_io.errors import VolumeError
         from pydicom.dataset import FileMetaDataset
         from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 

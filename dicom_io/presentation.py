@@ -33,7 +33,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage, generate_uid
 
-from lungscreen.dicom_io.errors import VolumeError
+from lungscreen.errors import VolumeError
 from lungscreen.dicom_io.sr import (
     RESEARCH_USE_NOTICE,
     AlgorithmIdentity,
@@ -44,7 +44,7 @@ from lungscreen.dicom_io.sr import (
     slice_header,
 )
 from lungscreen.dicom_io.volume import CT_SOP_CLASSES, Volume, frame_headers
-from lungscreen.models.findings import NoduleReport
+from lungscreen.findings import NoduleReport
 
 __all__ = [
     "CONTENT_LABEL",

@@ -20,7 +20,7 @@ import pydicom
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from lungscreen.dicom_io.errors import VolumeError
+from lungscreen.errors import VolumeError
 from lungscreen.dicom_io.volume import CT_SOP_CLASSES, FrameHeader, frame_headers, stack_geometry
 
 _SAME_SPACING_MM = 1e-3

@@ -20,7 +20,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE
 
-from lungscreen.dicom_io.errors import DeliveryError
+from lungscreen.errors import DeliveryError
 
 log = logging.getLogger(__name__)
 

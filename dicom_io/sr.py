@@ -42,11 +42,11 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from lungscreen.dicom_io.errors import ReportError
+from lungscreen.errors import ReportError
 from lungscreen.dicom_io.uids import is_valid_uid
 from lungscreen.dicom_io.volume import Volume
-from lungscreen.models.findings import Finding, NoduleReport, NoduleType
-from lungscreen.models.rules import LUNG_RADS_ORDER, exam_lung_rads
+from lungscreen.findings import Finding, NoduleReport, NoduleType
+from lungscreen.findings import LUNG_RADS_ORDER, exam_lung_rads
 
 __all__ = [
     "LOCAL_SCHEME",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lungscreen.dicom_io.durability import fsync_path
-from lungscreen.dicom_io.errors import LungScreenError
+from lungscreen.errors import LungScreenError
 from lungscreen.dicom_io.uids import is_valid_uid
 
 

@@ -29,7 +29,7 @@ from pydicom.uid import (
     LegacyConvertedEnhancedCTImageStorage,
 )
 
-from lungscreen.dicom_io.errors import VolumeError
+from lungscreen.errors import VolumeError
 
 
 # A chest CT of 2,000 slices of 1024 x 1024 is 2.1e9 voxels (8 GB as float32); anything

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lungscreen.models.errors import ModelError
+from lungscreen.errors import ModelError
 
 
 def calibrate(scores: np.ndarray | list[float], calibration: dict) -> np.ndarray:

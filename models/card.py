@@ -16,7 +16,7 @@ from typing import Any
 
 import jsonschema
 
-from lungscreen.models.errors import ModelError
+from lungscreen.errors import ModelError
 
 SCHEMA_PATH = Path(__file__).with_name("schema") / "model_card.schema.json"
 # The fixed-weight test model (models/blob_filter.py): deterministic, finds planted spheres.

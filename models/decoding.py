@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from lungscreen.models.decoding_heatmap import decode_center_heatmap
 from lungscreen.models.decoding_retinanet import decode_retinanet
-from lungscreen.models.errors import ModelError
-from lungscreen.models.findings import ModelCandidate
+from lungscreen.errors import ModelError
+from lungscreen.findings import ModelCandidate
 
 
 def decode(output: np.ndarray, spacing_mm: np.ndarray, decoding: dict) -> list[ModelCandidate]:

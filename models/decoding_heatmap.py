@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lungscreen.models.errors import ModelError
-from lungscreen.models.findings import ModelCandidate
+from lungscreen.errors import ModelError
+from lungscreen.findings import ModelCandidate
 
 CHANNELS = 5
 HEATMAP, LOG_DIAMETER = 0, 1

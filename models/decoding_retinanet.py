@@ -34,8 +34,8 @@ from monai.apps.detection.utils.box_selector import BoxSelector
 from monai.data.box_utils import batched_nms, clip_boxes_to_image
 from torch import Tensor
 
-from lungscreen.models.errors import ModelError
-from lungscreen.models.findings import ModelCandidate
+from lungscreen.errors import ModelError
+from lungscreen.findings import ModelCandidate
 from lungscreen.models.retinanet import BOX_CODE_SIZE, SPATIAL_DIMS, packing_factors, unpack_head_outputs
 
 NUM_CLASSES = 1  # nodule; the packed layout and the candidates assume a single class

@@ -17,8 +17,8 @@ from monai.inferers import sliding_window_inference
 
 from lungscreen.models.card import ModelCard
 from lungscreen.models.decoding import decode
-from lungscreen.models.errors import ModelError
-from lungscreen.models.findings import Candidate, ModelCandidate
+from lungscreen.errors import ModelError
+from lungscreen.findings import Candidate, ModelCandidate
 from lungscreen.models.lungs import distance_outside_mm, lung_mask_xyz
 from lungscreen.models.preprocess import PreprocessedImage, bounding_box, build_transform, crop_to_box, hu_of, preprocess
 

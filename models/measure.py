@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from lungscreen.models.findings import NoduleType
+from lungscreen.findings import NoduleType
 
 SOLID_HU = -300.0  # soft-tissue attenuation threshold separating solid from ground-glass
 GROUND_GLASS_RIM_HU = -500.0  # a rim darker than this around a solid core: part-solid

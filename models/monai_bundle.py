@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lungscreen.models.card import validate_card
-from lungscreen.models.errors import ModelError
+from lungscreen.errors import ModelError
 
 if TYPE_CHECKING:
     from monai.apps.detection.networks.retinanet_network import RetinaNet

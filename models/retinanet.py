@@ -41,7 +41,7 @@ from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork,
 from monai.networks.nets import resnet
 from torch import Tensor, nn
 
-from lungscreen.models.errors import ModelError
+from lungscreen.errors import ModelError
 
 if TYPE_CHECKING:
     from lungscreen.models.monai_bundle import RetinaNetSpec

@@ -19,9 +19,9 @@ change the numbers (``ClinicalRules.from_mapping``); the rules are data, not cod
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-from lungscreen.models.findings import Finding, NoduleType
+from lungscreen.findings import Finding, NoduleType
 
 SUPPRESSED_BELOW_OPERATING_POINT = "below_operating_point"
 SUPPRESSED_UNDER_MIN_SIZE = "under_min_size"
@@ -79,22 +79,6 @@ def lung_rads_category(diameter_mm: float, nodule_type: NoduleType) -> str:
     if diameter_mm < 15:
         return "4A"
     return "4B"
-
-
-# Lung-RADS v2022 categories from least to most concerning (0: incomplete, 4X: 3/4 with extra features).
-LUNG_RADS_ORDER = ("0", "1", "2", "3", "4A", "4B", "4X")
-
-
-def exam_lung_rads(findings: Sequence[Finding]) -> str | None:
-    """The suggested exam category: that of the most concerning reported nodule, as Lung-RADS
-    v2022 categorises an exam by its single most concerning finding.
-
-    None without findings: that the detector reported nothing is not a category 1 (negative)
-    exam; the radiologist decides that.
-    """
-    if not findings:
-        return None
-    return max((f.lung_rads for f in findings), key=LUNG_RADS_ORDER.index)
 
 
 def apply_rules(

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from lungscreen.dicom_io.errors import DeliveryError, LungScreenError
+from lungscreen.errors import DeliveryError, LungScreenError
 from lungscreen.dicom_io.send import Destination, send_file
 from lungscreen.dicom_io.store import InstanceStore
 from lungscreen.models.card import load_card
-from lungscreen.models.rules import exam_lung_rads
+from lungscreen.findings import exam_lung_rads
 from lungscreen import __version__
 from lungscreen.server.billing import BillingLedger, ExtensionEntry
 from lungscreen.server.config import Settings, installation_value

@@ -54,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from lungscreen.models.rules import exam_lung_rads
+    from lungscreen.findings import exam_lung_rads
     from lungscreen.server.workers import build_analyzer
     from lungscreen.server.pipeline import analyze_study
 
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
-    from lungscreen.dicom_io.errors import LungScreenError
+    from lungscreen.errors import LungScreenError
 
     try:
         return args.func(args)

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from pydicom import Dataset
 
-from lungscreen.dicom_io.errors import NotEligible, VolumeError
+from lungscreen.errors import NotEligible, VolumeError
 from lungscreen.dicom_io.presentation import build_gsps
 from lungscreen.dicom_io.select import SelectionRules, SeriesRejection, choose_series
 from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes, build_sr, main_exam_procedure
@@ -26,7 +26,7 @@ from lungscreen.dicom_io.study import index_study
 from lungscreen.dicom_io.volume import Volume, read_series_volume
 from lungscreen.models.calibrate import calibrate
 from lungscreen.models.detector import Detector, to_source_candidates
-from lungscreen.models.findings import Candidate, Finding, NoduleReport
+from lungscreen.findings import Candidate, Finding, NoduleReport
 from lungscreen.models.measure import nodule_type, sphere_volume_mm3
 from lungscreen.models.rules import ClinicalRules, apply_rules
 

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lungscreen.dicom_io.errors import LungScreenError
+from lungscreen.errors import LungScreenError
 from lungscreen.dicom_io.scp import Listener, ListenerSettings
 from lungscreen.dicom_io.store import InstanceStore
 from lungscreen.server.config import Settings

@@ -22,7 +22,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from lungscreen.dicom_io.errors import LungScreenError
+from lungscreen.errors import LungScreenError
 from lungscreen.dicom_io.select import SelectionRules
 from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes
 from lungscreen.models.card import load_card

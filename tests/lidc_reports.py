@@ -11,7 +11,7 @@ import pytest
 
 from lungscreen.dicom_io.sr import AlgorithmIdentity
 from lungscreen.dicom_io.volume import Volume
-from lungscreen.models.findings import Finding, NoduleReport, NoduleType
+from lungscreen.findings import Finding, NoduleReport, NoduleType
 
 # LUNA16 annotations.csv, series 1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192
 LUNA16_NODULE_LPS = (56.21, 86.34, -115.87)

@@ -15,7 +15,7 @@ import numpy as np
 
 from lungscreen.models.calibrate import calibrate
 from lungscreen.models.detector import Detector
-from lungscreen.models.findings import Candidate, Finding
+from lungscreen.findings import Candidate, Finding
 from lungscreen.models.measure import nodule_type, sphere_volume_mm3
 from lungscreen.models.rules import ClinicalRules, apply_rules
 from lungscreen.training.scan import Nodule, Scan

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from corruption import DAMAGED_SLICE, damaged
-from lungscreen.dicom_io.errors import VolumeError
+from lungscreen.errors import VolumeError
 from lungscreen.dicom_io.select import choose_series
 from lungscreen.dicom_io.study import index_study
 from lungscreen.dicom_io.volume import read_series_volume

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage, generate_uid
 
-from lungscreen.dicom_io.errors import ReportError
+from lungscreen.errors import ReportError
 from lungscreen.dicom_io.presentation import (
     CONTENT_LABEL,
     GRAPHIC_LAYER,
@@ -22,7 +22,7 @@ from lungscreen.dicom_io.presentation import (
 from lungscreen.dicom_io.sr import RESEARCH_USE_NOTICE, finding_label
 from lungscreen.dicom_io.volume import CT_SOP_CLASSES
 from lidc_reports import LUNA16_NODULE_DIAMETER, LUNA16_NODULE_LPS, algorithm, dciodvfy, lidc_findings, nodule_report
-from lungscreen.models.findings import Finding
+from lungscreen.findings import Finding
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
 
-from lungscreen.dicom_io.errors import ReportError
+from lungscreen.errors import ReportError
 from lungscreen.dicom_io.sr import (
     LOCAL_SCHEME,
     RESEARCH_USE_NOTICE,
@@ -38,7 +38,7 @@ from lidc_reports import (
     lidc_findings,
     nodule_report,
 )
-from lungscreen.models.findings import Finding, NoduleReport, NoduleType
+from lungscreen.findings import Finding, NoduleReport, NoduleType
 
 AI_EXTENSION = ("AI-LUNG-EXT", "99LUNGSCREEN", "AI-assisted diagnosis extension item")
 FALLBACK_PROCEDURE = ("CT-CHEST-LDCT", "99LUNGSCREEN", "Low-dose CT chest")

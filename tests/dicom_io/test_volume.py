@@ -23,7 +23,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from lungscreen.dicom_io.errors import VolumeError
+from lungscreen.errors import VolumeError
 from lungscreen.dicom_io.select import SelectionRules, choose_series
 from lungscreen.dicom_io.study import index_study
 from lungscreen.dicom_io.volume import Volume, read_series_volume

@@ -10,7 +10,7 @@ from lungscreen.models.blob_filter import build_model, model_card
 from lungscreen.models.calibrate import calibrate
 from lungscreen.models.card import BLOB_FILTER_CARD, DEFAULT_MODEL_CARD, load_card, validate_card
 from lungscreen.models.detector import Detector, choose_providers
-from lungscreen.models.errors import ModelError
+from lungscreen.errors import ModelError
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lungscreen.models.decoding import DECODERS, decode
-from lungscreen.models.errors import ModelError
+from lungscreen.errors import ModelError
 
 DECODING = {"kind": "center_heatmap_size", "min_score": 0.1, "nms_radius_mm": 6.0, "max_candidates": 10, "output_stride": [4, 4, 4]}
 SPACING = np.array([2.0, 2.0, 2.0])

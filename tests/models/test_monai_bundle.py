@@ -33,7 +33,7 @@ from lungscreen.models.card import load_card
 from lungscreen.models.decoding import decode
 from lungscreen.models.decoding_retinanet import anchors_at
 from lungscreen.models.detector import Detector
-from lungscreen.models.errors import ModelError
+from lungscreen.errors import ModelError
 from lungscreen.models.monai_bundle import (
     BundleSpec,
     RetinaNetSpec,

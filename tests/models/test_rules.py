@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from lungscreen.models.findings import Finding, NoduleType
+from lungscreen.findings import Finding, NoduleType, exam_lung_rads
 from lungscreen.models.measure import nodule_type
 from lungscreen.models.rules import (
     SUPPRESSED_BELOW_OPERATING_POINT,
@@ -13,7 +13,6 @@ from lungscreen.models.rules import (
     SUPPRESSED_UNDER_MIN_SIZE,
     ClinicalRules,
     apply_rules,
-    exam_lung_rads,
     lung_rads_category,
 )
 

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from lungscreen.models.rules import LUNG_RADS_ORDER
+from lungscreen.findings import LUNG_RADS_ORDER
 from peers import LungScreen, http_json, needs_binary, storescu
 from test_end_to_end import phantom_study
 

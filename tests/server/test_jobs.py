@@ -236,7 +236,7 @@ def test_non_ct_study_gets_a_failed_job_but_never_overrides_a_ct_job(db):
 def test_pipeline_errors_survive_the_trip_from_a_worker_process():
     import pickle
 
-    from lungscreen.dicom_io.errors import VolumeError
+    from lungscreen.errors import VolumeError
     from lungscreen.dicom_io.select import SeriesRejection
     from lungscreen.server.pipeline import NoEligibleSeries
 

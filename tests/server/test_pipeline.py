@@ -18,10 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from pydicom.uid import generate_uid
 
 from corruption import DAMAGED_SLICE, damaged
-from lungscreen.dicom_io.errors import LungScreenError, ReportError
+from lungscreen.errors import LungScreenError, ReportError
 from lungscreen.dicom_io.select import SelectionRules
 from lungscreen.models.card import BLOB_FILTER_CARD
-from lungscreen.models.rules import LUNG_RADS_ORDER, ClinicalRules
+from lungscreen.findings import LUNG_RADS_ORDER
+from lungscreen.models.rules import ClinicalRules
 from peers import dciodvfy_errors, needs_binary
 from lungscreen.server.config import load_settings
 from lungscreen.server.pipeline import NoEligibleSeries, analyze_study

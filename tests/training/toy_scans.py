@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lungscreen.models.findings import Candidate, Finding, NoduleType
+from lungscreen.findings import Candidate, Finding, NoduleType
 from lungscreen.training.inference import ScanDetections
 from lungscreen.training.scan import Nodule
 

@@ -221,7 +221,7 @@ class TestRenderKeyImage:
         assert top.max() > 200 and (top < 30).mean() > 0.4
 
     def test_rejects_a_non_ct_file(self, tmp_path):
-        from lungscreen.dicom_io.errors import VolumeError
+        from lungscreen.errors import VolumeError
         from pydicom.dataset import FileMetaDataset
         from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 

@@ -1,14 +1,16 @@
-"""What the detector and the clinical rules hand to the report stage.
+"""The typed outcomes the stages hand to each other: candidates, findings, the nodule report.
 
-Plain arrays and numbers only: the models package never sees a DICOM dataset.
-Coordinates are in the source volume's voxel grid, ``(k, j, i)`` = (slice, row, column),
-as defined in :mod:`dicom_io.volume`.
+Plain numbers only, no DICOM dataset and no model: the analysis (``lungscreen.models``)
+produces them and the report stage (``lungscreen.dicom_io.sr``) writes them, so both import
+them from here. Coordinates are in the source volume's voxel grid, ``(k, j, i)`` = (slice,
+row, column), as defined in :mod:`lungscreen.dicom_io.volume`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Sequence
 
 
 class NoduleType(str, Enum):
@@ -63,3 +65,19 @@ class NoduleReport:
     model_name: str
     model_version: str
     suppressed: dict[str, int] = field(default_factory=dict)  # rule name -> candidates removed
+
+
+# Lung-RADS v2022 categories from least to most concerning (0: incomplete, 4X: 3/4 with extra features).
+LUNG_RADS_ORDER = ("0", "1", "2", "3", "4A", "4B", "4X")
+
+
+def exam_lung_rads(findings: Sequence[Finding]) -> str | None:
+    """The suggested exam category: that of the most concerning reported nodule, as Lung-RADS
+    v2022 categorises an exam by its single most concerning finding.
+
+    None without findings: that the detector reported nothing is not a category 1 (negative)
+    exam; the radiologist decides that.
+    """
+    if not findings:
+        return None
+    return max((f.lung_rads for f in findings), key=LUNG_RADS_ORDER.index)

@@ -1,12 +1,17 @@
-"""Exceptions shared by every LungScreen stage.
+"""The one error hierarchy of LungScreen.
 
-One root, :class:`LungScreenError`, so the server can tell an expected, recorded outcome
-(a study that is not eligible, a volume that cannot be assembled) from a bug.
+One root, :class:`LungScreenError`, so the server can tell an expected, recorded outcome (a
+study that is not eligible, a volume that cannot be assembled, a model that cannot be used)
+from a bug. Every stage raises these; none defines a root of its own.
 """
 
 
 class LungScreenError(Exception):
     """Root of all errors LungScreen raises on purpose."""
+
+
+class ConfigurationError(LungScreenError):
+    """A setting, a model card or a file a setting names is unusable; the server does not start."""
 
 
 class NotEligible(LungScreenError):
@@ -15,6 +20,10 @@ class NotEligible(LungScreenError):
 
 class VolumeError(LungScreenError):
     """A series cannot be assembled into a trustworthy 3D volume."""
+
+
+class ModelError(LungScreenError):
+    """A model or its card is unusable, or inference failed."""
 
 
 class ReportError(LungScreenError):

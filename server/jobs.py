@@ -147,10 +147,6 @@ class JobStore:
             c.executemany("UPDATE jobs SET state = 'queued', updated_at = ? WHERE study_uid = ?", [(now, u) for u in uids])
         return uids
 
-    def next_quiet_deadline(self, idle_s: float) -> float | None:
-        rows = self.db.query("SELECT MIN(last_received_at) AS t FROM jobs WHERE state = 'receiving'")
-        return None if rows[0]["t"] is None else rows[0]["t"] + idle_s
-
     def queued(self) -> list[str]:
         return [r["study_uid"] for r in self.db.query("SELECT study_uid FROM jobs WHERE state = 'queued' ORDER BY updated_at")]
 
@@ -260,10 +256,6 @@ class JobStore:
         rows = self.db.query(
             "SELECT path FROM reports WHERE study_uid = ? AND kind = 'sr' ORDER BY run DESC LIMIT 1", (study_uid,)
         )
-        return Path(rows[0]["path"]) if rows else None
-
-    def report_path(self, sop_uid: str) -> Path | None:
-        rows = self.db.query("SELECT path FROM reports WHERE sop_uid = ?", (sop_uid,))
         return Path(rows[0]["path"]) if rows else None
 
     def instance_path(self, sop_uid: str) -> Path | None:

@@ -13,28 +13,25 @@ import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from io import BytesIO
 from pathlib import Path
 
-from pydicom.uid import generate_uid
-
-from lungscreen.errors import DeliveryError, LungScreenError
-from lungscreen.dicom_io.send import Destination, send_file
-from lungscreen.dicom_io.store import InstanceStore
-from lungscreen.models.card import load_card
-from lungscreen.findings import exam_lung_rads
 from lungscreen import __version__
-from lungscreen.server.billing import BillingLedger, ExtensionEntry
+from lungscreen.dicom_io.store import InstanceStore
+from lungscreen.errors import LungScreenError
+from lungscreen.server.billing import BillingLedger
+from lungscreen.server.commit import ReportCommitter
 from lungscreen.server.config import Settings, installation_value
 from lungscreen.server.db import Database
+from lungscreen.server.delivery import Courier
 from lungscreen.server.ingest import IngestCounts
-from lungscreen.server.jobs import FAILED, REPORTED, JobStore
+from lungscreen.server.jobs import FAILED, JobStore
 from lungscreen.server.metrics import Metrics
-from lungscreen.server.outbox import Outbox, OutboxItem, RetryPolicy
-from lungscreen.server.pipeline import AnalysisResult, NoEligibleSeries
+from lungscreen.server.outbox import Outbox, RetryPolicy
+from lungscreen.server.pipeline import NoEligibleSeries
+from lungscreen.server.preflight import check_settings
 from lungscreen.server.receivers import ReceiverPool
-from lungscreen.server.tls import destination_tls, listener_tls
-from lungscreen.server.workers import AnalysisPool, ReportUIDs
+from lungscreen.server.tls import destination_tls
+from lungscreen.server.workers import AnalysisInterrupted, AnalysisPool, ReportUIDs
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +43,31 @@ def api_token(data_dir: Path) -> str:
 
 class LungScreenServer:
     def __init__(self, settings: Settings) -> None:
+        # Every setting and what it names (rules, model, destinations, TLS files) is checked
+        # before anything starts: a bad configuration is one ConfigurationError, not a failure
+        # of every study later.
+        checked = check_settings(settings)
         self.settings = settings
+        self.card = checked.card
         self.db = Database(settings.db_path)
         self.jobs = JobStore(self.db)
         self.outbox = Outbox(
             self.db, RetryPolicy(max_attempts=settings.max_delivery_attempts, base_delay_s=settings.retry_base_delay_s)
         )
         self.ledger = BillingLedger(self.db)
-        self.reports = InstanceStore(settings.reports_dir)
-        self.card = load_card(settings.model)  # fail at start-up on a bad model, not on the first study
+        self.committer = ReportCommitter(
+            self.db, self.jobs, self.outbox, self.ledger, InstanceStore(settings.reports_dir),
+            destinations=[str(d) for d in checked.destinations], ai_extension_code=settings.ai_extension_code,
+        )
+        self.courier = Courier(
+            self.outbox, self.jobs, calling_ae=settings.ae_title, timeout_s=settings.send_timeout_s,
+            tls_context=destination_tls(settings),
+        )
         self.analysis = AnalysisPool(settings)
         self.receivers = ReceiverPool(
             settings, self._count_ingest, log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel())
         )
         self.metrics = Metrics(self.jobs, self.outbox, self.receivers)
-        self.destinations = [Destination.parse(d) for d in settings.destination]
-        self.destination_tls = destination_tls(settings)  # a bad certificate fails at start-up
-        listener_tls(settings)  # so does the listener's, before the receiver processes build theirs
         self.api_token = settings.api_token or api_token(settings.data_dir)
         self._stop = threading.Event()
         self._wake_outbox = threading.Event()
@@ -93,6 +98,9 @@ class LungScreenServer:
         )
 
     def stop(self) -> None:
+        """Stop taking studies; give running analyses ``stop_grace_s`` to finish and commit,
+        then hand the unfinished ones back to the queue (the next start runs them; they do not
+        count as interrupted by a crash). Called on SIGTERM, e.g. by ``systemctl stop``."""
         self._stop.set()
         self._wake_outbox.set()
         self.receivers.stop()
@@ -100,9 +108,19 @@ class LungScreenServer:
             self._http.shutdown()
         for thread in self._threads:
             thread.join(timeout=10)
+        deadline = time.monotonic() + self.settings.stop_grace_s
+        while self._running_jobs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._running_jobs():
+            log.info("handing %d running analysis(es) back to the queue", self._running_jobs())
+            self.analysis.interrupt()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.analysis.shutdown()
         self.db.close()
+
+    def _running_jobs(self) -> int:
+        with self._in_flight_lock:
+            return len(self._in_flight)
 
     def _count_ingest(self, counts: IngestCounts) -> None:
         self.metrics.instances_received.inc(counts.received)
@@ -148,6 +166,10 @@ class LungScreenServer:
                 paths, uids=uids, run=run,
                 predecessor=previous if previous and previous.exists() else None,
             )
+        except AnalysisInterrupted:
+            self.jobs.hand_back(study_uid)
+            log.info("job %s run %d handed back to the queue (server stopping)", study_uid, run)
+            return
         except LungScreenError as exc:
             details = {"rejected_series": [r.__dict__ for r in getattr(exc, "rejected", ())]}
             self.jobs.finish(study_uid, FAILED, reason=str(exc), details=details)
@@ -159,30 +181,8 @@ class LungScreenServer:
             return
         self._complete(study_uid, run, result, time.perf_counter() - started)
 
-    def _complete(self, study_uid: str, run: int, result: AnalysisResult, seconds: float) -> None:
-        results = [("sr", result.sr)] + ([("gsps", result.gsps)] if result.gsps is not None else [])
-        stored = {kind: self._save_result(study_uid, ds) for kind, ds in results}
-        details = job_details(result, stored["sr"])
-        destinations = [str(d) for d in self.destinations]
-        # One transaction: the report, its billing entry, its deliveries and the job state
-        # are recorded together or not at all (a crash in between re-runs the whole step).
-        with self.db.transaction():
-            for kind, ds in results:
-                self.jobs.record_report(ds.SOPInstanceUID, study_uid, run, stored[kind], kind=kind)
-                self.outbox.enqueue(study_uid, ds.SOPInstanceUID, stored[kind], destinations)
-            if result.accession_number:
-                self.ledger.record(
-                    ExtensionEntry(
-                        accession_number=result.accession_number,
-                        main_item=result.main_exam_item,
-                        extension_item=self.settings.ai_extension_code,
-                        study_uid=study_uid,
-                        report_sop_uid=result.sr.SOPInstanceUID,
-                    )
-                )
-            else:
-                details["billing"] = "no accession number on the CT: no ledger entry (the RIS cannot link it)"
-            state = self.jobs.finish(study_uid, REPORTED, details=details)
+    def _complete(self, study_uid: str, run: int, result, seconds: float) -> None:
+        state = self.committer.commit(study_uid, run, result)
         for stage, value in result.timings.items():
             self.metrics.stage_seconds.labels(stage).observe(value)
         self.metrics.stage_seconds.labels("total").observe(seconds)
@@ -192,11 +192,6 @@ class LungScreenServer:
         )
         self._wake_outbox.set()
 
-    def _save_result(self, study_uid: str, dataset) -> Path:
-        buffer = BytesIO()
-        dataset.save_as(buffer, enforce_file_format=True)
-        return self.reports.save(study_uid, dataset.SeriesInstanceUID, dataset.SOPInstanceUID, buffer.getvalue()).path
-
     # --- delivery ---------------------------------------------------------------------------
     def _outbox_loop(self) -> None:
         while not self._stop.is_set():
@@ -204,49 +199,10 @@ class LungScreenServer:
                 for item in self.outbox.due():
                     if self._stop.is_set():
                         return
-                    self._deliver(item)
+                    self.courier.deliver(item)
             except Exception:
                 log.exception("outbox error")
             next_due = self.outbox.next_due()
             wait = 1.0 if next_due is None else min(1.0, max(0.05, next_due - time.time()))
             self._wake_outbox.wait(wait)
             self._wake_outbox.clear()
-
-    def _deliver(self, item: OutboxItem) -> None:
-        destination = Destination.parse(item.destination)
-        try:
-            send_file(item.path, destination, calling_ae=self.settings.ae_title, timeout_s=self.settings.send_timeout_s,
-                      tls_context=self.destination_tls)
-        except DeliveryError as exc:
-            state = self.outbox.mark_failed(item, str(exc), permanent=exc.permanent)
-            log.warning("delivery of %s to %s failed (%s): %s", item.report_sop_uid, destination, state, exc)
-            if state == "dead":
-                self.jobs.mark_delivery_failed(
-                    item.study_uid, f"delivery to {destination} dead-lettered after {item.attempts + 1} attempt(s): {exc}"
-                )
-            return
-        self.outbox.mark_sent(item)
-        log.info("delivered %s to %s", item.report_sop_uid, destination)
-        if self.outbox.all_sent(item.study_uid):
-            self.jobs.mark_delivered(item.study_uid)
-
-
-def job_details(result: AnalysisResult, sr_path: Path) -> dict:
-    """What the job status shows about a finished run (no patient data)."""
-    report = result.report
-    return {
-        "series_uid": result.series_uid,
-        "rejected_series": [r.__dict__ for r in result.rejected_series],
-        "operating_point": report.operating_point,
-        "score_threshold": report.score_threshold,
-        "model": f"{report.model_name} {report.model_version}",
-        "candidates": result.candidates,
-        "suppressed": report.suppressed,
-        "exam_lung_rads": exam_lung_rads(report.findings),
-        "findings": list(result.findings),
-        "sr_sop_uid": str(result.sr.SOPInstanceUID),
-        "sr_series_uid": str(result.sr.SeriesInstanceUID),
-        "gsps_sop_uid": str(result.gsps.SOPInstanceUID) if result.gsps is not None else None,
-        "sr_path": str(sr_path),
-        "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
-    }

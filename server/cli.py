@@ -8,6 +8,9 @@
     lungscreen evaluate --model CARD [--synthetic N] [--real] ...
     lungscreen bench [--quick] [--json PATH]
     lungscreen purge --older-than DAYS [--data-dir DIR]
+    lungscreen config check FILE
+    lungscreen config show [--config FILE]
+    lungscreen install-service [--prefix DIR] [--dry-run]
 """
 
 from __future__ import annotations
@@ -126,6 +129,31 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """What ``serve`` checks before it accepts an association, without starting anything."""
+    from lungscreen.server.db import check_store_version
+    from lungscreen.server.preflight import check_settings
+
+    settings = check_settings(load_settings(args.file)).settings
+    store = check_store_version(settings.db_path)
+    print(f"{args.file}: configuration valid ({store})")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from lungscreen.server.config import settings_toml
+
+    sys.stdout.write(settings_toml(_settings(args)))
+    return 0
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from lungscreen.server.service import install_service
+
+    install_service(args.prefix, dry_run=args.dry_run)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungscreen", description="Lung-nodule screening DICOM server (research use, not for diagnostic use)")
     parser.add_argument("--log-level", default="INFO")
@@ -175,6 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--older-than", type=float, required=True, metavar="DAYS")
     purge.set_defaults(func=cmd_purge)
 
+    config = sub.add_parser("config", help="check or show the configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a configuration file as serve does, without starting")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=cmd_config_check)
+    show = config_sub.add_parser("show", help="print the effective configuration with its defaults (TOML)")
+    show.add_argument("--config", type=Path, help="TOML file; its keys are the serve flags with _")
+    show.set_defaults(func=cmd_config_show)
+
+    service = sub.add_parser("install-service", help="install the systemd unit, a default configuration and the user")
+    service.add_argument("--prefix", type=Path, default=Path("/"), help="root to install under (default /)")
+    service.add_argument("--dry-run", action="store_true", help="print what would be written and done; change nothing")
+    service.set_defaults(func=cmd_install_service)
+
     add_model_cli(sub)
     add_evaluate_cli(sub)
     add_bench_cli(sub)
@@ -189,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (LungScreenError, ValueError, OSError) as exc:
-        log.error("%s", exc)
+        # One line on stderr (the journal under systemd), naming the setting when one is at fault.
         print(f"lungscreen: error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,12 @@ promised survives a power cut. Rows of received instances are the exception when
 listener defers durability to the association's end (``dicom_io.durability``): they are
 committed without the fsync, and :meth:`Database.sync` before the A-RELEASE response makes
 them durable all at once. Either way a commit is atomic and the database stays consistent.
+
+Upgrades: the store records its schema version in SQLite's ``PRAGMA user_version``. Opening
+an older store copies it next to itself (``lungscreen.sqlite.v<old>.bak``) and then runs the
+missing steps of :data:`MIGRATIONS` in one transaction; a store from a newer LungScreen is
+refused. A schema change is one new step at the end of :data:`MIGRATIONS`, never an edit of an
+existing one.
 """
 
 from __future__ import annotations
@@ -13,11 +19,16 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Iterator
 
-SCHEMA = """
+from lungscreen.errors import ConfigurationError
+
+# The tables of release 0.1.0 (commit 8ba2173), the first store that can be upgraded; stores
+# older than the interruption counter lack one column of it.
+RELEASE_0_1_TABLES = """
 CREATE TABLE IF NOT EXISTS jobs (
     study_uid TEXT PRIMARY KEY,
     state TEXT NOT NULL CHECK (state IN
@@ -96,6 +107,65 @@ CREATE TABLE IF NOT EXISTS durability (
 """
 
 
+def _v1_release_0_1_tables(c: sqlite3.Connection) -> None:
+    """The tables of release 0.1.0 (which recorded no version), made or completed."""
+    _run_script(c, RELEASE_0_1_TABLES)
+    columns = {row[1] for row in c.execute("PRAGMA table_info(jobs)")}
+    if "interruptions" not in columns:
+        c.execute("ALTER TABLE jobs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0")
+
+
+def _v2_outbox_by_study(c: sqlite3.Connection) -> None:
+    """Deliveries are looked up by study (is every report of it sent? what does the status
+    page show?): an index instead of a scan of the whole outbox."""
+    c.execute("CREATE INDEX outbox_study ON outbox (study_uid)")
+
+
+# Step n brings a store from version n-1 to n. Append new steps; never change an old one.
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _v1_release_0_1_tables,
+    _v2_outbox_by_study,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreTooNew(ConfigurationError):
+    """The store was written by a newer LungScreen, whose schema this one cannot read."""
+
+
+def _run_script(c: sqlite3.Connection, script: str) -> None:
+    # executescript() would COMMIT the surrounding transaction first; one statement at a time keeps it.
+    for statement in script.split(";"):
+        if statement.strip():
+            c.execute(statement)
+
+
+def _refuse_newer(path: Path, version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise StoreTooNew(
+            f"{path} has schema version {version}, written by a newer LungScreen; this one reads versions up to "
+            f"{SCHEMA_VERSION}. Run the newer release, or restore the backup its upgrade left next to the file "
+            f"({path.name}.v{SCHEMA_VERSION}.bak)"
+        )
+
+
+def check_store_version(path: Path) -> str:
+    """What opening the store at ``path`` will do, read only; :class:`StoreTooNew` if it cannot."""
+    if not path.exists():
+        return f"a new store will be made at {path}"
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    _refuse_newer(path, version)
+    if version < SCHEMA_VERSION:
+        return f"store {path} at schema version {version}: upgraded to {SCHEMA_VERSION} at start, after a backup"
+    return f"store {path} at schema version {version}"
+
+
+def backup_path(path: Path, version: int) -> Path:
+    """Where the copy of a store at ``version`` goes before it is upgraded."""
+    return path.with_name(f"{path.name}.v{version}.bak")
+
+
 class Database:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,14 +178,34 @@ class Database:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.executescript(SCHEMA)
-            self._migrate()
+            self._upgrade()
 
-    def _migrate(self) -> None:
-        """Bring a database made by an earlier version up to SCHEMA (columns added since)."""
-        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
-        if "interruptions" not in columns:
-            self._conn.execute("ALTER TABLE jobs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0")
+    @property
+    def schema_version(self) -> int:
+        return self.query("PRAGMA user_version")[0][0]
+
+    def _upgrade(self) -> None:
+        """Bring the store to :data:`SCHEMA_VERSION`: refuse a newer one; copy an older one
+        that holds data, then run the missing steps and record the version, in one transaction."""
+        version = self.schema_version
+        _refuse_newer(self.path, version)
+        if version == SCHEMA_VERSION:
+            return
+        if self.query("SELECT 1 FROM sqlite_master LIMIT 1"):
+            self._backup(backup_path(self.path, version))
+        with self.transaction() as c:
+            version = c.execute("PRAGMA user_version").fetchone()[0]  # another process may have upgraded it
+            _refuse_newer(self.path, version)
+            for step in MIGRATIONS[version:]:
+                step(c)
+            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _backup(self, target: Path) -> None:
+        """A consistent copy (SQLite's online backup, WAL included); an earlier copy is kept."""
+        if target.exists():
+            target = target.with_name(f"{target.name}.{int(time.time())}")
+        with closing(sqlite3.connect(target)) as copy:
+            self._conn.backup(copy)
 
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:

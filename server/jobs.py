@@ -177,6 +177,17 @@ class JobStore:
             )
             return c.execute("SELECT state FROM jobs WHERE study_uid = ?", (study_uid,)).fetchone()["state"]
 
+    def hand_back(self, study_uid: str) -> None:
+        """A run the server stopped before it ended (shutting down) goes back to the queue as
+        if never claimed: same run number next time, and not counted as an interruption."""
+        with self.db.transaction() as c:
+            c.execute(
+                """UPDATE jobs SET state = CASE WHEN rerun_requested THEN 'receiving' ELSE 'queued' END,
+                   rerun_requested = 0, runs = runs - 1, started_at = NULL, updated_at = ?
+                   WHERE study_uid = ? AND state = 'processing'""",
+                (time.time(), study_uid),
+            )
+
     def mark_delivered(self, study_uid: str) -> None:
         with self.db.transaction() as c:
             c.execute(

@@ -40,6 +40,14 @@ class AnalysisCrashed(LungScreenError):
     """The worker process died or the run exceeded its time limit."""
 
 
+class AnalysisInterrupted(Exception):
+    """The server stopped the run (it is shutting down); not an outcome of the study."""
+
+
+class WorkerStartFailed(LungScreenError):
+    """The analysis worker could not build its analyzer (model, rules, runtime); the reason says why."""
+
+
 def installation_uid(data_dir: Path) -> str:
     """A stable Device UID for this installation (IHE AIR Contributing Equipment)."""
     return installation_value(data_dir, "device-uid", generate_uid)
@@ -68,6 +76,7 @@ def build_analyzer(settings: Settings) -> Analyzer:
 
 
 _analyzer: Analyzer | None = None  # one per worker process
+_settings: Settings | None = None  # what it is built from
 
 
 PARENT_CHECK_INTERVAL_S = 1.0
@@ -76,12 +85,35 @@ PARENT_CHECK_INTERVAL_S = 1.0
 def _init_worker(settings: Settings, log_level: int, server_pid: int) -> None:
     from lungscreen.server.logs import configure_logging
 
-    global _analyzer
+    global _settings
     configure_logging(logging.getLevelName(log_level))
     # The server's pid comes from the server: it may have died while this process imported.
     threading.Thread(target=_exit_with_parent, args=(server_pid,), name="parent-watch", daemon=True).start()
-    _analyzer = build_analyzer(settings)
+    _settings = settings
+    try:
+        _ready_analyzer()
+    except WorkerStartFailed:
+        pass  # logged; each study says why until a later try succeeds
     tune_analysis_process()
+
+
+def _ready_analyzer() -> Analyzer:
+    """The worker's analyzer, built on the first call that can build it.
+
+    An initialiser that raises would leave ProcessPoolExecutor with a dead process and each
+    study with "the analysis process died", which hides the reason. So the worker stays up,
+    each study fails with :class:`WorkerStartFailed` giving the reason, and the next study tries
+    again (a passing cause, such as memory, then clears).
+    """
+    global _analyzer
+    if _analyzer is None:
+        try:
+            _analyzer = build_analyzer(_settings)
+        except Exception as exc:
+            reason = f"the analysis worker could not start: {type(exc).__name__}: {exc}"
+            log.error("%s", reason)
+            raise WorkerStartFailed(reason) from None
+    return _analyzer
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -94,15 +126,22 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def _warm_up() -> list[str]:
-    return _analyzer.detector.providers
+    return _ready_analyzer().detector.providers
 
 
 def _analyze(paths: list[Path], uids: ReportUIDs, run: int, predecessor: Path | None) -> AnalysisResult:
     previous = dcmread(predecessor, stop_before_pixels=True) if predecessor else None
     return analyze_study(
-        paths, _analyzer, sr_series_uid=uids.sr_series, sr_sop_uid=uids.sr, gsps_sop_uid=uids.gsps,
+        paths, _ready_analyzer(), sr_series_uid=uids.sr_series, sr_sop_uid=uids.sr, gsps_sop_uid=uids.gsps,
         instance_number=run, predecessor=previous,
     )
+
+
+def _report_warm_up(future) -> None:
+    if future.cancelled():
+        return
+    if future.exception() is None:  # a failure was logged by the worker, with its reason
+        log.info("analysis worker ready, providers %s", future.result())
 
 
 @dataclass(frozen=True)
@@ -127,6 +166,7 @@ class AnalysisPool:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
+        self._interrupted = False
         self._executor = self._new_executor()
 
     def _new_executor(self) -> ProcessPoolExecutor:
@@ -141,9 +181,7 @@ class AnalysisPool:
     def warm_up(self) -> None:
         """Start the workers and load the model now rather than on the first study."""
         future = self._executor.submit(_warm_up)
-        future.add_done_callback(
-            lambda f: log.info("analysis worker ready, providers %s", f.result()) if not f.exception() else None
-        )
+        future.add_done_callback(_report_warm_up)
 
     def analyze(self, paths: list[Path], *, uids: ReportUIDs, run: int, predecessor: Path | None) -> AnalysisResult:
         with self._lock:
@@ -152,19 +190,27 @@ class AnalysisPool:
             future = executor.submit(_analyze, paths, uids, run, predecessor)
             return future.result(timeout=self.settings.analysis_timeout_s)
         except BrokenProcessPool:
+            if self._interrupted:
+                raise AnalysisInterrupted("the server stopped this run") from None
             self._replace(executor, kill=False)
             raise AnalysisCrashed("the analysis process died (crash or out of memory) while analysing this study")
         except FutureTimeout:
             self._replace(executor, kill=True)
             raise AnalysisCrashed(f"analysis exceeded its time limit of {self.settings.analysis_timeout_s:g} s")
 
+    def interrupt(self) -> None:
+        """Stop the running analyses now (server stopping): their callers get
+        :class:`AnalysisInterrupted`, and no replacement worker is started."""
+        with self._lock:
+            self._interrupted = True
+            _kill_workers(self._executor)
+
     def _replace(self, broken: ProcessPoolExecutor, *, kill: bool) -> None:
         with self._lock:
-            if self._executor is not broken:
-                return  # another thread replaced it already
+            if self._executor is not broken or self._interrupted:
+                return  # another thread replaced it already, or the server is stopping
             if kill:
-                for process in list(broken._processes.values()):  # no public API to stop a hung task
-                    process.kill()
+                _kill_workers(broken)
             broken.shutdown(wait=False, cancel_futures=True)
             self._executor = self._new_executor()
             log.warning("analysis worker pool replaced")
@@ -173,3 +219,8 @@ class AnalysisPool:
     def shutdown(self) -> None:
         with self._lock:
             self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _kill_workers(executor: ProcessPoolExecutor) -> None:
+    for process in list(executor._processes.values()):  # no public API to stop a running task
+        process.kill()

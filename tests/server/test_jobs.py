@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lungscreen.server.billing import CHARGE_RULE, BillingLedger, ExtensionEntry
-from lungscreen.server.db import SCHEMA, Database
+from lungscreen.server.db import RELEASE_0_1_TABLES, Database
 from lungscreen.server.jobs import DELIVERED, FAILED, MAX_INTERRUPTIONS, PROCESSING, QUEUED, RECEIVING, REPORTED, JobStore
 from lungscreen.server.outbox import Outbox, RetryPolicy
 
@@ -146,7 +146,7 @@ def test_a_database_from_before_the_interruption_counter_is_migrated(tmp_path):
 
     path = tmp_path / "old.sqlite"
     old = sqlite3.connect(path)
-    old.executescript(SCHEMA.replace("    interruptions INTEGER NOT NULL DEFAULT 0,\n", ""))
+    old.executescript(RELEASE_0_1_TABLES.replace("    interruptions INTEGER NOT NULL DEFAULT 0,\n", ""))
     old.execute("INSERT INTO jobs (study_uid, state, updated_at) VALUES ('1.2.3', 'processing', 0)")
     old.commit()
     old.close()

@@ -201,11 +201,12 @@ class Database:
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _backup(self, target: Path) -> None:
-        """A consistent copy (SQLite's online backup, WAL included); an earlier copy is kept."""
+        """A consistent copy in one file (SQLite's online backup, WAL included); an earlier copy is kept."""
         if target.exists():
             target = target.with_name(f"{target.name}.{int(time.time())}")
         with closing(sqlite3.connect(target)) as copy:
             self._conn.backup(copy)
+            copy.execute("PRAGMA journal_mode=DELETE")
 
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:

@@ -15,6 +15,8 @@ command -v Orthanc >/dev/null || need_apt+=(orthanc)
 [[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need_apt+=(orthanc-dicomweb)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v unshare >/dev/null || need_apt+=(util-linux)
+command -v openssl >/dev/null || need_apt+=(openssl)  # test certificates
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)  # the service unit is verified with it
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
     echo "bootstrap: installing Debian packages: ${need_apt[*]}"

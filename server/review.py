@@ -2,7 +2,7 @@
 
 Pure renderers, no I/O besides reading the one CT image of a key image: the HTTP server
 (``server/http.py``) decides routes and hands in job dicts as :meth:`server.jobs.Job.as_dict`
-returns them, ``details`` as written by :func:`server.app.job_details`. Every value is
+returns them, ``details`` as written by :func:`server.commit.job_details`. Every value is
 HTML-escaped; job dicts carry no patient names or IDs and none are added here.
 """
 

@@ -60,8 +60,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from lungscreen.findings import exam_lung_rads
     from lungscreen.server.workers import build_analyzer
     from lungscreen.server.pipeline import analyze_study
+    from lungscreen.server.preflight import check_settings
 
-    settings = _settings(args)
+    settings = check_settings(_settings(args)).settings  # a bad setting is named before the model loads
     paths = [p for p in Path(args.dicom_dir).rglob("*") if p.is_file()]
     analyzer = build_analyzer(settings)
     result = analyze_study(paths, analyzer)

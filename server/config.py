@@ -10,6 +10,7 @@ what needs the files and libraries the settings name (rules, model, destinations
 from __future__ import annotations
 
 import difflib
+import enum
 import json
 import math
 import os
@@ -210,7 +211,19 @@ def conform(hint: Any, value: Any) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise _Invalid(f"expected a table, got {_shown(value)}")
-        return dict(value)
+        key_hint, value_hint = get_args(hint) or (str, Any)
+        table = {}
+        for key, item in value.items():
+            try:
+                table[conform(key_hint, key)] = conform(value_hint, item)
+            except _Invalid as exc:
+                raise _Invalid(f"key {key!r}: {exc}") from None
+        return table
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return value if isinstance(value, hint) else hint(value)
+        except ValueError:
+            raise _Invalid(f"must be one of {', '.join(repr(m.value) for m in hint)}, got {value!r}") from None
     raise TypeError(f"no check for settings annotated {hint!r}: add one to server.config.conform")
 
 
@@ -289,6 +302,8 @@ def settings_toml(settings: Settings) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        value = value.value
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and not math.isfinite(value):

@@ -4,6 +4,7 @@ accepts an association, and an unusable one stops it with one message naming the
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -87,16 +88,33 @@ def test_flags_are_checked_as_the_file_is():
     assert load_settings().receiver_processes == min(4, len(os.sched_getaffinity(0)))
 
 
+class PriorSource(enum.Enum):
+    NONE = "none"
+    PACS = "pacs"
+
+
+@dataclass(frozen=True)
+class WithTriton(Settings):
+    """Settings as other engineers extend them: the fields only, no checking code."""
+
+    inference_server: Annotated[str, Range(1)] | None = None
+    inference_timeout_s: Annotated[float, Range(0.1, 60)] = 5.0
+    prior_source: PriorSource = PriorSource.NONE
+    outline_colours: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+
 def test_a_field_added_later_is_checked_from_its_annotation():
     """Engineers add settings (an inference server, prior studies...): the annotation and its
     bounds are all the checking they need to write."""
 
-    @dataclass(frozen=True)
-    class WithTriton(Settings):
-        inference_server: Annotated[str, Range(1)] | None = None
-        inference_timeout_s: Annotated[float, Range(0.1, 60)] = 5.0
-
     assert WithTriton(inference_server="localhost:8001").inference_timeout_s == 5.0
+    assert WithTriton(prior_source="pacs", outline_colours={"4B": [255, 0, 0]}).outline_colours == {"4B": (255, 0, 0)}
+    shown = settings_toml(WithTriton(prior_source="pacs"))
+    assert 'prior_source = "pacs"\n' in shown and "# inference_server is not set\n" in shown
+    with pytest.raises(SettingError, match="setting 'prior_source': must be one of 'none', 'pacs', got 'ris'"):
+        WithTriton(prior_source="ris")
+    with pytest.raises(SettingError, match=r"setting 'outline_colours': key '4B': expected a list of 3 items"):
+        WithTriton(outline_colours={"4B": [255, 0]})
     with pytest.raises(SettingError, match="setting 'inference_timeout_s': value must be at most 60"):
         WithTriton(inference_timeout_s=61)
     with pytest.raises(SettingError, match="setting 'inference_server': expected a string, got 8001"):

@@ -49,8 +49,15 @@ def run(args: list, *, cwd: Path, timeout: float, env: dict | None = None) -> su
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    dist = tmp_path_factory.mktemp("dist")
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", dist, REPO], cwd=dist, timeout=600)
+    """Built from a copy of the checkout's files (tracked and new, not ignored), so that no
+    build/ or egg-info left in the checkout by an earlier build can slip into it."""
+    source, dist = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("dist")
+    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO, timeout=60).stdout
+    for name in filter(None, files.split("\0")):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", dist, source], cwd=dist, timeout=600)
     (built,) = dist.glob("lungscreen-*.whl")
     return built
 

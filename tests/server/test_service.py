@@ -4,15 +4,18 @@ systemd sends) lets a running analysis finish or hands it back to the queue, nev
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pydicom
 import pytest
 
+from lungscreen.benchmarks.harness import children
 from lungscreen.server.config import load_settings
 from lungscreen.server.db import Database
 from lungscreen.server.jobs import JobStore
@@ -58,6 +61,11 @@ def test_install_service_keeps_an_edited_config_and_a_dry_run_writes_nothing(tmp
     assert plan.unit_text in shown and tomllib.loads(plan.config_text)["data_dir"] == "/var/lib/lungscreen"
 
 
+def analysis_workers(server: LungScreen) -> list[int]:
+    """The server's children that run the model (the DICOM receivers do not load ONNX Runtime)."""
+    return [pid for pid in children(server.proc.pid) if "onnxruntime" in Path(f"/proc/{pid}/maps").read_text()]
+
+
 def stop(server: LungScreen) -> int:
     server.proc.send_signal(signal.SIGTERM)
     return server.proc.wait(timeout=120)
@@ -73,6 +81,8 @@ def test_a_stop_hands_a_running_analysis_back_or_lets_it_finish(tmp_path, lidc_s
     with impatient.running():
         storescu(files, impatient.port)
         impatient.wait_for_state(study_uid, ("processing",), timeout=60)
+        for pid in analysis_workers(impatient):
+            os.kill(pid, signal.SIGSTOP)  # the analysis cannot finish before the stop: no race
         assert stop(impatient) == 0
     db = Database(impatient.data_dir / "lungscreen.sqlite")
     job = JobStore(db).get(study_uid)

@@ -5,7 +5,8 @@
 # suite runs inside a fresh network namespace that has nothing but a loopback interface:
 # every peer the tests start is reachable from the tests and from nowhere else.
 # The wheel test (tests/packaging) installs from PyPI, which that namespace cannot reach, so a
-# full run takes it first, outside; it starts its own server in a loopback-only namespace.
+# full run (or one naming tests/packaging) takes it first, outside; it starts its own server in
+# a loopback-only namespace.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ if [[ "${LUNGSCREEN_TEST_NETNS:-}" != 1 ]]; then
     scripts/bootstrap.sh --test
     if [[ $(id -u) -eq 0 ]] && unshare --net true 2>/dev/null; then
         packaging=0
-        if (($# == 0)); then
+        if (($# == 0)) || [[ " $* " == *" tests/packaging"* ]]; then
             .venv/bin/python -m pytest tests/packaging || packaging=$?
         fi
         suite=0

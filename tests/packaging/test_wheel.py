@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.skipif(
         in_netns(),
         reason="installs from PyPI, which the loopback-only namespace cannot reach: scripts/test.sh runs "
-               "tests/packaging before it enters the namespace",
+               "tests/packaging outside it first (a full run, or one naming tests/packaging)",
     ),
     pytest.mark.skipif(shutil.which("echoscu") is None, reason="needs dcmtk's echoscu (scripts/bootstrap.sh)"),
     # a fresh install takes 1-2 minutes here (2 shared cores, pip's cache warm), more on a cold cache

@@ -22,6 +22,7 @@ from lungscreen.errors import NotEligible, VolumeError
 from lungscreen.dicom_io.presentation import build_gsps
 from lungscreen.dicom_io.select import SelectionRules, SeriesRejection, choose_series
 from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes, build_sr, main_exam_procedure
+from lungscreen.dicom_io.sr_reading import finding_tracking_uids
 from lungscreen.dicom_io.study import index_study
 from lungscreen.dicom_io.volume import Volume, read_series_volume
 from lungscreen.models.calibrate import calibrate
@@ -161,7 +162,7 @@ def analyze_study(
         report=report,
         sr=sr,
         gsps=gsps,
-        findings=tuple(_finding_row(f, volume) for f in findings),
+        findings=tuple(_finding_row(f, volume, t) for f, t in zip(findings, finding_tracking_uids(sr), strict=True)),
         candidates=len(candidates),
         accession_number=str(header.get("AccessionNumber", "") or ""),
         main_exam_item=main_exam_procedure(header, analyzer.billing),
@@ -198,7 +199,9 @@ def _evidence_in_slice_order(headers, volume: Volume) -> list[Dataset]:
     return [by_uid[uid] for uid in seen]
 
 
-def _finding_row(finding: Finding, volume: Volume) -> dict:
+def _finding_row(finding: Finding, volume: Volume, tracking_uid: str) -> dict:
+    """The findings.json row; ``tracking_uid`` is the SR's Tracking Unique Identifier of the
+    finding, which verdicts (``server/feedback.py``) refer to."""
     slice_ref = volume.slices[int(round(finding.center_kji[0]))]
     return {
         "center_lps_mm": [round(v, 2) for v in finding.center_lps_mm],
@@ -210,4 +213,5 @@ def _finding_row(finding: Finding, volume: Volume) -> dict:
         "actionable": finding.actionable,
         "sop_instance_uid": slice_ref.sop_instance_uid,
         "frame_number": slice_ref.frame_number,
+        "tracking_uid": tracking_uid,
     }

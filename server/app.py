@@ -27,6 +27,7 @@ from lungscreen import __version__
 from lungscreen.server.billing import BillingLedger, ExtensionEntry
 from lungscreen.server.config import Settings, installation_value
 from lungscreen.server.db import Database
+from lungscreen.server.feedback import FeedbackStore
 from lungscreen.server.ingest import IngestCounts
 from lungscreen.server.jobs import FAILED, REPORTED, JobStore
 from lungscreen.server.metrics import Metrics
@@ -53,6 +54,7 @@ class LungScreenServer:
             self.db, RetryPolicy(max_attempts=settings.max_delivery_attempts, base_delay_s=settings.retry_base_delay_s)
         )
         self.ledger = BillingLedger(self.db)
+        self.feedback = FeedbackStore(self.db)
         self.reports = InstanceStore(settings.reports_dir)
         self.card = load_card(settings.model)  # fail at start-up on a bad model, not on the first study
         self.analysis = AnalysisPool(settings)

@@ -7,7 +7,8 @@
     lungscreen model import-monai-bundle PATH [--out DIR] [--opset N]
     lungscreen evaluate --model CARD [--synthetic N] [--real] ...
     lungscreen bench [--quick] [--json PATH]
-    lungscreen purge --older-than DAYS [--data-dir DIR]
+    lungscreen purge --older-than DAYS [--feedback-older-than DAYS] [--data-dir DIR]
+    lungscreen reviewer add NAME
 """
 
 from __future__ import annotations
@@ -126,6 +127,26 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reviewer_add(args: argparse.Namespace) -> int:
+    """Print the config line of a reviewer: the name and a salted hash of the secret, never the secret."""
+    import getpass
+    import tomllib
+
+    from lungscreen.server.reviewers import hash_secret
+
+    if args.secret_stdin:
+        secret = sys.stdin.readline().rstrip("\n")
+    else:
+        secret = getpass.getpass(f"secret for {args.name}: ")
+        if getpass.getpass("again: ") != secret:
+            raise ValueError("the two secrets differ")
+    line = f"{json.dumps(args.name)} = {json.dumps(hash_secret(secret))}"
+    tomllib.loads(f"[reviewers]\n{line}\n")  # the line is valid TOML as printed
+    print("# add under [reviewers] in the config file, then restart the server:")
+    print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungscreen", description="Lung-nodule screening DICOM server (research use, not for diagnostic use)")
     parser.add_argument("--log-level", default="INFO")
@@ -174,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(purge)
     purge.add_argument("--older-than", type=float, required=True, metavar="DAYS")
     purge.set_defaults(func=cmd_purge)
+
+    reviewer = sub.add_parser("reviewer", help="reviewers who may record verdicts on the review page")
+    reviewer_sub = reviewer.add_subparsers(dest="reviewer_command", required=True)
+    reviewer_add = reviewer_sub.add_parser("add", help="print the config line of a new reviewer (salted secret hash)")
+    reviewer_add.add_argument("name")
+    reviewer_add.add_argument("--secret-stdin", action="store_true", help="read the secret from standard input")
+    reviewer_add.set_defaults(func=cmd_reviewer_add)
 
     add_model_cli(sub)
     add_evaluate_cli(sub)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lungscreen.models.card import DEFAULT_MODEL_CARD
+from lungscreen.server.reviewers import check_reviewers
 
 
 MAX_AUTO_RECEIVERS = 4  # each costs about 90 MiB; aggregate ingest was measured with 2 (on 2 cores)
@@ -60,6 +61,8 @@ class Settings:
     fallback_procedure_code: tuple[str, str, str] = ("LUNG-CT", "99LUNGSCR", "CT chest")
     clinical_rules: dict[str, Any] = field(default_factory=dict)  # see models.rules.ClinicalRules
     series_selection: dict[str, Any] = field(default_factory=dict)  # see dicom_io.select.SelectionRules
+    reviewers: dict[str, str] = field(default_factory=dict)  # name -> secret hash (`lungscreen reviewer add NAME`)
+    target_false_marks_per_scan: float = 1.0  # the site's target, for the operating point proposed from verdicts
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -74,6 +77,7 @@ class Settings:
             raise ValueError("workers must be at least 1")
         if self.receivers < 0:
             raise ValueError("receivers must be 0 (one per CPU core) or more")
+        check_reviewers(self.reviewers)
         if not 0 < len(self.ae_title) <= 16:
             raise ValueError(f"AE title must be 1 to 16 characters: {self.ae_title!r}")
 

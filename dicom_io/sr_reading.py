@@ -30,6 +30,7 @@ _MEASUREMENT_GROUP = ("DCM", "125007")
 _TRACKING_IDENTIFIER = ("DCM", "112039")
 _TRACKING_UID = ("DCM", "112040")
 _PERSON_OBSERVER_NAME = ("DCM", "121008")
+_DEVICE_OBSERVER_UID = ("DCM", "121012")
 
 CORNERSTONE_TRACKING_PREFIX = "Cornerstone3DTools@^0.1.0:"
 """How OHIF v3 / Cornerstone3D's adapters name a measurement group's tool (Tracking Identifier)."""
@@ -53,6 +54,7 @@ class MeasurementReport:
     study_uid: str
     manufacturer: str
     observer: str | None  # Person Observer Name (TID 1003), when the report names one
+    device_observer_uid: str | None  # Device Observer UID (TID 1004): the device that made it, if one did
     measurements: tuple[Measurement, ...]
 
     @property
@@ -160,11 +162,8 @@ def read_measurement_report(path: Path, image_header) -> MeasurementReport:
         raise ReportError(f"not a measurement report SR class: {sr.get('SOPClassUID')}")
     if _concept(sr) != _IMAGING_MEASUREMENT_REPORT:
         raise ReportError("not a TID 1500 Imaging Measurement Report (document title is not 126000)")
-    observer = None
-    for item in sr.get("ContentSequence") or ():
-        if _concept(item) == _PERSON_OBSERVER_NAME and item.get("PersonName"):
-            observer = str(item.PersonName)
-            break
+    observer = _child_value(sr, _PERSON_OBSERVER_NAME, "PersonName")
+    device = _child_value(sr, _DEVICE_OBSERVER_UID, "UID")
     try:
         measurements = tuple(_measurement(group, image_header) for group in _groups(sr))
     except (ValueError, TypeError, AttributeError, IndexError) as exc:
@@ -173,7 +172,8 @@ def read_measurement_report(path: Path, image_header) -> MeasurementReport:
         sop_uid=str(sr.SOPInstanceUID),
         study_uid=str(sr.StudyInstanceUID),
         manufacturer=str(sr.get("Manufacturer", "") or ""),
-        observer=observer,
+        observer=observer or None,
+        device_observer_uid=device,
         measurements=measurements,
     )
 

@@ -28,14 +28,14 @@ from lungscreen.server.billing import BillingLedger, ExtensionEntry
 from lungscreen.server.config import Settings, installation_value
 from lungscreen.server.db import Database
 from lungscreen.server.feedback import FeedbackStore
-from lungscreen.server.ingest import IngestCounts
+from lungscreen.server.ingest import IngestCounts, process_viewer_reports
 from lungscreen.server.jobs import FAILED, REPORTED, JobStore
 from lungscreen.server.metrics import Metrics
 from lungscreen.server.outbox import Outbox, OutboxItem, RetryPolicy
 from lungscreen.server.pipeline import AnalysisResult, NoEligibleSeries
 from lungscreen.server.receivers import ReceiverPool
 from lungscreen.server.tls import destination_tls, listener_tls
-from lungscreen.server.workers import AnalysisPool, ReportUIDs
+from lungscreen.server.workers import AnalysisPool, ReportUIDs, installation_uid
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class LungScreenServer:
         )
         self.ledger = BillingLedger(self.db)
         self.feedback = FeedbackStore(self.db)
+        self.device_uid = installation_uid(settings.data_dir)  # viewer SRs this installation made are no verdicts
         self.reports = InstanceStore(settings.reports_dir)
         self.card = load_card(settings.model)  # fail at start-up on a bad model, not on the first study
         self.analysis = AnalysisPool(settings)
@@ -122,6 +123,7 @@ class LungScreenServer:
                             continue
                         self._in_flight.add(study_uid)
                     self._pool.submit(self._run_job, study_uid)
+                process_viewer_reports(self.feedback, self.jobs, device_uid=self.device_uid)
             except Exception:
                 log.exception("scheduler error")
             self._stop.wait(0.1)

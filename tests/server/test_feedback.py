@@ -189,3 +189,163 @@ def test_review_page_verdicts_need_a_signed_in_reviewer_and_the_session_token(se
     assert status == 303
     assert http(server, "POST", f"/review/{uid}/verdict", {**vote, "csrf_token": token}, cookie=cookie)[0] == 403
     assert REVIEWER not in server.log() and "rejected" not in server.log(), "verdicts never reach the log"
+
+
+# --- viewer SRs through the DICOM listener -------------------------------------------------
+
+CORNERSTONE = "Cornerstone3DTools@^0.1.0:"
+
+
+def lps_to_image(header, lps) -> tuple[float, float]:
+    """LPS mm on the slice of ``header`` to SCOORD (column, row) (pixel centres at +0.5)."""
+    import numpy as np
+
+    offset = np.asarray(lps, float) - np.array([float(v) for v in header.ImagePositionPatient])
+    orientation = [float(v) for v in header.ImageOrientationPatient]
+    row_spacing, column_spacing = (float(v) for v in header.PixelSpacing)
+    return (float(offset @ orientation[:3]) / column_spacing + 0.5, float(offset @ orientation[3:]) / row_spacing + 0.5)
+
+
+def nearest_slice(headers, z: float):
+    return min(headers, key=lambda h: abs(float(h.ImagePositionPatient[2]) - z))
+
+
+def viewer_group(header, tracking_uid: str, tool: str, graphic_type: str, points_lps, name, value: float, unit):
+    """A TID 1501 group as Cornerstone3D's adapters export it: the SCOORD inside the first NUM."""
+    import numpy as np
+
+    source = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=header.SOPClassUID, referenced_sop_instance_uid=header.SOPInstanceUID
+    )
+    coordinates = hd.sr.CoordinatesForMeasurement(
+        graphic_type=graphic_type, graphic_data=np.array([lps_to_image(header, p) for p in points_lps]),
+        source_image=source,
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"{CORNERSTONE}{tool}"),
+        measurements=[hd.sr.Measurement(name=name, value=value, unit=unit, referenced_coordinates=[coordinates])],
+    )
+
+
+def ohif_shaped_sr(study_paths, study_uid: str, groups_spec, out_path, observer="Zhao^Radiologist"):
+    """A viewer's TID 1500 report in the shape OHIF v3 exports (Comprehensive SR, one TID 1501
+    group per measurement, Cornerstone3DTools tracking identifiers), written to ``out_path``."""
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in study_paths]
+    groups, evidence = [], {}
+    for tracking_uid, tool, graphic_type, points_lps, name, value, unit in groups_spec:
+        header = nearest_slice(headers, points_lps[0][2])
+        evidence[header.SOPInstanceUID] = header
+        groups.append(viewer_group(header, tracking_uid, tool, graphic_type, points_lps, name, value, unit))
+    observer_context = hd.sr.ObservationContext(
+        observer_person_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Person,
+            observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=observer),
+        )
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=observer_context, procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=groups, title=codes.DCM.ImagingMeasurementReport,
+    )
+    sr = hd.sr.ComprehensiveSR(
+        evidence=list(evidence.values()), content=report, series_instance_uid=generate_uid(), series_number=99,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="OHIF", series_description="Research Report",
+    )
+    assert sr.StudyInstanceUID == study_uid
+    sr.save_as(out_path, enforce_file_format=True)
+    return sr
+
+
+def circle(centre, radius, n=24):
+    import math
+
+    points = [(centre[0] + radius * math.cos(a), centre[1] + radius * math.sin(a), centre[2])
+              for a in (2 * math.pi * i / n for i in range(n))]
+    return points + points[:1]
+
+
+def wait_for_viewer_report(server, sop_uid: str):
+    from peers import wait_until
+    from lungscreen.server.db import Database
+
+    store = FeedbackStore(Database(server.data_dir / "lungscreen.sqlite"))
+
+    def settled():
+        return [r for r in store.viewer_reports() if r.sop_uid == sop_uid and r.state != "pending"]
+
+    wait_until(settled, 30, 0.2, what="the viewer SR processed")
+    return store, settled()[0]
+
+
+def test_a_report_reads_back_its_groups_with_positions_and_sizes(analysed):
+    """Our own SR, read as a viewer's would be: each group's tracking UID, centre and size."""
+    import io
+    import math
+    import pydicom
+    from lungscreen.dicom_io.sr_reading import read_image_header, read_measurement_report
+
+    study, result = analysed
+    buffer = io.BytesIO()
+    result.sr.save_as(buffer, enforce_file_format=True)
+    path = study.paths[0].parent / "own-sr.dcm"
+    path.write_bytes(buffer.getvalue())
+    by_uid = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in study.paths}
+    report = read_measurement_report(path, lambda uid: read_image_header(by_uid[uid]) if uid in by_uid else None)
+    assert not report.from_a_viewer and report.device_observer_uid and report.observer is None
+    for measurement, row in zip(report.measurements, result.findings, strict=True):
+        assert measurement.tracking_uid == row["tracking_uid"] and measurement.graphic_type == "POLYLINE"
+        assert math.dist(measurement.center_lps_mm, row["center_lps_mm"]) < 1.0  # the slice's z, the nodule's x, y
+        assert measurement.size_mm == pytest.approx(row["diameter_mm"], abs=0.2)
+    unknown = read_measurement_report(path, lambda uid: None)
+    assert all(m.center_lps_mm is None and m.tracking_uid for m in unknown.measurements)
+
+
+@pytest.mark.slow
+def test_a_viewer_sr_sent_over_dicom_gives_accepted_rejected_and_missed_and_never_an_analysis(server, tmp_path):
+    import math
+    from pydicom.sr.codedict import codes
+    from peers import storescu
+
+    uid, job = reported_study(server, tmp_path)
+    kept, dropped, remeasured = job["details"]["findings"]
+    study_paths = sorted((server.data_dir / "images" / uid).rglob("*.dcm"))
+    (kx, ky, kz), (rx, ry, rz) = kept["center_lps_mm"], remeasured["center_lps_mm"]
+    missed_centre = (-20.0, 30.0, kz)  # (k 20, j 100, i 30) of the phantom: lung only, no finding near
+    spec = [
+        (kept["tracking_uid"], "PlanarFreehandROI:Nodule 1", "POLYLINE", circle((kx, ky, kz), kept["diameter_mm"] / 2),
+         codes.SCT.Area, math.pi * (kept["diameter_mm"] / 2) ** 2, codes.UCUM.SquareMillimeter),
+        (generate_uid(), "Length", "POLYLINE", [(rx - 2.5, ry, rz), (rx + 2.5, ry, rz)],
+         codes.SCT.Length, 5.0, codes.UCUM.Millimeter),
+        (generate_uid(), "EllipticalROI", "ELLIPSE",
+         [(missed_centre[0] - 4, missed_centre[1], kz), (missed_centre[0] + 4, missed_centre[1], kz),
+          (missed_centre[0], missed_centre[1] - 3, kz), (missed_centre[0], missed_centre[1] + 3, kz)],
+         codes.SCT.Area, math.pi * 12, codes.UCUM.SquareMillimeter),
+    ]
+    viewer = ohif_shaped_sr(study_paths, uid, spec, tmp_path / "viewer-sr.dcm")
+    own_sr = next((server.data_dir / "reports" / uid).rglob("*.dcm"))  # our SR coming back (loop guard)
+    storescu([tmp_path / "viewer-sr.dcm", own_sr], server.port)
+
+    store, record = wait_for_viewer_report(server, viewer.SOPInstanceUID)
+    assert record.state == "done", record.outcome
+    assert record.outcome == "2 finding(s) accepted, 1 rejected, 1 missed nodule(s) added"
+    verdicts = {v.finding.tracking_uid: v for v in store.verdicts(uid)}
+    assert {t: v.verdict for t, v in verdicts.items()} == {
+        kept["tracking_uid"]: "accepted", dropped["tracking_uid"]: "rejected", remeasured["tracking_uid"]: "accepted",
+    }
+    assert {(v.reviewer, v.source, v.source_sop_uid) for v in verdicts.values()} == {
+        ("Zhao^Radiologist", "viewer SR", viewer.SOPInstanceUID)}
+    (missed,) = store.missed(uid)
+    assert math.dist(missed.center_lps_mm, missed_centre) < 0.6  # within one slice (1.25 mm) / 2
+    assert missed.diameter_mm == pytest.approx(8.0, abs=0.01) and missed.source_tracking_uid == spec[2][0]
+    assert [r.sop_uid for r in store.viewer_reports(study_uid=uid)] == [viewer.SOPInstanceUID], \
+        "our own SR coming back is no viewer report"
+
+    storescu([tmp_path / "viewer-sr.dcm"], server.port)  # sent again: nothing twice
+    after = server.study(uid)
+    assert after["runs"] == 1 and after["state"] in ("reported", "delivered"), "a viewer SR never triggers an analysis"
+    assert len(store.verdict_history(uid)) == 3 and len(store.missed(uid)) == 1
+    page = http(server, "GET", f"/review/{uid}")[2]
+    assert page.count("<td>viewer SR</td>") == 4 and "Zhao^Radiologist" in page
+    assert "Zhao" not in server.log(), "verdicts never reach the log"

@@ -349,3 +349,121 @@ def test_a_viewer_sr_sent_over_dicom_gives_accepted_rejected_and_missed_and_neve
     page = http(server, "GET", f"/review/{uid}")[2]
     assert page.count("<td>viewer SR</td>") == 4 and "Zhao^Radiologist" in page
     assert "Zhao" not in server.log(), "verdicts never reach the log"
+
+
+# --- the site's figures ---------------------------------------------------------------------
+
+OCT, NOV = 1759708800.0, 1762387200.0  # 2025-10-06 and 2025-11-06, 00:00 UTC
+MODEL = "lungscreen-nodulenet 1.2.0"  # the default model, as job details name it
+
+
+def seeded_history(db_path) -> FeedbackStore:
+    """A site history with figures worked out by hand in the test below.
+
+    October, 4 studies at "screening" (threshold 0.5): A: 0.58 4A 10 mm accepted, 0.60 2 5 mm rejected;
+    B: 0.55 2 4 mm rejected, 0.70 3 7 mm rejected, one missed nodule; C: 0.80 4B 16 mm accepted, one
+    missed; D: nothing marked, one missed. November, 1 study: E: 0.95 4A 9 mm accepted.
+    """
+    store = FeedbackStore(Database(db_path))
+    studies = {
+        "1.9.1": (OCT, [(0.58, "4A", 10.0, ACCEPTED), (0.60, "2", 5.0, REJECTED)], 0),
+        "1.9.2": (OCT + 3600, [(0.55, "2", 4.0, REJECTED), (0.70, "3", 7.0, REJECTED)], 1),
+        "1.9.3": (OCT + 7200, [(0.80, "4B", 16.0, ACCEPTED)], 1),
+        "1.9.4": (OCT + 9000, [], 1),
+        "1.9.5": (NOV, [(0.95, "4A", 9.0, ACCEPTED)], 0),
+    }
+    for study_uid, (at, findings, missed) in studies.items():
+        rows = [{"tracking_uid": f"{study_uid}.{n}", "probability": p, "lung_rads": c, "diameter_mm": d,
+                 "center_lps_mm": [0, 0, 0]} for n, (p, c, d, _) in enumerate(findings, start=1)]
+        result = StudyResult(study_uid, f"{study_uid}.100", MODEL, "screening", 0.5, tuple(rows))
+        for row, (*_, verdict) in zip(rows, findings):
+            store.record_verdict(result, row["tracking_uid"], verdict, reviewer="Dr A", source=REVIEW_PAGE, now=at)
+        for _ in range(missed):
+            store.record_missed(result, (1.0, 2.0, 3.0), 6.0, reviewer="Dr A", source=REVIEW_PAGE, now=at + 60)
+    return store
+
+
+def test_site_figures_on_a_seeded_history_match_the_hand_computed_ones(tmp_path):
+    from lungscreen.server.site_figures import propose_operating_point, site_figures
+
+    store = seeded_history(tmp_path / "db.sqlite")
+    october, november = site_figures(store.verdicts(), store.missed(), period="month")
+    assert (october.period, october.studies, november.period, november.studies) == ("2025-10", 4, "2025-11", 1)
+    assert (october.model, october.operating_point, october.score_threshold) == (MODEL, "screening", 0.5)
+    # 3 rejected in 4 studies: 0.75 per scan; exact Poisson 95% interval of 3 is 0.6187-8.7673, / 4
+    fm = october.false_marks_per_scan
+    assert (fm.events, fm.studies, fm.value) == (3, 4, 0.75)
+    assert (fm.low, fm.high) == pytest.approx((0.15467, 2.19182), abs=1e-5)
+    assert october.missed_per_scan.events == 3 and october.missed_per_scan.value == 0.75
+    # acceptance 2 of 5 judged findings in 3 studies: Wilson 0.1176-0.7693
+    a = october.acceptance
+    assert (a.successes, a.trials, a.studies, a.value) == (2, 5, 3, 0.4)
+    assert (a.low, a.high) == pytest.approx((0.1176, 0.7693), abs=1e-4)
+    by_category = {c: (p.successes, p.trials, p.studies) for c, p in october.acceptance_by_lung_rads.items()}
+    assert by_category == {"2": (0, 2, 2), "3": (0, 1, 1), "4A": (1, 1, 1), "4B": (1, 1, 1)}
+    assert list(october.acceptance_by_lung_rads) == ["2", "3", "4A", "4B"]
+    assert october.acceptance_by_lung_rads["2"].high == pytest.approx(0.6576, abs=1e-4)
+    by_size = {band: (p.successes, p.trials) for band, p in october.acceptance_by_size.items()}
+    assert by_size == {"<6 mm": (0, 2), "6 to <8 mm": (0, 1), "8 to <15 mm": (1, 1), ">=15 mm": (1, 1)}
+    assert november.false_marks_per_scan.value == 0 and november.false_marks_per_scan.high == pytest.approx(3.6889, abs=1e-4)
+    (everything,) = site_figures(store.verdicts(), store.missed(), period="all")
+    assert everything.studies == 5 and everything.acceptance.trials == 6
+
+    # 5 studies, 3 false marks (0.6 per scan) against a target of 0.3: at most 1 rejected finding may stay
+    # marked, so the threshold must pass 0.60; the midpoint 0.65 between 0.60 and 0.70 does, giving up
+    # the accepted 0.58: sensitivity to the 6 radiologists' nodules (3 accepted + 3 missed) 3/6 -> 2/6.
+    proposal = propose_operating_point(store.verdicts(), store.missed(), model=MODEL, operating_point="screening",
+                                       target_false_marks_per_scan=0.3)
+    assert proposal.threshold == pytest.approx(0.65) and proposal.studies == 5
+    assert (proposal.false_marks_per_scan_now, proposal.false_marks_per_scan_proposed) == pytest.approx((0.6, 0.2))
+    assert (proposal.sensitivity_now.successes, proposal.sensitivity_now.trials) == (3, 6)
+    assert (proposal.sensitivity_proposed.successes, proposal.sensitivity_proposed.trials) == (2, 6)
+    assert proposal.sensitivity_proposed.low == pytest.approx(0.0968, abs=1e-4) and proposal.findings_given_up == 1
+    kept = propose_operating_point(store.verdicts(), store.missed(), model=MODEL, operating_point="screening",
+                                   target_false_marks_per_scan=1.0)
+    assert kept.threshold == 0.5 and "already meets the target" in kept.note
+
+
+def test_feedback_commands_export_report_and_apply_an_operating_point_on_evidence(tmp_path):
+    import csv
+    import io
+    import json
+    import subprocess
+    import sys
+
+    data_dir = tmp_path / "data"
+    store = seeded_history(data_dir / "lungscreen.sqlite")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "lungscreen.server.cli", *args, "--data-dir", str(data_dir)],
+                              capture_output=True, text=True, check=True).stdout
+
+    rows = list(csv.DictReader(io.StringIO(cli("feedback", "export", "--format", "csv"))))
+    assert sum(r["record"] == "verdict" for r in rows) == 6 and sum(r["record"] == "missed" for r in rows) == 3
+    exported = json.loads(cli("feedback", "export", "--format", "json"))
+    assert [(r["record"], r["study_uid"], r["verdict"]) for r in exported] == [
+        (r["record"], r["study_uid"], r["verdict"]) for r in rows]
+    assert {r["source"] for r in exported} == {"review page"} and exported[0]["at"] == "2025-10-06T00:00:00Z"
+    report = json.loads(cli("feedback", "report", "--json", "--target", "0.3"))
+    assert [g["period"] for g in report["groups"]] == ["2025-10", "2025-11"]
+    assert report["proposed_operating_points"][0]["threshold"] == pytest.approx(0.65)
+    text = cli("feedback", "report", "--target", "0.3")
+    assert "false marks per scan: 0.75 (95% CI 0.15-2.19), 3 in 4 studies" in text and "threshold 0.65" in text
+
+    with pytest.raises(subprocess.CalledProcessError):  # never without who and on what evidence
+        cli("feedback", "apply-operating-point", "--threshold", "0.65", "--by", "Admin")
+    # The seeded verdicts are on the default model: --proposed takes its proposal.
+    out = cli("feedback", "apply-operating-point", "--config", str(_toml(tmp_path, "target_false_marks_per_scan = 0.3\n")),
+              "--proposed", "--name", "site-2025-11", "--by", "Admin Chen",
+              "--evidence", "QA meeting 2025-11-20")
+    assert "applied site-2025-11 (threshold 0.65)" in out
+    (decision,) = store.decisions()
+    assert (decision.model, decision.name, decision.threshold, decision.applied_by) == (MODEL, "site-2025-11", 0.65, "Admin Chen")
+    assert decision.evidence.startswith("QA meeting 2025-11-20; 5 studies reviewed at screening")
+    assert store.applied_operating_point(MODEL) == decision and store.applied_operating_point("other 1.0") is None
+
+
+def _toml(tmp_path, text: str):
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    return path

@@ -169,14 +169,10 @@ def _model_name(settings: Settings) -> str:
     return f"{card.name} {card.version}"
 
 
-def _proposals(store, settings: Settings, target: float):
-    from lungscreen.server.site_figures import propose_operating_point
+def _proposals(store, target: float):
+    from lungscreen.server.site_figures import propose_operating_points
 
-    verdicts, missed = store.verdicts(), store.missed()
-    points = sorted({(v.finding.model, v.finding.operating_point) for v in verdicts})
-    found = (propose_operating_point(verdicts, missed, model=m, operating_point=p, target_false_marks_per_scan=target)
-             for m, p in points)
-    return [p for p in found if p is not None]
+    return propose_operating_points(store.verdicts(), store.missed(), target_false_marks_per_scan=target)
 
 
 def cmd_feedback_export(args: argparse.Namespace) -> int:
@@ -229,7 +225,7 @@ def cmd_feedback_report(args: argparse.Namespace) -> int:
     store = _feedback_store(settings)
     target = settings.target_false_marks_per_scan if args.target is None else args.target
     figures = site_figures(store.verdicts(), store.missed(), period=args.period)
-    proposals = _proposals(store, settings, target)
+    proposals = _proposals(store, target)
     print(json.dumps(as_json(figures, proposals), indent=2) if args.json else render_text(figures, proposals))
     return 0
 
@@ -245,7 +241,7 @@ def cmd_feedback_apply(args: argparse.Namespace) -> int:
     evidence = args.evidence
     threshold = args.threshold
     if args.proposed:
-        proposal = next((p for p in _proposals(store, settings, settings.target_false_marks_per_scan)
+        proposal = next((p for p in _proposals(store, settings.target_false_marks_per_scan)
                          if p.model == model), None)
         if proposal is None:
             raise ValueError(f"no verdicts on {model}: nothing to propose")

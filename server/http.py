@@ -24,7 +24,10 @@ from urllib.parse import parse_qs, quote, urlparse
 
 from lungscreen.dicom_io.uids import is_valid_uid
 from lungscreen.server.feedback import REVIEW_PAGE, FeedbackError, StudyResult
-from lungscreen.server.review import render_feedback, render_key_image, render_sign_in, render_study, render_study_list
+from lungscreen.server.review import (
+    render_feedback, render_key_image, render_sign_in, render_site_figures, render_study, render_study_list,
+)
+from lungscreen.server.site_figures import propose_operating_points, site_figures
 from lungscreen.server.reviewers import ReviewSessions
 
 KEY_IMAGE = re.compile(r"^/review/([0-9.]+)/key/([0-9]{1,3})\.png$")
@@ -75,6 +78,8 @@ def _handler_for(server_app, sessions: ReviewSessions):
             if path == "/review" or path == "":
                 jobs = [job.as_dict() for job in server_app.jobs.list()]
                 return self._send(200, render_study_list(jobs).encode(), "text/html; charset=utf-8")
+            if path == "/review/site":
+                return self._html(200, self._site_figures())
             if path == "/review/sign-in":
                 next_href = parse_qs(urlparse(self.path).query).get("next", ["/review"])[0]
                 return self._html(200, render_sign_in(_local_review_href(next_href)))
@@ -174,10 +179,19 @@ def _handler_for(server_app, sessions: ReviewSessions):
                 reviewer=session.reviewer if session else None, csrf_token=session.csrf_token if session else None,
             )
 
+        def _site_figures(self) -> str:
+            feedback = server_app.feedback
+            verdicts, missed = feedback.verdicts(), feedback.missed()
+            target = server_app.settings.target_false_marks_per_scan
+            proposals = propose_operating_points(verdicts, missed, target_false_marks_per_scan=target)
+            return render_site_figures(site_figures(verdicts, missed), proposals, feedback.decisions())
+
         def _review_post(self, path: str):
             form = self._form()
             if form is None:
                 return self._json(413, {"error": "form too large or malformed"})
+            if path == "/review/site":
+                return self._html(200, self._site_figures())
             if path == "/review/sign-in":
                 next_href = _local_review_href(form.get("next", "/review"))
                 signed_in = sessions.sign_in(form.get("name", ""), form.get("secret", ""))

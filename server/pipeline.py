@@ -26,10 +26,12 @@ from lungscreen.dicom_io.sr_reading import finding_tracking_uids
 from lungscreen.dicom_io.study import index_study
 from lungscreen.dicom_io.volume import Volume, read_series_volume
 from lungscreen.models.calibrate import calibrate
+from lungscreen.models.card import OperatingPoint
 from lungscreen.models.detector import Detector, to_source_candidates
 from lungscreen.findings import Candidate, Finding, NoduleReport
 from lungscreen.models.measure import nodule_type, sphere_volume_mm3
 from lungscreen.models.rules import ClinicalRules, apply_rules
+from lungscreen.server.feedback import OperatingPointDecision
 
 STAGES = ("assemble", "select", "volume", "preprocess", "inference", "postprocess", "report")
 
@@ -59,6 +61,7 @@ class Analyzer:
     selection: SelectionRules = SelectionRules()
     operating_point: str | None = None  # None: the model card's default
     presentation_state: bool = True  # also a GSPS, for viewers that draw no SR
+    site_operating_point: OperatingPointDecision | None = None  # applied by an administrator; wins over the card's
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ def analyze_study(
         output = detector.infer(image)
     with _timed(timings, "postprocess"):
         candidates = to_source_candidates(detector.decode(output), image, volume.affine)
-        point = detector.card.operating_point(analyzer.operating_point)
+        point, point_source = _operating_point(analyzer)
         findings, suppressed = apply_rules(_measure(candidates, volume, detector), point.threshold, analyzer.rules)
         report = NoduleReport(
             findings=findings,
@@ -134,6 +137,7 @@ def analyze_study(
             model_name=detector.card.name,
             model_version=detector.card.version,
             suppressed=suppressed,
+            operating_point_source=point_source,
         )
     with _timed(timings, "report"):
         header = selected.headers[0]
@@ -168,6 +172,16 @@ def analyze_study(
         main_exam_item=main_exam_procedure(header, analyzer.billing),
         timings=timings,
     )
+
+
+def _operating_point(analyzer: Analyzer) -> tuple[OperatingPoint, str]:
+    """The site's applied operating point when it was made for this model, else the card's
+    named one; and where it came from (empty for the card's)."""
+    card = analyzer.detector.card
+    site = analyzer.site_operating_point
+    if site is not None and site.model == f"{card.name} {card.version}":
+        return OperatingPoint(name=site.name, threshold=site.threshold, description=site.evidence), site.provenance
+    return card.operating_point(analyzer.operating_point), ""
 
 
 def _measure(candidates: list[Candidate], volume: Volume, detector: Detector) -> list[Finding]:

@@ -24,8 +24,8 @@ from lungscreen.dicom_io.presentation import LUNG_WINDOW, key_slice
 from lungscreen.dicom_io.sr import RESEARCH_USE_NOTICE, finding_label
 
 __all__ = [
-    "KEY_IMAGE_OUTLINE_RGB", "ohif_viewer_url", "render_feedback", "render_key_image", "render_sign_in", "render_study",
-    "render_study_list",
+    "KEY_IMAGE_OUTLINE_RGB", "ohif_viewer_url", "render_feedback", "render_key_image", "render_sign_in",
+    "render_site_figures", "render_study", "render_study_list",
 ]
 
 KEY_IMAGE_OUTLINE_RGB = (255, 220, 0)
@@ -408,3 +408,53 @@ def render_feedback(
             "<th>State</th><th>Outcome</th></tr></thead><tbody>" + report_rows + "</tbody></table>"
         )
     return "<section id=\"feedback\">" + "".join(parts) + "</section>"
+
+
+def render_site_figures(figures: Sequence[Any], proposals: Sequence[Any], decisions: Sequence[Any]) -> str:
+    """The site's figures from the verdicts (:mod:`server.site_figures`), the proposed
+    operating points and the ones applied (who, when, on what evidence)."""
+    from lungscreen.server.site_figures import format_proportion, format_rate
+
+    parts = [
+        "<h1>Site figures from radiologists' verdicts</h1>",
+        "<p>95% intervals: Wilson score for proportions; exact Poisson (Garwood) for per-scan rates. "
+        "Each figure names the studies behind it.</p>",
+    ]
+    if not figures:
+        parts.append("<p id=\"no-verdicts\">No verdicts yet.</p>")
+    for number, g in enumerate(figures, start=1):
+        rows = [
+            ("False marks per scan", format_rate(g.false_marks_per_scan)),
+            ("Missed nodules per scan", format_rate(g.missed_per_scan)),
+            ("Acceptance", format_proportion(g.acceptance)),
+        ]
+        rows += [(f"Acceptance, Lung-RADS {c}", format_proportion(p)) for c, p in g.acceptance_by_lung_rads.items()]
+        rows += [(f"Acceptance, {band}", format_proportion(p)) for band, p in g.acceptance_by_size.items()]
+        parts.append(
+            f"<h2>{_e(g.period)} · {_e(g.model)} · operating point {_e(g.operating_point)} (threshold "
+            f"{_e(g.score_threshold)}) · {g.studies} studies reviewed</h2>"
+            f"<table id=\"figures-{number}\"><tbody>"
+            + "".join(f"<tr><th>{_e(name)}</th><td>{_e(value)}</td></tr>" for name, value in rows)
+            + "</tbody></table>"
+        )
+    for p in proposals:
+        parts.append(
+            f"<h2>Proposed operating point for {_e(p.model)}</h2><p class=\"proposal\">From {_e(p.based_on)} "
+            f"(threshold {_e(p.current_threshold)}), target {_e(p.target_false_marks_per_scan)} false marks per scan: "
+            f"threshold {_e(p.threshold)}. False marks per scan {p.false_marks_per_scan_now:.2f} → "
+            f"{p.false_marks_per_scan_proposed:.2f}; sensitivity to the radiologists' nodules "
+            f"{_e(format_proportion(p.sensitivity_now))} → {_e(format_proportion(p.sensitivity_proposed))}; "
+            f"{p.findings_given_up} accepted finding(s) given up. {_e(p.note)}. An administrator applies it with "
+            "<code>lungscreen feedback apply-operating-point</code>.</p>"
+        )
+    if decisions:
+        rows = "".join(
+            f"<tr><td>{_e(d.model)}</td><td>{_e(d.name)}</td><td class=\"num\">{_e(d.threshold)}</td>"
+            f"<td>{_e(d.applied_by)}</td><td>{_when(d.applied_at)}</td><td>{_e(d.evidence)}</td></tr>"
+            for d in decisions
+        )
+        parts.append(
+            "<h2>Operating points applied</h2><table id=\"decisions\"><thead><tr><th>Model</th><th>Name</th>"
+            "<th>Threshold</th><th>By</th><th>When</th><th>Evidence</th></tr></thead><tbody>" + rows + "</tbody></table>"
+        )
+    return _page("Site figures", "".join(parts))

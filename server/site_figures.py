@@ -242,6 +242,18 @@ def propose_operating_point(
     )
 
 
+def propose_operating_points(
+    verdicts: Sequence[FindingVerdict], missed: Sequence[MissedNodule], *, target_false_marks_per_scan: float
+) -> list[ProposedOperatingPoint]:
+    """:func:`propose_operating_point` for each (model, operating point) with verdicts."""
+    found = (
+        propose_operating_point(verdicts, missed, model=model, operating_point=point,
+                                target_false_marks_per_scan=target_false_marks_per_scan)
+        for model, point in sorted({(v.finding.model, v.finding.operating_point) for v in verdicts})
+    )
+    return [p for p in found if p is not None]
+
+
 def as_json(figures: Sequence[GroupFigures], proposals: Sequence[ProposedOperatingPoint]) -> dict:
     return {
         "confidence": CONFIDENCE,

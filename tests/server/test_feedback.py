@@ -467,3 +467,66 @@ def _toml(tmp_path, text: str):
     path = tmp_path / "site.toml"
     path.write_text(text)
     return path
+
+
+# --- an applied operating point, in the analysis and the SR --------------------------------
+
+def sr_text(sr, meaning: str) -> list[str]:
+    from lungscreen.dicom_io.sr_reading import _walk
+
+    return [str(i.TextValue) for i in _walk(sr.ContentSequence)
+            if i.get("ValueType") == "TEXT" and i.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+
+
+def test_an_applied_site_operating_point_drives_the_analysis_and_the_sr_names_where_it_came_from(analysed, tmp_path):
+    import dataclasses
+    from lungscreen.server.feedback import OperatingPointDecision
+    from lungscreen.server.workers import build_analyzer
+
+    study, result = analysed
+    analyzer = build_analyzer(load_settings(model=BLOB_FILTER_CARD, data_dir=tmp_path / "data"))
+    card = analyzer.detector.card
+    probabilities = sorted(row["probability"] for row in result.findings)
+    threshold = (probabilities[0] + probabilities[1]) / 2  # drops the least probable of the three
+    decision = OperatingPointDecision(f"{card.name} {card.version}", "site-2025-11", threshold, "Admin Chen",
+                                      OCT, "QA meeting: 0.9 false marks per scan on 40 studies")
+    site = analyze_study(study.paths, dataclasses.replace(analyzer, site_operating_point=decision))
+    assert site.report.operating_point == "site-2025-11" and site.report.score_threshold == threshold
+    assert sorted(row["probability"] for row in site.findings) == probabilities[1:]
+    (source,) = sr_text(site.sr, "Operating point source")
+    assert source == ("site operating point site-2025-11 (threshold %g), applied by Admin Chen on 2025-10-06 from "
+                      "radiologists' verdicts: QA meeting: 0.9 false marks per scan on 40 studies" % threshold)
+    assert sr_text(site.sr, "Operating point") == ["site-2025-11"]
+    assert not sr_text(result.sr, "Operating point source"), "the card's operating point needs no provenance"
+
+    other = dataclasses.replace(decision, model="another-model 9.9")
+    unchanged = analyze_study(study.paths, dataclasses.replace(analyzer, site_operating_point=other))
+    assert unchanged.report.operating_point == result.report.operating_point, "a decision for another model is ignored"
+
+
+@pytest.mark.slow
+def test_applied_on_a_running_server_it_holds_from_the_next_study_and_the_site_page_shows_it(server, tmp_path):
+    import subprocess
+    import sys
+    from lungscreen.models.card import load_card
+
+    card = load_card(BLOB_FILTER_CARD)
+    applied = subprocess.run(
+        [sys.executable, "-m", "lungscreen.server.cli", "feedback", "apply-operating-point", "--data-dir",
+         str(server.data_dir), "--model", str(BLOB_FILTER_CARD), "--threshold", "0.3", "--name", "site-test",
+         "--by", "Admin Chen", "--evidence", "test evidence"],
+        capture_output=True, text=True, check=True,
+    )
+    assert f"to {card.name} {card.version}" in applied.stdout
+    uid, job = reported_study(server, tmp_path)
+    assert (job["details"]["operating_point"], job["details"]["score_threshold"]) == ("site-test", 0.3)
+    cookie = sign_in(server)
+    token = csrf_token(http(server, "GET", f"/review/{uid}", cookie=cookie)[2])
+    for row in job["details"]["findings"]:
+        http(server, "POST", f"/review/{uid}/verdict", {"tracking_uid": row["tracking_uid"], "verdict": "rejected",
+                                                         "csrf_token": token}, cookie=cookie)
+    status, _, page = http(server, "GET", "/review/site")
+    assert status == 200 and "Operating points applied" in page and "test evidence" in page
+    n = len(job["details"]["findings"])
+    assert f"operating point site-test (threshold 0.3) · 1 studies reviewed" in page
+    assert f"{n:.2f} (95% CI" in page and f"{n} in 1 studies" in page  # all its findings rejected

@@ -348,6 +348,22 @@ def test_a_viewer_sr_sent_over_dicom_gives_accepted_rejected_and_missed_and_neve
     assert len(store.verdict_history(uid)) == 3 and len(store.missed(uid)) == 1
     page = http(server, "GET", f"/review/{uid}")[2]
     assert page.count("<td>viewer SR</td>") == 4 and "Zhao^Radiologist" in page
+
+    # SRs that are no verdicts: set aside with the reason, the server unharmed.
+    import pydicom
+    elsewhere = pydicom.dcmread(tmp_path / "viewer-sr.dcm")
+    elsewhere.StudyInstanceUID, elsewhere.SOPInstanceUID = generate_uid(), generate_uid()
+    elsewhere.file_meta.MediaStorageSOPInstanceUID = elsewhere.SOPInstanceUID
+    elsewhere.save_as(tmp_path / "elsewhere.dcm", enforce_file_format=True)
+    untitled = pydicom.dcmread(tmp_path / "viewer-sr.dcm")
+    untitled.SOPInstanceUID = untitled.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    untitled.ConceptNameCodeSequence[0].CodeValue = "18748-4"  # a diagnostic imaging report, not TID 1500
+    untitled.ConceptNameCodeSequence[0].CodingSchemeDesignator = "LN"
+    untitled.save_as(tmp_path / "untitled.dcm", enforce_file_format=True)
+    storescu([tmp_path / "elsewhere.dcm", tmp_path / "untitled.dcm"], server.port)
+    assert wait_for_viewer_report(server, elsewhere.SOPInstanceUID)[1].outcome == "LungScreen has no report for this study"
+    assert "not a TID 1500" in wait_for_viewer_report(server, untitled.SOPInstanceUID)[1].outcome
+    assert len(store.verdict_history(uid)) == 3 and server.study(elsewhere.StudyInstanceUID) is None
     assert "Zhao" not in server.log(), "verdicts never reach the log"
 
 

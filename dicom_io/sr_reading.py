@@ -8,9 +8,9 @@ TID 1501 (SCOORD inside the first NUM, "inferred from", as Cornerstone3D's adapt
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pydicom

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lungscreen.dicom_io.presentation import LUNG_WINDOW, key_slice
 from lungscreen.dicom_io.sr import RESEARCH_USE_NOTICE, finding_label
+from lungscreen.server.site_figures import format_proportion, format_rate
 
 __all__ = [
     "KEY_IMAGE_OUTLINE_RGB", "ohif_viewer_url", "render_feedback", "render_key_image", "render_sign_in",
@@ -413,12 +414,10 @@ def render_feedback(
 def render_site_figures(figures: Sequence[Any], proposals: Sequence[Any], decisions: Sequence[Any]) -> str:
     """The site's figures from the verdicts (:mod:`server.site_figures`), the proposed
     operating points and the ones applied (who, when, on what evidence)."""
-    from lungscreen.server.site_figures import format_proportion, format_rate
-
     parts = [
         "<h1>Site figures from radiologists' verdicts</h1>",
-        "<p>95% intervals: Wilson score for proportions; exact Poisson (Garwood) for per-scan rates. "
-        "Each figure names the studies behind it.</p>",
+        ("<p>95% intervals: Wilson score for proportions; exact Poisson (Garwood) for per-scan rates. "
+         "Each figure names the studies behind it.</p>"),
     ]
     if not figures:
         parts.append("<p id=\"no-verdicts\">No verdicts yet.</p>")

@@ -24,13 +24,13 @@ import datetime
 import math
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
+from lungscreen.server.feedback import ACCEPTED, REJECTED, FindingVerdict, MissedNodule
 from scipy.stats import chi2, norm
 
 from lungscreen.findings import LUNG_RADS_ORDER
-from lungscreen.server.feedback import ACCEPTED, REJECTED, FindingVerdict, MissedNodule
 
 CONFIDENCE = 0.95
 SIZE_BANDS = ((0.0, 6.0, "<6 mm"), (6.0, 8.0, "6 to <8 mm"), (8.0, 15.0, "8 to <15 mm"), (15.0, math.inf, ">=15 mm"))
@@ -288,8 +288,8 @@ def render_text(figures: Sequence[GroupFigures], proposals: Sequence[ProposedOpe
         lines.append("No verdicts yet.")
     for g in figures:
         lines += [
-            f"{g.period} · {g.model} · operating point {g.operating_point} (threshold {g.score_threshold:g}) · "
-            f"{g.studies} studies reviewed",
+            (f"{g.period} · {g.model} · operating point {g.operating_point} (threshold {g.score_threshold:g}) · "
+             f"{g.studies} studies reviewed"),
             f"  false marks per scan: {format_rate(g.false_marks_per_scan)}",
             f"  missed nodules per scan: {format_rate(g.missed_per_scan)}",
             f"  acceptance: {format_proportion(g.acceptance)}",
@@ -299,13 +299,13 @@ def render_text(figures: Sequence[GroupFigures], proposals: Sequence[ProposedOpe
         lines.append("")
     for p in proposals:
         lines += [
-            f"Proposed operating point for {p.model} (from {p.based_on}, target {p.target_false_marks_per_scan:g} false "
-            f"marks per scan): threshold {p.threshold:g} (in use: {p.current_threshold:g})",
-            f"  false marks per scan {p.false_marks_per_scan_now:.2f} -> {p.false_marks_per_scan_proposed:.2f}; "
-            f"sensitivity to the radiologists' nodules {format_proportion(p.sensitivity_now)} -> "
-            f"{format_proportion(p.sensitivity_proposed)}; {p.findings_given_up} accepted finding(s) given up",
-            f"  {p.note}. Apply with: lungscreen feedback apply-operating-point --threshold {p.threshold:g} "
-            "--by NAME --evidence TEXT",
+            (f"Proposed operating point for {p.model} (from {p.based_on}, target {p.target_false_marks_per_scan:g} "
+             f"false marks per scan): threshold {p.threshold:g} (in use: {p.current_threshold:g})"),
+            (f"  false marks per scan {p.false_marks_per_scan_now:.2f} -> {p.false_marks_per_scan_proposed:.2f}; "
+             f"sensitivity to the radiologists' nodules {format_proportion(p.sensitivity_now)} -> "
+             f"{format_proportion(p.sensitivity_proposed)}; {p.findings_given_up} accepted finding(s) given up"),
+            (f"  {p.note}. Apply with: lungscreen feedback apply-operating-point --threshold {p.threshold:g} "
+             "--by NAME --evidence TEXT"),
             "",
         ]
     return "\n".join(lines)

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import highdicom as hd
 import pytest
-from pydicom.uid import generate_uid
-
 from lungscreen.models.card import BLOB_FILTER_CARD
 from lungscreen.server.config import load_settings
 from lungscreen.server.db import Database
 from lungscreen.server.feedback import (
-    ACCEPTED, REJECTED, REVIEW_PAGE, FeedbackError, FeedbackStore, StudyResult,
+    ACCEPTED,
+    REJECTED,
+    REVIEW_PAGE,
+    FeedbackError,
+    FeedbackStore,
+    StudyResult,
 )
 from lungscreen.server.pipeline import analyze_study
 from lungscreen.server.retention import purge_feedback
 from lungscreen.training.dicom_writer import write_ct_series
+from pydicom.uid import generate_uid
 from test_pipeline import SPACING, phantom
 
 # Three solid nodules the blob filter reports: 10 mm (4A), 7 mm (3), 5 mm (2).
@@ -91,8 +95,8 @@ REVIEWER, SECRET = "Dr Wang", "correct horse battery"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One running server (blob-filter model) with a configured reviewer, for the HTTP and DICOM tests."""
-    from peers import LungScreen
     from lungscreen.server.reviewers import hash_secret
+    from peers import LungScreen
 
     tmp = tmp_path_factory.mktemp("server")
     config = tmp / "reviewers.toml"
@@ -267,8 +271,8 @@ def circle(centre, radius, n=24):
 
 
 def wait_for_viewer_report(server, sop_uid: str):
-    from peers import wait_until
     from lungscreen.server.db import Database
+    from peers import wait_until
 
     store = FeedbackStore(Database(server.data_dir / "lungscreen.sqlite"))
 
@@ -283,8 +287,12 @@ def test_a_report_reads_back_its_groups_with_positions_and_sizes(analysed):
     """Our own SR, read as a viewer's would be: each group's tracking UID, centre and size."""
     import io
     import math
+
     import pydicom
-    from lungscreen.dicom_io.sr_reading import read_image_header, read_measurement_report
+    from lungscreen.dicom_io.sr_reading import (
+        read_image_header,
+        read_measurement_report,
+    )
 
     study, result = analysed
     buffer = io.BytesIO()
@@ -305,8 +313,9 @@ def test_a_report_reads_back_its_groups_with_positions_and_sizes(analysed):
 @pytest.mark.slow
 def test_a_viewer_sr_sent_over_dicom_gives_accepted_rejected_and_missed_and_never_an_analysis(server, tmp_path):
     import math
-    from pydicom.sr.codedict import codes
+
     from peers import storescu
+    from pydicom.sr.codedict import codes
 
     uid, job = reported_study(server, tmp_path)
     kept, dropped, remeasured = job["details"]["findings"]
@@ -496,6 +505,7 @@ def sr_text(sr, meaning: str) -> list[str]:
 
 def test_an_applied_site_operating_point_drives_the_analysis_and_the_sr_names_where_it_came_from(analysed, tmp_path):
     import dataclasses
+
     from lungscreen.server.feedback import OperatingPointDecision
     from lungscreen.server.workers import build_analyzer
 
@@ -510,8 +520,8 @@ def test_an_applied_site_operating_point_drives_the_analysis_and_the_sr_names_wh
     assert site.report.operating_point == "site-2025-11" and site.report.score_threshold == threshold
     assert sorted(row["probability"] for row in site.findings) == probabilities[1:]
     (source,) = sr_text(site.sr, "Operating point source")
-    assert source == ("site operating point site-2025-11 (threshold %g), applied by Admin Chen on 2025-10-06 from "
-                      "radiologists' verdicts: QA meeting: 0.9 false marks per scan on 40 studies" % threshold)
+    assert source == (f"site operating point site-2025-11 (threshold {threshold:g}), applied by Admin Chen on 2025-10-06 "
+                      "from radiologists' verdicts: QA meeting: 0.9 false marks per scan on 40 studies")
     assert sr_text(site.sr, "Operating point") == ["site-2025-11"]
     assert not sr_text(result.sr, "Operating point source"), "the card's operating point needs no provenance"
 
@@ -524,6 +534,7 @@ def test_an_applied_site_operating_point_drives_the_analysis_and_the_sr_names_wh
 def test_applied_on_a_running_server_it_holds_from_the_next_study_and_the_site_page_shows_it(server, tmp_path):
     import subprocess
     import sys
+
     from lungscreen.models.card import load_card
 
     card = load_card(BLOB_FILTER_CARD)
@@ -544,5 +555,27 @@ def test_applied_on_a_running_server_it_holds_from_the_next_study_and_the_site_p
     status, _, page = http(server, "GET", "/review/site")
     assert status == 200 and "Operating points applied" in page and "test evidence" in page
     n = len(job["details"]["findings"])
-    assert f"operating point site-test (threshold 0.3) · 1 studies reviewed" in page
+    assert "operating point site-test (threshold 0.3) · 1 studies reviewed" in page
     assert f"{n:.2f} (95% CI" in page and f"{n} in 1 studies" in page  # all its findings rejected
+
+
+def test_reviewer_add_prints_a_config_line_with_a_salted_hash_never_the_secret(monkeypatch, capsys):
+    import io
+    import tomllib
+
+    from lungscreen.server.cli import main
+    from lungscreen.server.reviewers import ReviewSessions, verify_secret
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("correct horse battery\n"))
+    assert main(["reviewer", "add", "Dr Wang", "--secret-stdin"]) == 0
+    out = capsys.readouterr().out
+    assert "correct horse battery" not in out
+    reviewers = tomllib.loads("[reviewers]\n" + out.splitlines()[-1])["reviewers"]
+    assert verify_secret("correct horse battery", reviewers["Dr Wang"])
+    assert not verify_secret("correct horse batterY", reviewers["Dr Wang"])
+    sessions = ReviewSessions(reviewers)
+    assert sessions.sign_in("Dr Wang", "wrong") is None and sessions.sign_in("Dr Wang", "correct horse battery")
+    with pytest.raises(ValueError, match="not a secret hash"):
+        load_settings(reviewers={"Dr Wang": "correct horse battery"})  # a plain secret pasted in by mistake
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["reviewer", "add", "Dr Li", "--secret-stdin"]) == 2, "a secret under 8 characters is refused"

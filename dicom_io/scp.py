@@ -11,9 +11,11 @@ sink, and a log line without patient data.
 The listener either binds its address itself or serves connections that another process
 accepted and handed over (:class:`Listener`, ``bind=False``; :mod:`server.receivers`).
 
-Only CT images are kept. Every other storage class is accepted with success and dropped,
-so a PACS that pushes a whole study (with its SRs, SEGs, secondary captures, dose reports,
-and our own earlier results) never sees failures and never triggers processing.
+Only CT images are kept, and the classes ``ListenerSettings.also_stored_classes`` names (the
+server keeps viewers' measurement-report SRs: they carry radiologists' verdicts). Every other
+storage class is accepted with success and dropped, so a PACS that pushes a whole study (with
+its SRs, SEGs, secondary captures, dose reports, and our own earlier results) never sees
+failures; what triggers processing is the sink's business.
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ class ListenerSettings:
     dimse_timeout_s: float = 60.0
     sync_each_instance: bool = False  # fsync before each C-STORE success, not before the A-RELEASE response
     release_sync_timeout_s: float = 60.0
+    also_stored_classes: frozenset[str] = frozenset()  # besides CT: stored and passed to the sink
 
 
 @dataclass
@@ -193,16 +196,19 @@ def _identifying_attributes(event) -> Dataset:
     )
 
 
-def _store_handler(event, store: InstanceStore, sink: InstanceSink, associations: _OpenAssociations) -> int:
+def _store_handler(
+    event, store: InstanceStore, sink: InstanceSink, associations: _OpenAssociations, stored_classes: frozenset[str]
+) -> int:
     tally = associations.tally(event.assoc)
-    status = _store_instance(event, store, sink, associations, tally)
+    status = _store_instance(event, store, sink, associations, tally, stored_classes)
     if status != STATUS_SUCCESS:
         tally.failed += 1
     return status
 
 
 def _store_instance(
-    event, store: InstanceStore, sink: InstanceSink, associations: _OpenAssociations, tally: _Tally
+    event, store: InstanceStore, sink: InstanceSink, associations: _OpenAssociations, tally: _Tally,
+    stored_classes: frozenset[str] = CT_STORAGE_CLASSES,
 ) -> int:
     calling_ae = event.assoc.requestor.ae_title
     sop_class_uid = str(event.request.AffectedSOPClassUID)
@@ -213,7 +219,7 @@ def _store_instance(
             tally.ignored += 1
             return STATUS_SUCCESS  # loop guard: our own report coming back
         ds = _identifying_attributes(event)
-        if sop_class_uid not in CT_STORAGE_CLASSES:
+        if sop_class_uid not in stored_classes:
             study_uid = str(ds.get("StudyInstanceUID", ""))
             sink.instance_ignored(study_uid if is_valid_uid(study_uid) else None, sop_class_uid, calling_ae)
             tally.ignored += 1
@@ -366,7 +372,8 @@ class Listener:
     def __init__(self, settings: ListenerSettings, store: InstanceStore, sink: InstanceSink, *, bind: bool = True) -> None:
         self.associations = _OpenAssociations(None if settings.sync_each_instance else BackgroundSync())
         handlers = [
-            (evt.EVT_C_STORE, _store_handler, [store, sink, self.associations]),
+            (evt.EVT_C_STORE, _store_handler,
+             [store, sink, self.associations, CT_STORAGE_CLASSES | settings.also_stored_classes]),
             (evt.EVT_REQUESTED, _on_association_request, [settings, sink]),
             (evt.EVT_CONN_CLOSE, _on_connection_closed, [self.associations, sink]),
         ]

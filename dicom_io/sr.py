@@ -106,6 +106,7 @@ _LUNG_RADS_CATEGORIES = {
 _ACTIONABLE = _local("ACTIONABLE", "Actionable per clinical rules")
 _OPERATING_POINT = _local("OPERATING-POINT", "Operating point")
 _SCORE_THRESHOLD = _local("SCORE-THRESHOLD", "Detector score threshold")
+_OPERATING_POINT_SOURCE = _local("OPERATING-POINT-SOURCE", "Operating point source")
 _SUPPRESSED = _local("SUPPRESSED", "Candidates suppressed by clinical rule")
 _QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(
     value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations"
@@ -473,6 +474,20 @@ def _measurement_group(
     return group, header
 
 
+def _operating_point_items(report: NoduleReport) -> list[hd.sr.TextContentItem]:
+    """The operating point's name and, for one a site applied from its radiologists' verdicts
+    (``lungscreen feedback apply-operating-point``), who applied it, when and on what evidence."""
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    items = [hd.sr.TextContentItem(name=_OPERATING_POINT, value=report.operating_point, relationship_type=contains)]
+    if report.operating_point_source:
+        items.append(
+            hd.sr.TextContentItem(
+                name=_OPERATING_POINT_SOURCE, value=report.operating_point_source, relationship_type=contains
+            )
+        )
+    return items
+
+
 def _report_evaluations(report: NoduleReport) -> hd.sr.ContainerContentItem:
     """TID 1500 row 12 "Qualitative Evaluations" with its CODE (row 13) and TEXT (row 14) items."""
     contains = hd.sr.RelationshipTypeValues.CONTAINS
@@ -502,9 +517,7 @@ def _report_evaluations(report: NoduleReport) -> hd.sr.ContainerContentItem:
             value=f"{summary} (score threshold {threshold}).",
             relationship_type=contains,
         ),
-        hd.sr.TextContentItem(
-            name=_OPERATING_POINT, value=report.operating_point, relationship_type=contains
-        ),
+        *_operating_point_items(report),
         hd.sr.TextContentItem(name=_SCORE_THRESHOLD, value=threshold, relationship_type=contains),
     ]
     if exam_category is not None:

@@ -65,6 +65,7 @@ class NoduleReport:
     model_name: str
     model_version: str
     suppressed: dict[str, int] = field(default_factory=dict)  # rule name -> candidates removed
+    operating_point_source: str = ""  # where a site's operating point came from; empty: the model card's
 
 
 # Lung-RADS v2022 categories from least to most concerning (0: incomplete, 4X: 3/4 with extra features).

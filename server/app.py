@@ -23,7 +23,8 @@ from lungscreen.server.commit import ReportCommitter
 from lungscreen.server.config import Settings, installation_value
 from lungscreen.server.db import Database
 from lungscreen.server.delivery import Courier
-from lungscreen.server.ingest import IngestCounts
+from lungscreen.server.feedback import FeedbackStore
+from lungscreen.server.ingest import IngestCounts, process_viewer_reports
 from lungscreen.server.jobs import FAILED, JobStore
 from lungscreen.server.metrics import Metrics
 from lungscreen.server.outbox import Outbox, RetryPolicy
@@ -31,7 +32,7 @@ from lungscreen.server.pipeline import NoEligibleSeries
 from lungscreen.server.preflight import check_settings
 from lungscreen.server.receivers import ReceiverPool
 from lungscreen.server.tls import destination_tls
-from lungscreen.server.workers import AnalysisInterrupted, AnalysisPool, ReportUIDs
+from lungscreen.server.workers import AnalysisInterrupted, AnalysisPool, ReportUIDs, installation_uid
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class LungScreenServer:
             self.outbox, self.jobs, calling_ae=settings.ae_title, timeout_s=settings.send_timeout_s,
             tls_context=destination_tls(settings),
         )
+        self.feedback = FeedbackStore(self.db)
+        self.device_uid = installation_uid(settings.data_dir)  # viewer SRs this installation made are no verdicts
         self.analysis = AnalysisPool(settings)
         self.receivers = ReceiverPool(
             settings, self._count_ingest, log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel())
@@ -138,6 +141,7 @@ class LungScreenServer:
                             continue
                         self._in_flight.add(study_uid)
                     self._pool.submit(self._run_job, study_uid)
+                process_viewer_reports(self.feedback, self.jobs, device_uid=self.device_uid)
             except Exception:
                 log.exception("scheduler error")
             self._stop.wait(0.1)

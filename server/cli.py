@@ -11,6 +11,11 @@
     lungscreen config check FILE
     lungscreen config show [--config FILE]
     lungscreen install-service [--prefix DIR] [--dry-run]
+    lungscreen purge --older-than DAYS [--feedback-older-than DAYS] [--data-dir DIR]
+    lungscreen reviewer add NAME
+    lungscreen feedback export [--format csv|json] [--out FILE]
+    lungscreen feedback report [--period month|week|all] [--target FM_PER_SCAN] [--json]
+    lungscreen feedback apply-operating-point (--threshold P | --proposed) --by NAME --evidence TEXT
 """
 
 from __future__ import annotations
@@ -122,11 +127,134 @@ def cmd_billing_export(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     from lungscreen.dicom_io.store import InstanceStore
     from lungscreen.server.db import Database
-    from lungscreen.server.retention import purge_images
+    from lungscreen.server.retention import purge_feedback, purge_images
 
     settings = _settings(args)
-    purged = purge_images(Database(settings.db_path), InstanceStore(settings.images_dir), args.older_than * 86400)
+    db = Database(settings.db_path)
+    purged = purge_images(db, InstanceStore(settings.images_dir), args.older_than * 86400)
     print(f"purged the images of {len(purged)} stud{'y' if len(purged) == 1 else 'ies'}; reports and billing kept")
+    if args.feedback_older_than is not None:
+        removed = purge_feedback(db, args.feedback_older_than * 86400)
+        print(f"purged {removed} verdict record(s) older than {args.feedback_older_than:g} days")
+    return 0
+
+
+def cmd_reviewer_add(args: argparse.Namespace) -> int:
+    """Print the config line of a reviewer: the name and a salted hash of the secret, never the secret."""
+    import getpass
+    import tomllib
+
+    from lungscreen.server.reviewers import hash_secret
+
+    if args.secret_stdin:
+        secret = sys.stdin.readline().rstrip("\n")
+    else:
+        secret = getpass.getpass(f"secret for {args.name}: ")
+        if getpass.getpass("again: ") != secret:
+            raise ValueError("the two secrets differ")
+    line = f"{json.dumps(args.name)} = {json.dumps(hash_secret(secret))}"
+    tomllib.loads(f"[reviewers]\n{line}\n")  # the line is valid TOML as printed
+    print("# add under [reviewers] in the config file, then restart the server:")
+    print(line)
+    return 0
+
+
+def _feedback_store(settings: Settings):
+    from lungscreen.server.db import Database
+    from lungscreen.server.feedback import FeedbackStore
+
+    return FeedbackStore(Database(settings.db_path))
+
+
+def _model_name(settings: Settings) -> str:
+    """The configured model as the job details name it ("name version")."""
+    from lungscreen.models.card import load_card
+
+    card = load_card(settings.model)
+    return f"{card.name} {card.version}"
+
+
+def _proposals(store, target: float):
+    from lungscreen.server.site_figures import propose_operating_points
+
+    return propose_operating_points(store.verdicts(), store.missed(), target_false_marks_per_scan=target)
+
+
+def cmd_feedback_export(args: argparse.Namespace) -> int:
+    """Every verdict (with its history) and missed nodule, one row each."""
+    import csv
+    import io
+    import time
+
+    store = _feedback_store(_settings(args))
+    iso = lambda epoch: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))  # noqa: E731
+    rows = []
+    for study_uid in sorted({v.finding.study_uid for v in store.verdicts()}):
+        for v in store.verdict_history(study_uid):
+            f = v.finding
+            rows.append({
+                "record": "verdict", "study_uid": f.study_uid, "tracking_uid": f.tracking_uid, "verdict": v.verdict,
+                "reviewer": v.reviewer, "source": v.source, "source_sop_uid": v.source_sop_uid or "", "at": iso(v.at),
+                "model": f.model, "operating_point": f.operating_point, "score_threshold": f.score_threshold,
+                "probability": f.probability, "lung_rads": f.lung_rads, "diameter_mm": f.diameter_mm,
+                "x_mm": "", "y_mm": "", "z_mm": "",
+            })
+    for m in store.missed():
+        x, y, z = m.center_lps_mm or ("", "", "")
+        rows.append({
+            "record": "missed", "study_uid": m.study_uid, "tracking_uid": m.source_tracking_uid or "", "verdict": "",
+            "reviewer": m.reviewer, "source": m.source, "source_sop_uid": m.source_sop_uid or "", "at": iso(m.at),
+            "model": m.model, "operating_point": m.operating_point, "score_threshold": m.score_threshold,
+            "probability": "", "lung_rads": "", "diameter_mm": "" if m.diameter_mm is None else m.diameter_mm,
+            "x_mm": x, "y_mm": y, "z_mm": z,
+        })
+    if args.format == "json":
+        text = json.dumps(rows, indent=2) + "\n"
+    else:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["record"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buffer.getvalue()
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_feedback_report(args: argparse.Namespace) -> int:
+    from lungscreen.server.site_figures import as_json, render_text, site_figures
+
+    settings = _settings(args)
+    store = _feedback_store(settings)
+    target = settings.target_false_marks_per_scan if args.target is None else args.target
+    figures = site_figures(store.verdicts(), store.missed(), period=args.period)
+    proposals = _proposals(store, target)
+    print(json.dumps(as_json(figures, proposals), indent=2) if args.json else render_text(figures, proposals))
+    return 0
+
+
+def cmd_feedback_apply(args: argparse.Namespace) -> int:
+    """Record an operating point for the configured model: who, when, on what evidence. The
+    analysis uses it from the next study on; the SR names it and where it came from."""
+    import time
+
+    settings = _settings(args)
+    store = _feedback_store(settings)
+    model = _model_name(settings)
+    evidence = args.evidence
+    threshold = args.threshold
+    if args.proposed:
+        proposal = next((p for p in _proposals(store, settings.target_false_marks_per_scan)
+                         if p.model == model), None)
+        if proposal is None:
+            raise ValueError(f"no verdicts on {model}: nothing to propose")
+        threshold = proposal.threshold
+        evidence = f"{evidence}; {proposal.evidence}"
+    name = args.name or f"site-{time.strftime('%Y-%m-%d', time.gmtime())}"
+    decision = store.apply_operating_point(model, name, threshold, applied_by=args.by, evidence=evidence[:400])
+    print(f"applied {decision.name} (threshold {decision.threshold:g}) to {model}: {decision.provenance}")
     return 0
 
 
@@ -202,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     purge = sub.add_parser("purge", help="remove received images past retention (reports and billing are kept)")
     common(purge)
     purge.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    purge.add_argument("--feedback-older-than", type=float, metavar="DAYS",
+                       help="also delete radiologists' verdicts, missed nodules and viewer SRs older than this")
     purge.set_defaults(func=cmd_purge)
 
     config = sub.add_parser("config", help="check or show the configuration")
@@ -217,6 +347,35 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--prefix", type=Path, default=Path("/"), help="root to install under (default /)")
     service.add_argument("--dry-run", action="store_true", help="print what would be written and done; change nothing")
     service.set_defaults(func=cmd_install_service)
+    reviewer = sub.add_parser("reviewer", help="reviewers who may record verdicts on the review page")
+    reviewer_sub = reviewer.add_subparsers(dest="reviewer_command", required=True)
+    reviewer_add = reviewer_sub.add_parser("add", help="print the config line of a new reviewer (salted secret hash)")
+    reviewer_add.add_argument("name")
+    reviewer_add.add_argument("--secret-stdin", action="store_true", help="read the secret from standard input")
+    reviewer_add.set_defaults(func=cmd_reviewer_add)
+
+    feedback = sub.add_parser("feedback", help="radiologists' verdicts: export, the site's figures, operating point")
+    feedback_sub = feedback.add_subparsers(dest="feedback_command", required=True)
+    feedback_export = feedback_sub.add_parser("export", help="every verdict and missed nodule")
+    common(feedback_export)
+    feedback_export.add_argument("--format", choices=("csv", "json"), default="csv")
+    feedback_export.add_argument("--out", type=Path)
+    feedback_export.set_defaults(func=cmd_feedback_export)
+    feedback_report = feedback_sub.add_parser("report", help="false marks, acceptance and missed nodules per scan")
+    common(feedback_report)
+    feedback_report.add_argument("--period", choices=("month", "week", "all"), default="month")
+    feedback_report.add_argument("--target", type=float, help="false marks per scan (default: target_false_marks_per_scan)")
+    feedback_report.add_argument("--json", action="store_true")
+    feedback_report.set_defaults(func=cmd_feedback_report)
+    feedback_apply = feedback_sub.add_parser("apply-operating-point", help="record and apply a site operating point")
+    common(feedback_apply)
+    which = feedback_apply.add_mutually_exclusive_group(required=True)
+    which.add_argument("--threshold", type=float, help="on the calibrated probability")
+    which.add_argument("--proposed", action="store_true", help="the one `feedback report` proposes")
+    feedback_apply.add_argument("--name", help="default: site-YYYY-MM-DD")
+    feedback_apply.add_argument("--by", required=True, help="who applies it")
+    feedback_apply.add_argument("--evidence", required=True, help="on what evidence (report, meeting, ...)")
+    feedback_apply.set_defaults(func=cmd_feedback_apply)
 
     add_model_cli(sub)
     add_evaluate_cli(sub)

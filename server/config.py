@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 
 from lungscreen.errors import ConfigurationError
 from lungscreen.models.card import DEFAULT_MODEL_CARD
+from lungscreen.server.reviewers import check_reviewers
 
 
 MAX_AUTO_RECEIVERS = 4  # each costs about 90 MiB; aggregate ingest was measured with 2 (on 2 cores)
@@ -102,6 +103,8 @@ class Settings:
     fallback_procedure_code: tuple[str, str, str] = ("LUNG-CT", "99LUNGSCR", "CT chest")
     clinical_rules: dict[str, Any] = field(default_factory=dict)  # see models.rules.ClinicalRules
     series_selection: dict[str, Any] = field(default_factory=dict)  # see dicom_io.select.SelectionRules
+    reviewers: dict[str, str] = field(default_factory=dict)  # name -> secret hash (`lungscreen reviewer add NAME`)
+    target_false_marks_per_scan: float = 1.0  # the site's target, for the operating point proposed from verdicts
 
     def __post_init__(self) -> None:
         # Each field as its annotation says (a TOML list becomes a tuple, a string a Path), or a
@@ -114,6 +117,10 @@ class Settings:
         for first, second in (("tls_cert", "tls_key"), ("destination_cert", "destination_key")):
             if (getattr(self, first) is None) != (getattr(self, second) is None):
                 raise SettingError(first, f"{first} and {second} go together")
+        try:
+            check_reviewers(self.reviewers)
+        except ValueError as exc:
+            raise SettingError("reviewers", str(exc)) from None
 
     @property
     def receiver_processes(self) -> int:

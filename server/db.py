@@ -1,4 +1,5 @@
-"""The embedded SQLite database (WAL): jobs, instances, reports, outbox, billing ledger.
+"""The embedded SQLite database (WAL): jobs, instances, reports, outbox, billing ledger,
+radiologists' verdicts.
 
 One connection shared by the server's threads behind a lock; every write is a short
 transaction, committed with ``synchronous=FULL`` (the WAL fsynced) so that what the server
@@ -121,10 +122,80 @@ def _v2_outbox_by_study(c: sqlite3.Connection) -> None:
     c.execute("CREATE INDEX outbox_study ON outbox (study_uid)")
 
 
+FEEDBACK_TABLES = """
+CREATE TABLE finding_verdicts (
+    id INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    tracking_uid TEXT NOT NULL,
+    verdict TEXT NOT NULL CHECK (verdict IN ('accepted', 'rejected')),
+    reviewer TEXT NOT NULL,
+    source TEXT NOT NULL CHECK (source IN ('review page', 'viewer SR')),
+    source_sop_uid TEXT,
+    at REAL NOT NULL,
+    sr_sop_uid TEXT NOT NULL,
+    model TEXT NOT NULL,
+    operating_point TEXT NOT NULL,
+    score_threshold REAL NOT NULL,
+    probability REAL NOT NULL,
+    lung_rads TEXT NOT NULL,
+    diameter_mm REAL NOT NULL
+);
+CREATE INDEX finding_verdicts_study ON finding_verdicts (study_uid, tracking_uid, at);
+CREATE TABLE missed_nodules (
+    id INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    x_mm REAL,
+    y_mm REAL,
+    z_mm REAL,
+    diameter_mm REAL,
+    reviewer TEXT NOT NULL,
+    source TEXT NOT NULL CHECK (source IN ('review page', 'viewer SR')),
+    source_sop_uid TEXT,
+    source_tracking_uid TEXT,
+    at REAL NOT NULL,
+    sr_sop_uid TEXT NOT NULL,
+    model TEXT NOT NULL,
+    operating_point TEXT NOT NULL,
+    score_threshold REAL NOT NULL,
+    UNIQUE (study_uid, source_tracking_uid)
+);
+CREATE INDEX missed_nodules_study ON missed_nodules (study_uid);
+CREATE TABLE viewer_reports (
+    sop_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'done', 'ignored')),
+    outcome TEXT,
+    processed_at REAL
+);
+CREATE INDEX viewer_reports_state ON viewer_reports (state, received_at);
+CREATE TABLE operating_point_decisions (
+    id INTEGER PRIMARY KEY,
+    model TEXT NOT NULL,
+    name TEXT NOT NULL,
+    threshold REAL NOT NULL,
+    applied_by TEXT NOT NULL,
+    applied_at REAL NOT NULL,
+    evidence TEXT NOT NULL
+);
+"""
+
+
+def _v3_feedback(c: sqlite3.Connection) -> None:
+    """Radiologists' verdicts on findings, nodules they added, the viewer SRs they came from, and
+    the operating points applied from them (server/feedback.py). A verdict keeps what it judged
+    (the finding's probability, category, size, operating point) so the site's figures need no
+    other table; the latest verdict on a finding is the one that counts."""
+    _run_script(c, FEEDBACK_TABLES)
+
+
 # Step n brings a store from version n-1 to n. Append new steps; never change an old one.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_release_0_1_tables,
     _v2_outbox_by_study,
+    _v3_feedback,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -22,13 +22,16 @@ from lungscreen.errors import NotEligible, VolumeError
 from lungscreen.dicom_io.presentation import build_gsps
 from lungscreen.dicom_io.select import SelectionRules, SeriesRejection, choose_series
 from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes, build_sr, main_exam_procedure
+from lungscreen.dicom_io.sr_reading import finding_tracking_uids
 from lungscreen.dicom_io.study import index_study
 from lungscreen.dicom_io.volume import Volume, read_series_volume
 from lungscreen.models.calibrate import calibrate
+from lungscreen.models.card import OperatingPoint
 from lungscreen.models.detector import Detector, to_source_candidates
 from lungscreen.findings import Candidate, Finding, NoduleReport
 from lungscreen.models.measure import nodule_type, sphere_volume_mm3
 from lungscreen.models.rules import ClinicalRules, apply_rules
+from lungscreen.server.feedback import OperatingPointDecision
 
 STAGES = ("assemble", "select", "volume", "preprocess", "inference", "postprocess", "report")
 
@@ -58,6 +61,7 @@ class Analyzer:
     selection: SelectionRules = SelectionRules()
     operating_point: str | None = None  # None: the model card's default
     presentation_state: bool = True  # also a GSPS, for viewers that draw no SR
+    site_operating_point: OperatingPointDecision | None = None  # applied by an administrator; wins over the card's
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def analyze_study(
         output = detector.infer(image)
     with _timed(timings, "postprocess"):
         candidates = to_source_candidates(detector.decode(output), image, volume.affine)
-        point = detector.card.operating_point(analyzer.operating_point)
+        point, point_source = _operating_point(analyzer)
         findings, suppressed = apply_rules(_measure(candidates, volume, detector), point.threshold, analyzer.rules)
         report = NoduleReport(
             findings=findings,
@@ -133,6 +137,7 @@ def analyze_study(
             model_name=detector.card.name,
             model_version=detector.card.version,
             suppressed=suppressed,
+            operating_point_source=point_source,
         )
     with _timed(timings, "report"):
         header = selected.headers[0]
@@ -161,12 +166,22 @@ def analyze_study(
         report=report,
         sr=sr,
         gsps=gsps,
-        findings=tuple(_finding_row(f, volume) for f in findings),
+        findings=tuple(_finding_row(f, volume, t) for f, t in zip(findings, finding_tracking_uids(sr), strict=True)),
         candidates=len(candidates),
         accession_number=str(header.get("AccessionNumber", "") or ""),
         main_exam_item=main_exam_procedure(header, analyzer.billing),
         timings=timings,
     )
+
+
+def _operating_point(analyzer: Analyzer) -> tuple[OperatingPoint, str]:
+    """The site's applied operating point when it was made for this model, else the card's
+    named one; and where it came from (empty for the card's)."""
+    card = analyzer.detector.card
+    site = analyzer.site_operating_point
+    if site is not None and site.model == f"{card.name} {card.version}":
+        return OperatingPoint(name=site.name, threshold=site.threshold, description=site.evidence), site.provenance
+    return card.operating_point(analyzer.operating_point), ""
 
 
 def _measure(candidates: list[Candidate], volume: Volume, detector: Detector) -> list[Finding]:
@@ -198,7 +213,9 @@ def _evidence_in_slice_order(headers, volume: Volume) -> list[Dataset]:
     return [by_uid[uid] for uid in seen]
 
 
-def _finding_row(finding: Finding, volume: Volume) -> dict:
+def _finding_row(finding: Finding, volume: Volume, tracking_uid: str) -> dict:
+    """The findings.json row; ``tracking_uid`` is the SR's Tracking Unique Identifier of the
+    finding, which verdicts (``server/feedback.py``) refer to."""
     slice_ref = volume.slices[int(round(finding.center_kji[0]))]
     return {
         "center_lps_mm": [round(v, 2) for v in finding.center_lps_mm],
@@ -210,4 +227,5 @@ def _finding_row(finding: Finding, volume: Volume) -> dict:
         "actionable": finding.actionable,
         "sop_instance_uid": slice_ref.sop_instance_uid,
         "frame_number": slice_ref.frame_number,
+        "tracking_uid": tracking_uid,
     }

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from lungscreen.errors import LungScreenError
 from lungscreen.dicom_io.scp import Listener, ListenerSettings
+from lungscreen.dicom_io.sr_reading import MEASUREMENT_REPORT_CLASSES
 from lungscreen.dicom_io.store import InstanceStore
 from lungscreen.server.config import Settings
 from lungscreen.server.db import Database
@@ -267,6 +268,7 @@ def run_receiver(settings: Settings, channel: socket.socket, log_level: str) -> 
                 allowed_hosts=settings.allow_host,
                 ssl_context=listener_tls(settings),
                 sync_each_instance=settings.ingest_sync == "instance",
+                also_stored_classes=MEASUREMENT_REPORT_CLASSES,  # viewers' SRs: verdicts (server/feedback.py)
             ),
             InstanceStore(settings.images_dir),
             sink,

@@ -2,7 +2,12 @@
 
 Only the received CT images go. The reports (SR, GSPS) this server produced, the job
 history and the billing ledger stay, since they are the record of what was reported and
-billed. Only studies at rest (reported, delivered or failed) are purged.
+billed. Only studies at rest (reported, delivered or failed) are purged. Viewer SRs received
+for a study (``server/feedback.py``) are stored with its images and go with them.
+
+Radiologists' verdicts, missed nodules and the viewer SRs' records have their own period
+(:func:`purge_feedback`): they are the site's evidence for its operating point, kept as long
+as the site decides, then deleted with whatever file is left of them.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from pathlib import Path
 
 from lungscreen.dicom_io.store import InstanceStore
 from lungscreen.server.db import Database
@@ -38,3 +44,18 @@ def purge_images(db: Database, images: InstanceStore, older_than_s: float, *, no
         purged.append(study_uid)
         log.info("purged the images of study %s", study_uid)
     return purged
+
+
+def purge_feedback(db: Database, older_than_s: float, *, now: float | None = None) -> int:
+    """Delete verdicts, missed nodules and viewer-SR records (and the SR files still stored)
+    made more than ``older_than_s`` ago; return how many records went."""
+    cutoff = (time.time() if now is None else now) - older_than_s
+    files = [Path(r["path"]) for r in db.query("SELECT path FROM viewer_reports WHERE received_at < ?", (cutoff,))]
+    with db.transaction() as c:
+        removed = c.execute("DELETE FROM finding_verdicts WHERE at < ?", (cutoff,)).rowcount
+        removed += c.execute("DELETE FROM missed_nodules WHERE at < ?", (cutoff,)).rowcount
+        removed += c.execute("DELETE FROM viewer_reports WHERE received_at < ?", (cutoff,)).rowcount
+    for path in files:
+        path.unlink(missing_ok=True)
+    log.info("purged %d feedback record(s) and %d viewer SR file(s)", removed, len(files))
+    return removed

@@ -22,8 +22,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lungscreen.dicom_io.presentation import LUNG_WINDOW, key_slice
 from lungscreen.dicom_io.sr import RESEARCH_USE_NOTICE, finding_label
+from lungscreen.server.site_figures import format_proportion, format_rate
 
-__all__ = ["KEY_IMAGE_OUTLINE_RGB", "ohif_viewer_url", "render_key_image", "render_study", "render_study_list"]
+__all__ = [
+    "KEY_IMAGE_OUTLINE_RGB", "ohif_viewer_url", "render_feedback", "render_key_image", "render_sign_in",
+    "render_site_figures", "render_study", "render_study_list",
+]
 
 KEY_IMAGE_OUTLINE_RGB = (255, 220, 0)
 """Colour of the nodule outline in key images (yellow: never a grey value of the CT)."""
@@ -37,6 +41,8 @@ main{padding:1em}
 table{border-collapse:collapse;margin:.5em 0 1.5em}
 th,td{border:1px solid #bbb;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#eee}
+.verdict-accepted{color:#1b5e20;font-weight:bold}
+.verdict-rejected{color:#b00020;font-weight:bold}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .state-failed{color:#b00020;font-weight:bold}
 .state-delivered,.state-reported{color:#1b5e20}
@@ -155,13 +161,15 @@ def render_study(
     *,
     ohif_url: str | None,
     key_image_href: str | None = "{study_uid}/key/{number}.png",
+    feedback: str = "",
 ) -> str:
     """HTML page of one study: state, findings table, operating point, suppressed candidates,
     per-stage timings, rejected series, key images and a link to OHIF.
 
     ``key_image_href`` is formatted with the URL-quoted ``study_uid`` and the 1-based finding
     ``number`` (``None``: no key images). ``ohif_url`` is the OHIF root (``None``: no link); the
-    link opens the SR view when ``details["sr_series_uid"]`` is set.
+    link opens the SR view when ``details["sr_series_uid"]`` is set. ``feedback`` (HTML from
+    :func:`render_feedback`) goes below the findings.
     """
     details = job.get("details") or {}
     uid = str(job.get("study_uid", ""))
@@ -199,6 +207,7 @@ def render_study(
         parts.append("<p id=\"no-findings\">No nodule reported at this operating point.</p>")
     else:
         parts.append("<p>No results yet.</p>")
+    parts.append(feedback)
 
     if findings and key_image_href:
         figures = []
@@ -294,3 +303,157 @@ def render_key_image(
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()
+
+
+# --- radiologists' verdicts (server/feedback.py) ---------------------------------------------
+
+def render_sign_in(next_href: str, *, error: str | None = None) -> str:
+    """Sign-in form of the reviewers the administrator configured (``reviewers``)."""
+    message = f"<p class=\"state-failed\" id=\"sign-in-error\">{_e(error)}</p>" if error else ""
+    form = (
+        "<form method=\"post\" action=\"/review/sign-in\" id=\"sign-in\">"
+        f"<input type=\"hidden\" name=\"next\" value=\"{_e(next_href)}\">"
+        "<p><label>Name <input name=\"name\" autocomplete=\"username\" required></label></p>"
+        "<p><label>Secret <input name=\"secret\" type=\"password\" autocomplete=\"current-password\" required></label></p>"
+        "<p><button type=\"submit\">Sign in</button></p></form>"
+    )
+    return _page("Sign in", f"<h1>Sign in to record verdicts</h1>{message}{form}")
+
+
+def _verdict_cell(verdict) -> str:
+    if verdict is None:
+        return "<td>not judged</td><td>—</td><td>—</td><td>—</td>"
+    return (
+        f"<td class=\"verdict-{_e(verdict.verdict)}\">{_e(verdict.verdict)}</td><td>{_e(verdict.reviewer)}</td>"
+        f"<td>{_when(verdict.at)}</td><td>{_e(verdict.source)}</td>"
+    )
+
+
+def render_feedback(
+    study_uid: str,
+    findings: Sequence[Mapping[str, Any]],
+    verdicts: Sequence[Any],
+    missed: Sequence[Any],
+    viewer_reports: Sequence[Any],
+    *,
+    reviewer: str | None,
+    csrf_token: str | None,
+) -> str:
+    """The study page's verdicts section: each finding's latest verdict (who, when, from where),
+    the missed nodules, the viewer SRs received; for a signed-in reviewer, accept/reject
+    buttons per finding and a form to add a missed nodule (each form posts the session's
+    token). ``verdicts``, ``missed`` and ``viewer_reports`` are :mod:`server.feedback` records."""
+    quoted = quote(study_uid, safe="")
+    signed_in = reviewer is not None and csrf_token is not None
+    token = f"<input type=\"hidden\" name=\"csrf_token\" value=\"{_e(csrf_token)}\">" if signed_in else ""
+    latest = {v.finding.tracking_uid: v for v in verdicts}
+    rows = []
+    for number, finding in enumerate(findings, start=1):
+        tracking_uid = str(finding.get("tracking_uid") or "")
+        buttons = "<td>—</td>"
+        if signed_in and tracking_uid:
+            buttons = (
+                f"<td><form method=\"post\" action=\"/review/{quoted}/verdict\" class=\"verdict-form\">{token}"
+                f"<input type=\"hidden\" name=\"tracking_uid\" value=\"{_e(tracking_uid)}\">"
+                "<button name=\"verdict\" value=\"accepted\">Accept</button> "
+                "<button name=\"verdict\" value=\"rejected\">Reject</button></form></td>"
+            )
+        rows.append(
+            f"<tr id=\"verdict-{number}\"><td>Nodule {number}</td><td>{_e(tracking_uid)}</td>"
+            f"{_verdict_cell(latest.get(tracking_uid))}{buttons}</tr>"
+        )
+    parts = ["<h2>Radiologists' verdicts</h2>"]
+    if signed_in:
+        parts.append(
+            f"<div id=\"signed-in\">Signed in as {_e(reviewer)}. "
+            f"<form method=\"post\" action=\"/review/sign-out\" style=\"display:inline\">{token}"
+            "<button>Sign out</button></form></div>"
+        )
+    else:
+        parts.append(
+            f"<p><a id=\"sign-in-link\" href=\"/review/sign-in?next=/review/{quoted}\">Sign in</a> to accept or reject"
+            " findings and add missed nodules.</p>"
+        )
+    if rows:
+        parts.append(
+            "<table id=\"verdicts\"><thead><tr><th>Finding</th><th>Tracking UID</th><th>Verdict</th><th>By</th>"
+            "<th>When</th><th>From</th><th></th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        )
+    missed_rows = "".join(
+        f"<tr><td>{_e(', '.join(_number(v, 1) for v in m.center_lps_mm) if m.center_lps_mm else None)}</td>"
+        f"<td class=\"num\">{_number(m.diameter_mm, 1)}</td><td>{_e(m.reviewer)}</td><td>{_when(m.at)}</td>"
+        f"<td>{_e(m.source)}</td></tr>"
+        for m in missed
+    )
+    parts.append(
+        "<h3>Nodules the AI missed</h3><table id=\"missed\"><thead><tr><th>Centre LPS (mm)</th><th>Size (mm)</th>"
+        "<th>By</th><th>When</th><th>From</th></tr></thead><tbody>" + missed_rows + "</tbody></table>"
+    )
+    if signed_in:
+        fields = "".join(
+            f"<label>{label} <input name=\"{name}\" type=\"number\" step=\"any\" required></label> "
+            for name, label in (("x_mm", "x (R→L, mm)"), ("y_mm", "y (A→P, mm)"), ("z_mm", "z (F→H, mm)"),
+                                ("diameter_mm", "size (mm)"))
+        )
+        parts.append(
+            f"<form method=\"post\" action=\"/review/{quoted}/missed\" id=\"missed-form\">{token}"
+            f"<p>Add a missed nodule (patient coordinates, LPS): {fields}<button>Add</button></p></form>"
+        )
+    if viewer_reports:
+        report_rows = "".join(
+            f"<tr><td>{_e(r.sop_uid)}</td><td>{_when(r.received_at)}</td><td>{_e(r.state)}</td><td>{_e(r.outcome)}</td></tr>"
+            for r in viewer_reports
+        )
+        parts.append(
+            "<h3>Viewer reports received</h3><table id=\"viewer-reports\"><thead><tr><th>SR</th><th>Received</th>"
+            "<th>State</th><th>Outcome</th></tr></thead><tbody>" + report_rows + "</tbody></table>"
+        )
+    return "<section id=\"feedback\">" + "".join(parts) + "</section>"
+
+
+def render_site_figures(figures: Sequence[Any], proposals: Sequence[Any], decisions: Sequence[Any]) -> str:
+    """The site's figures from the verdicts (:mod:`server.site_figures`), the proposed
+    operating points and the ones applied (who, when, on what evidence)."""
+    parts = [
+        "<h1>Site figures from radiologists' verdicts</h1>",
+        ("<p>95% intervals: Wilson score for proportions; exact Poisson (Garwood) for per-scan rates. "
+         "Each figure names the studies behind it.</p>"),
+    ]
+    if not figures:
+        parts.append("<p id=\"no-verdicts\">No verdicts yet.</p>")
+    for number, g in enumerate(figures, start=1):
+        rows = [
+            ("False marks per scan", format_rate(g.false_marks_per_scan)),
+            ("Missed nodules per scan", format_rate(g.missed_per_scan)),
+            ("Acceptance", format_proportion(g.acceptance)),
+        ]
+        rows += [(f"Acceptance, Lung-RADS {c}", format_proportion(p)) for c, p in g.acceptance_by_lung_rads.items()]
+        rows += [(f"Acceptance, {band}", format_proportion(p)) for band, p in g.acceptance_by_size.items()]
+        parts.append(
+            f"<h2>{_e(g.period)} · {_e(g.model)} · operating point {_e(g.operating_point)} (threshold "
+            f"{_e(g.score_threshold)}) · {g.studies} studies reviewed</h2>"
+            f"<table id=\"figures-{number}\"><tbody>"
+            + "".join(f"<tr><th>{_e(name)}</th><td>{_e(value)}</td></tr>" for name, value in rows)
+            + "</tbody></table>"
+        )
+    for p in proposals:
+        parts.append(
+            f"<h2>Proposed operating point for {_e(p.model)}</h2><p class=\"proposal\">From {_e(p.based_on)} "
+            f"(threshold {_e(p.current_threshold)}), target {_e(p.target_false_marks_per_scan)} false marks per scan: "
+            f"threshold {_e(p.threshold)}. False marks per scan {p.false_marks_per_scan_now:.2f} → "
+            f"{p.false_marks_per_scan_proposed:.2f}; sensitivity to the radiologists' nodules "
+            f"{_e(format_proportion(p.sensitivity_now))} → {_e(format_proportion(p.sensitivity_proposed))}; "
+            f"{p.findings_given_up} accepted finding(s) given up. {_e(p.note)}. An administrator applies it with "
+            "<code>lungscreen feedback apply-operating-point</code>.</p>"
+        )
+    if decisions:
+        rows = "".join(
+            f"<tr><td>{_e(d.model)}</td><td>{_e(d.name)}</td><td class=\"num\">{_e(d.threshold)}</td>"
+            f"<td>{_e(d.applied_by)}</td><td>{_when(d.applied_at)}</td><td>{_e(d.evidence)}</td></tr>"
+            for d in decisions
+        )
+        parts.append(
+            "<h2>Operating points applied</h2><table id=\"decisions\"><thead><tr><th>Model</th><th>Name</th>"
+            "<th>Threshold</th><th>By</th><th>When</th><th>Evidence</th></tr></thead><tbody>" + rows + "</tbody></table>"
+        )
+    return _page("Site figures", "".join(parts))

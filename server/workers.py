@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -30,6 +30,8 @@ from lungscreen.models.detector import Detector
 from lungscreen.models.rules import ClinicalRules
 from lungscreen import __version__
 from lungscreen.server.config import Settings, installation_value
+from lungscreen.server.db import Database
+from lungscreen.server.feedback import FeedbackStore
 from lungscreen.server.pipeline import AnalysisResult, Analyzer, analyze_study
 from lungscreen.server.process_tuning import tune_analysis_process
 
@@ -77,6 +79,7 @@ def build_analyzer(settings: Settings) -> Analyzer:
 
 _analyzer: Analyzer | None = None  # one per worker process
 _settings: Settings | None = None  # what it is built from
+_feedback: FeedbackStore | None = None  # where an applied site operating point is read, before each run
 
 
 PARENT_CHECK_INTERVAL_S = 1.0
@@ -85,11 +88,12 @@ PARENT_CHECK_INTERVAL_S = 1.0
 def _init_worker(settings: Settings, log_level: int, server_pid: int) -> None:
     from lungscreen.server.logs import configure_logging
 
-    global _settings
+    global _settings, _feedback
     configure_logging(logging.getLevelName(log_level))
     # The server's pid comes from the server: it may have died while this process imported.
     threading.Thread(target=_exit_with_parent, args=(server_pid,), name="parent-watch", daemon=True).start()
     _settings = settings
+    _feedback = FeedbackStore(Database(settings.db_path))
     try:
         _ready_analyzer()
     except WorkerStartFailed:
@@ -131,8 +135,12 @@ def _warm_up() -> list[str]:
 
 def _analyze(paths: list[Path], uids: ReportUIDs, run: int, predecessor: Path | None) -> AnalysisResult:
     previous = dcmread(predecessor, stop_before_pixels=True) if predecessor else None
+    ready = _ready_analyzer()
+    card = ready.detector.card
+    # An operating point applied with `lungscreen feedback apply-operating-point` holds from the next run on.
+    analyzer = replace(ready, site_operating_point=_feedback.applied_operating_point(f"{card.name} {card.version}"))
     return analyze_study(
-        paths, _ready_analyzer(), sr_series_uid=uids.sr_series, sr_sop_uid=uids.sr, gsps_sop_uid=uids.gsps,
+        paths, analyzer, sr_series_uid=uids.sr_series, sr_sop_uid=uids.sr, gsps_sop_uid=uids.gsps,
         instance_number=run, predecessor=previous,
     )
 

@@ -303,7 +303,11 @@ def _assess(candidate: SeriesCandidate, rules: SelectionRules) -> _Eligible | _R
         return _Refusal(
             RejectionCode.TOO_THIN, f"slice thickness {_mm(geometry.step)} mm < {_mm(rules.min_slice_thickness_mm)} mm"
         )
-    kernel, group = series_kernel(headers[0])
+    try:  # hints that only rank: a value pydicom cannot parse must not refuse the series
+        kernel, group = series_kernel(headers[0])
+        body_part = _body_part_without_lungs(headers[0])
+    except Exception:
+        kernel, group, body_part = "", "", ""
     return _Eligible(
         spacing_mm=geometry.step,
         slice_count=slice_count,
@@ -312,7 +316,7 @@ def _assess(candidate: SeriesCandidate, rules: SelectionRules) -> _Eligible | _R
         image_type=_BACKSLASH.join(image_types[0][:2]) or "missing",
         kernel=kernel,
         kernel_family=kernel_family(kernel, group),
-        body_part_without_lungs=_body_part_without_lungs(headers[0]),
+        body_part_without_lungs=body_part,
     )
 
 

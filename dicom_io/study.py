@@ -10,10 +10,10 @@ once, here, by :func:`dicom_io.volume.stack_geometry`, and reused by both the se
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable
 
 import pydicom
 from pydicom import dcmread

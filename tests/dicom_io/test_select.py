@@ -180,7 +180,7 @@ def test_every_axial_reconstruction_real_archives_send_is_eligible(name, variant
     ("vendor", "family"), [(vendor, family) for vendor in VENDORS for family in (SOFT, SHARP)]
 )
 def test_vendor_kernels_are_read_into_their_family(vendor, family, variants, lidc_chest) -> None:
-    maker, image_type, soft, sharp = VENDORS[vendor]
+    maker, _, soft, sharp = VENDORS[vendor]
     kernel = soft if family is SOFT else sharp
     series = variants(f"kernel-{vendor}-{family}", lidc_chest[:2], Manufacturer=maker, ConvolutionKernel=kernel)
     name, group = series_kernel(series.headers[0])

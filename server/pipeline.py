@@ -126,9 +126,10 @@ def analyze_study(
                 lungs = lung_presence(volume.voxels, volume.spacing)
             if not lungs.present:
                 refusal, volume = (RejectionCode.NO_LUNGS, lungs.describe()), None
-        if refusal is not None:
+        if refusal is not None:  # try the next eligible series; the refused ones are recorded already
             rejected.append(SeriesRejection(selected.series_instance_uid, selected.series_description, *refusal))
-            remaining = [s for s in remaining if s.series_instance_uid != selected.series_instance_uid]
+            runners_up = {r.series_instance_uid for r in choice.rejected if r.code is RejectionCode.NOT_CHOSEN}
+            remaining = [s for s in remaining if s.series_instance_uid in runners_up]
     rejected.extend(r for r in choice.rejected if r.code is RejectionCode.NOT_CHOSEN)
 
     detector = analyzer.detector

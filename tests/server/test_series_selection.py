@@ -90,6 +90,7 @@ def test_a_series_without_lungs_is_refused_on_its_pixels_and_the_chest_is_analys
 
     assert result.series_uid == _series_uid(luna16_chest)
     rejected = {r.series_description: r for r in result.rejected_series}
+    assert len(result.rejected_series) == len(rejected), "each series recorded once"
     assert {name: r.code for name, r in rejected.items()} == {
         "Abdomen 2.5": RejectionCode.NO_LUNGS,  # PRIMARY, so tried first; its pixels show no lungs
         "Scout": RejectionCode.LOCALIZER,

@@ -1,19 +1,95 @@
 """Assemble the study: read the headers of a study's stored instances and group them by series.
 
 Headers only (``stop_before_pixels``): pixels are decoded once, later, for the one series
-that is selected. Files that cannot be read are reported, not fatal.
+that is selected. Files that cannot be read are reported, not fatal. Which series is
+analysed is decided elsewhere (:mod:`dicom_io.select`); a series' geometry is validated
+once, here, by :func:`dicom_io.volume.stack_geometry`, and reused by both the selection and
+:func:`dicom_io.volume.read_series_volume`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Iterable
 
+import pydicom
 from pydicom import dcmread
 
-from lungscreen.dicom_io.select import SeriesCandidate
+from lungscreen.dicom_io.volume import FrameHeader, StackGeometry, frame_headers, stack_geometry
+
+
+@dataclass(frozen=True)
+class SeriesCandidate:
+    """The instances of one series: paths and their headers (read without pixel data)."""
+
+    series_instance_uid: str
+    paths: tuple[Path, ...]
+    headers: tuple[pydicom.Dataset, ...]
+
+    def __post_init__(self) -> None:
+        if not self.headers:
+            raise ValueError(f"series {self.series_instance_uid} has no instances")
+        if len(self.paths) != len(self.headers):
+            raise ValueError(f"{len(self.paths)} paths for {len(self.headers)} headers")
+        foreign = {str(h.get("SeriesInstanceUID", "")) for h in self.headers} - {self.series_instance_uid}
+        if foreign:
+            raise ValueError(f"headers of series {sorted(foreign)} given as series {self.series_instance_uid}")
+
+    @cached_property
+    def frames(self) -> tuple[tuple[FrameHeader, ...], ...]:
+        """The frame headers of each instance (built once: the selection checks them and
+        ``read_series_volume`` stacks them).
+
+        Raises:
+            VolumeError: as :func:`dicom_io.volume.frame_headers`.
+        """
+        return tuple(frame_headers(header) for header in self.headers)
+
+    @cached_property
+    def geometry(self) -> StackGeometry:
+        """The validated geometry of all frames, in instance order (built once: the selection
+        judges it and ``read_series_volume`` stacks the slices by it).
+
+        Raises:
+            VolumeError: as :func:`dicom_io.volume.frame_headers` and
+                :func:`dicom_io.volume.stack_geometry`.
+        """
+        return stack_geometry([frame for file_frames in self.frames for frame in file_frames])
+
+    @property
+    def frame_count(self) -> int:
+        """Slices in the series: one per single-frame instance, NumberOfFrames per multi-frame one.
+
+        Raises:
+            VolumeError: as :attr:`frames`.
+        """
+        return sum(len(file_frames) for file_frames in self.frames)
+
+    @property
+    def series_description(self) -> str:
+        """SeriesDescription, ``""`` when absent or unreadable (it only names the series)."""
+        try:
+            return str(self.headers[0].get("SeriesDescription", "") or "")
+        except Exception:  # pydicom parses values on first access: a corrupt element fails here
+            return ""
+
+    @property
+    def series_number(self) -> int | None:
+        """SeriesNumber, None when absent or unreadable (it only names the series)."""
+        try:
+            value = self.headers[0].get("SeriesNumber")
+            return None if value is None or value == "" else int(value)
+        except Exception:
+            return None
+
+    @property
+    def label(self) -> str:
+        """How a reason names the series: ``series 3`` or, without SeriesNumber, by UID."""
+        number = self.series_number
+        return f"series {number}" if number is not None else f"series {self.series_instance_uid}"
 
 
 @dataclass(frozen=True)
@@ -31,7 +107,7 @@ class StudyIndex:
 
 def index_study(paths: Iterable[Path]) -> StudyIndex:
     """Group the readable instances by SeriesInstanceUID (ordered by path, i.e. deterministic)."""
-    grouped: dict[str, list[tuple[Path, object]]] = defaultdict(list)
+    grouped: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
     unreadable = []
     study_uids = set()
     for path in sorted(Path(p) for p in paths):

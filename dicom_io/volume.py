@@ -234,6 +234,7 @@ def read_series_volume(
     *,
     headers: Sequence[pydicom.Dataset] | None = None,
     frames: Sequence[Sequence[FrameHeader]] | None = None,
+    geometry: StackGeometry | None = None,
     min_slices: int = 10,
 ) -> Volume:
     """Assemble the CT series stored in ``paths`` into a :class:`Volume` in HU.
@@ -256,7 +257,10 @@ def read_series_volume(
         headers: Their headers, when already read (``dicom_io.study.index_study``), in
             the same order; read here otherwise.
         frames: The :func:`frame_headers` of each of ``headers``, when already built
-            (``dicom_io.select.SeriesCandidate.frames``); built here otherwise.
+            (``dicom_io.study.SeriesCandidate.frames``); built here otherwise.
+        geometry: The :func:`stack_geometry` of ``frames`` (all frames, in file order), when
+            already validated (``dicom_io.study.SeriesCandidate.geometry``); validated here
+            otherwise. Geometry is checked in one place, :func:`stack_geometry`, once per series.
         min_slices: The fewest slices accepted.
 
     Raises:
@@ -270,6 +274,8 @@ def read_series_volume(
         raise VolumeError("no files given: a volume needs at least one series of CT images")
     if frames is not None and (headers is None or len(frames) != len(headers)):
         raise ValueError("frames come with their headers, one tuple of frames per header")
+    if geometry is not None and frames is None:
+        raise ValueError("a validated geometry comes with the frames it was validated on")
     if headers is None:
         headers = [_read_header(path) for path in paths]
     elif len(headers) != len(paths):
@@ -291,7 +297,10 @@ def read_series_volume(
         raise VolumeError(f"not a CT image series (SOP class {', '.join(not_ct)})")
     if 1 < len(frames) < min_slices:  # a single slice gets its own reason from stack_geometry
         raise VolumeError(f"only {len(frames)} slices, at least {min_slices} needed")
-    geometry = stack_geometry(frames)
+    if geometry is None:
+        geometry = stack_geometry(frames)
+    elif len(geometry.order) != len(frames):
+        raise ValueError(f"a geometry of {len(geometry.order)} slices given for {len(frames)} frames")
 
     rows, columns = geometry.image_size
     if len(frames) * rows * columns > MAX_VOXELS:

@@ -70,6 +70,12 @@ class ModelCard:
         return self.raw["calibration"]
 
     @property
+    def preferred_kernel(self) -> str | None:
+        """``"soft"`` or ``"sharp"``: the reconstruction kernel family the detector was trained
+        on, which the series selection prefers; ``None`` without a preference."""
+        return self.raw.get("preferred_kernel")
+
+    @property
     def default_operating_point(self) -> str:
         return self.raw["default_operating_point"]
 

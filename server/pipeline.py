@@ -20,7 +20,8 @@ from pydicom import Dataset
 
 from lungscreen.errors import NotEligible, VolumeError
 from lungscreen.dicom_io.presentation import build_gsps
-from lungscreen.dicom_io.select import SelectionRules, SeriesRejection, choose_series
+from lungscreen.dicom_io.kernels import KernelFamily
+from lungscreen.dicom_io.select import RejectionCode, SelectionRules, SeriesRejection, choose_series
 from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes, build_sr, main_exam_procedure
 from lungscreen.dicom_io.sr_reading import finding_tracking_uids
 from lungscreen.dicom_io.study import index_study
@@ -29,6 +30,7 @@ from lungscreen.models.calibrate import calibrate
 from lungscreen.models.card import OperatingPoint
 from lungscreen.models.detector import Detector, to_source_candidates
 from lungscreen.findings import Candidate, Finding, NoduleReport
+from lungscreen.models.lung_presence import lung_presence
 from lungscreen.models.measure import nodule_type, sphere_volume_mm3
 from lungscreen.models.rules import ClinicalRules, apply_rules
 from lungscreen.server.feedback import OperatingPointDecision
@@ -105,21 +107,34 @@ def analyze_study(
     rejected: list[SeriesRejection] = []
     remaining = list(index.series)
     unreadable = tuple(u.reason for u in index.unreadable)
+    card_kernel = analyzer.detector.card.preferred_kernel
+    preferred_kernel = None if card_kernel is None else KernelFamily(card_kernel)
     volume = None
-    while volume is None:
+    while volume is None:  # the best eligible series whose volume can be built and shows lungs
         with _timed(timings, "select"):
-            choice = choose_series(remaining, analyzer.selection)
-        rejected.extend(r for r in choice.rejected if not r.reason.startswith("eligible"))
+            choice = choose_series(remaining, analyzer.selection, preferred_kernel=preferred_kernel)
+        rejected.extend(r for r in choice.rejected if r.code is not RejectionCode.NOT_CHOSEN)
         selected = choice.selected
         if selected is None:
             raise NoEligibleSeries(tuple(rejected), unreadable)
+        refusal = None
         try:
             with _timed(timings, "volume"):
-                volume = read_series_volume(selected.paths, headers=selected.headers, frames=selected.frames)
+                volume = read_series_volume(
+                    selected.paths, headers=selected.headers, frames=selected.frames, geometry=selected.geometry
+                )
         except VolumeError as exc:
-            rejected.append(SeriesRejection(selected.series_instance_uid, selected.series_description, str(exc)))
-            remaining = [s for s in remaining if s.series_instance_uid != selected.series_instance_uid]
-    rejected.extend(r for r in choice.rejected if r.reason.startswith("eligible"))
+            refusal = (RejectionCode.VOLUME_UNREADABLE, str(exc))
+        else:
+            with _timed(timings, "select"):
+                lungs = lung_presence(volume.voxels, volume.spacing)
+            if not lungs.present:
+                refusal, volume = (RejectionCode.NO_LUNGS, lungs.describe()), None
+        if refusal is not None:  # try the next eligible series; the refused ones are recorded already
+            rejected.append(SeriesRejection(selected.series_instance_uid, selected.series_description, *refusal))
+            runners_up = {r.series_instance_uid for r in choice.rejected if r.code is RejectionCode.NOT_CHOSEN}
+            remaining = [s for s in remaining if s.series_instance_uid in runners_up]
+    rejected.extend(r for r in choice.rejected if r.code is RejectionCode.NOT_CHOSEN)
 
     detector = analyzer.detector
     with _timed(timings, "preprocess"):

@@ -106,6 +106,8 @@ def model_card(name: str, version: str, training_note: str = "") -> dict:
         ),
         "onnx_file": ONNX_FILE,
         "training_data": TRAINING_DATA + training_note,
+        # training/synthetic.py renders the PSF of soft-tissue to standard kernels; LIDC-IDRI-0001 is GE STANDARD.
+        "preferred_kernel": "soft",
         "metrics": [],
         "preprocessing": PREPROCESSING,
         # Padding to the output stride keeps sliding windows on the output grid (cell g = voxel 4 g).

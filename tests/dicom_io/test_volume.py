@@ -212,13 +212,14 @@ def test_legacy_converted_enhanced_ct_matches_single_frame_series(
     assert sorted(ref.frame_number for ref in volume.slices) == list(range(1, 13))
 
 
-def test_frame_headers_built_by_the_selection_give_the_same_volume(
+def test_frame_headers_and_geometry_built_by_the_selection_give_the_same_volume(
     lidc_subset: list[Path], lidc_subset_volume: Volume
 ) -> None:
     (series,) = index_study(lidc_subset).series
-    assert choose_series([series], SelectionRules(min_slices=10)).selected is series  # builds series.frames
+    # builds series.frames and validates series.geometry, once
+    assert choose_series([series], SelectionRules(min_slices=10)).selected is series
 
-    volume = read_series_volume(series.paths, headers=series.headers, frames=series.frames)
+    volume = read_series_volume(series.paths, headers=series.headers, frames=series.frames, geometry=series.geometry)
 
     np.testing.assert_array_equal(volume.voxels, lidc_subset_volume.voxels)
     np.testing.assert_array_equal(volume.affine, lidc_subset_volume.affine)
@@ -227,6 +228,11 @@ def test_frame_headers_built_by_the_selection_give_the_same_volume(
         read_series_volume(series.paths, headers=series.headers, frames=series.frames[:-1])
     with pytest.raises(ValueError, match="frames come with their headers"):
         read_series_volume(series.paths, frames=series.frames)
+    with pytest.raises(ValueError, match="a validated geometry comes with the frames"):
+        read_series_volume(series.paths, headers=series.headers, geometry=series.geometry)
+    with pytest.raises(ValueError, match="a geometry of 12 slices given for 11 frames"):
+        read_series_volume(series.paths[1:], headers=series.headers[1:], frames=series.frames[1:],
+                           geometry=series.geometry)
 
 
 # --- Ordering and geometry -------------------------------------------------------------------

@@ -237,10 +237,11 @@ def test_pipeline_errors_survive_the_trip_from_a_worker_process():
     import pickle
 
     from lungscreen.errors import VolumeError
-    from lungscreen.dicom_io.select import SeriesRejection
+    from lungscreen.dicom_io.select import RejectionCode, SeriesRejection
     from lungscreen.server.pipeline import NoEligibleSeries
 
-    error = NoEligibleSeries((SeriesRejection("1.2.3", "scout", "localizer images"),), ("unreadable file x.dcm",))
+    rejection = SeriesRejection("1.2.3", "scout", RejectionCode.LOCALIZER, "localizer images")
+    error = NoEligibleSeries((rejection,), ("unreadable file x.dcm",))
     copy = pickle.loads(pickle.dumps(error))
     assert str(copy) == str(error) and copy.rejected == error.rejected
     assert str(pickle.loads(pickle.dumps(VolumeError("gap")))) == "gap"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lungscreen.dicom_io.outline import DEFAULT_OUTLINE_CATEGORIES, check_outline_categories
 from lungscreen.models.card import DEFAULT_MODEL_CARD
 
 
@@ -53,9 +54,11 @@ class Settings:
     retry_base_delay_s: float = 2.0
     institution: str | None = None
     presentation_state: bool = True  # also send a GSPS outlining the findings (viewers without SR support)
+    # Suggested Lung-RADS categories whose findings the SR and GSPS outline; the others are listed only (README)
+    outline_categories: tuple[str, ...] = DEFAULT_OUTLINE_CATEGORIES
     ohif_url: str | None = None  # e.g. http://pacs.example/ohif: the review page links to the SR view there
     # Billing: the AI extension item (PerformedProcedureCodeSequence) and the main exam code
-    # used when the CT carries none (Procedure Reported).
+    # used when the CT carries none (the SR's requested procedure, the ledger's main item).
     ai_extension_code: tuple[str, str, str] = ("LUNG-AI-EXT", "99LUNGSCR", "AI-assisted diagnosis, extension of the main CT exam item")
     fallback_procedure_code: tuple[str, str, str] = ("LUNG-CT", "99LUNGSCR", "CT chest")
     clinical_rules: dict[str, Any] = field(default_factory=dict)  # see models.rules.ClinicalRules
@@ -74,6 +77,7 @@ class Settings:
             raise ValueError("workers must be at least 1")
         if self.receivers < 0:
             raise ValueError("receivers must be 0 (one per CPU core) or more")
+        check_outline_categories(self.outline_categories)
         if not 0 < len(self.ae_title) <= 16:
             raise ValueError(f"AE title must be 1 to 16 characters: {self.ae_title!r}")
 
@@ -95,7 +99,10 @@ class Settings:
         return self.data_dir / "reports"
 
 
-_TUPLES = {"allow_ae", "allow_host", "destination", "providers", "ai_extension_code", "fallback_procedure_code"}
+_TUPLES = {
+    "allow_ae", "allow_host", "destination", "providers", "ai_extension_code", "fallback_procedure_code",
+    "outline_categories",
+}
 _PATHS = {"data_dir", "model", "tls_cert", "tls_key", "tls_ca", "destination_ca", "destination_cert", "destination_key"}
 
 

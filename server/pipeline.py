@@ -19,6 +19,7 @@ import numpy as np
 from pydicom import Dataset
 
 from lungscreen.errors import NotEligible, VolumeError
+from lungscreen.dicom_io.outline import DEFAULT_OUTLINE_CATEGORIES, is_outlined
 from lungscreen.dicom_io.presentation import build_gsps
 from lungscreen.dicom_io.select import SelectionRules, SeriesRejection, choose_series
 from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes, build_sr, main_exam_procedure
@@ -58,6 +59,7 @@ class Analyzer:
     selection: SelectionRules = SelectionRules()
     operating_point: str | None = None  # None: the model card's default
     presentation_state: bool = True  # also a GSPS, for viewers that draw no SR
+    outline_categories: tuple[str, ...] = DEFAULT_OUTLINE_CATEGORIES  # Lung-RADS categories drawn; others listed
 
 
 @dataclass(frozen=True)
@@ -147,12 +149,13 @@ def analyze_study(
             sop_instance_uid=sr_sop_uid,
             instance_number=instance_number,
             predecessor=predecessor,
+            outline_categories=analyzer.outline_categories,
         )
         gsps = None
         if analyzer.presentation_state:
             gsps = build_gsps(
                 evidence, volume, report, algorithm=analyzer.algorithm, sop_instance_uid=gsps_sop_uid,
-                instance_number=instance_number,
+                instance_number=instance_number, outline_categories=analyzer.outline_categories,
             )
     return AnalysisResult(
         study_uid=volume.study_instance_uid,
@@ -161,7 +164,7 @@ def analyze_study(
         report=report,
         sr=sr,
         gsps=gsps,
-        findings=tuple(_finding_row(f, volume) for f in findings),
+        findings=tuple(_finding_row(f, volume, analyzer.outline_categories) for f in findings),
         candidates=len(candidates),
         accession_number=str(header.get("AccessionNumber", "") or ""),
         main_exam_item=main_exam_procedure(header, analyzer.billing),
@@ -198,7 +201,8 @@ def _evidence_in_slice_order(headers, volume: Volume) -> list[Dataset]:
     return [by_uid[uid] for uid in seen]
 
 
-def _finding_row(finding: Finding, volume: Volume) -> dict:
+def _finding_row(finding: Finding, volume: Volume, outline_categories: tuple[str, ...]) -> dict:
+    """A findings.json row; ``outlined``: the SR and GSPS draw it (else they only list it)."""
     slice_ref = volume.slices[int(round(finding.center_kji[0]))]
     return {
         "center_lps_mm": [round(v, 2) for v in finding.center_lps_mm],
@@ -208,6 +212,7 @@ def _finding_row(finding: Finding, volume: Volume) -> dict:
         "nodule_type": finding.nodule_type.value,
         "lung_rads": finding.lung_rads,
         "actionable": finding.actionable,
+        "outlined": is_outlined(finding, outline_categories),
         "sop_instance_uid": slice_ref.sop_instance_uid,
         "frame_number": slice_ref.frame_number,
     }

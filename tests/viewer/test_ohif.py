@@ -139,9 +139,14 @@ DRAWN_JS = """
 
 
 def _analyze(series_dir: Path, out: Path) -> dict:
+    # The blob filter's findings on this scan are all under 6 mm (Lung-RADS 1 and 2), which the
+    # default outline categories list without drawing: this site outlines every category.
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "outline-all.toml"
+    config.write_text('outline_categories = ["1", "2", "3", "4A", "4B", "4X"]\n')
     result = subprocess.run(
         [sys.executable, "-m", "lungscreen.server.cli", "analyze", str(series_dir), "--out", str(out),
-         "--model", str(REPO / "models" / "blob-filter")],
+         "--model", str(REPO / "models" / "blob-filter"), "--config", str(config)],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -173,6 +178,7 @@ def test_ohif_draws_each_finding_on_its_slice_with_a_readable_label(tmp_path, li
     report = _analyze(lidc_series_dir, tmp_path / "analysis")
     findings = report["findings"]
     assert findings, "the blob filter finds candidates in LIDC-IDRI-0001"
+    assert all(finding["outlined"] for finding in findings)
     sr_path = tmp_path / "analysis" / "report_sr.dcm"
     import pydicom
 

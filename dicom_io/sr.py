@@ -8,22 +8,29 @@ The report goes back to the PACS next to the analysed CT and follows IHE AI Resu
   per nodule. Every region is a 2D POLYLINE on an image, so no SCOORD3D is needed:
   Comprehensive SR suffices and is read by more systems than Comprehensive 3D SR (OHIF draws
   both; Orthanc Stone reads Comprehensive SR).
-* Per nodule, one TID 1501 "Measurement and Qualitative Evaluation Group": Tracking Identifier
-  "Nodule n" and its own Tracking Unique Identifier (TID 4108), finding type Nodule, the
-  algorithm (TID 4019) with its operating point, the measurements (TID 300): Area (mm2) of
-  the drawn circle, inferred from a closed POLYLINE on the centre slice, for an *outlined*
-  finding only; Long axis (mm), Volume (mm3), Certainty of Finding (%); then the qualitative
-  evaluations (row 11): nodule type, suggested Lung-RADS v2022 category, whether the clinical
-  rules call it actionable. Whether a finding is outlined is the site's ``outline_categories``
-  (:mod:`lungscreen.dicom_io.outline`); a *listed* finding has no SCOORD and names its centre
-  slice as the source of its measurements (row 10b). TID 1501 rather than TID 1410 (region
-  beside the measurements) because TID 1410 has no form without a region, PixelMed validates
-  every group of a report as TID 1410 once one of them has a group-level region, and OHIF
-  loads measurements from the first NUM's SCOORD.
+* Per *outlined* nodule (its suggested Lung-RADS category is among the site's
+  ``outline_categories``, see :mod:`lungscreen.dicom_io.outline`), one TID 1501 "Measurement
+  and Qualitative Evaluation Group": Tracking Identifier :data:`OHIF_FREEHAND_TRACKING` +
+  ":Nodule n" and its own Tracking Unique Identifier (TID 4108), finding type Nodule, the
+  algorithm (TID 4019) with its operating point, the measurements (TID 300): Area (mm2) of the
+  circle drawn on the centre slice, inferred from its closed POLYLINE, then Long axis (mm),
+  Volume (mm3), Certainty of Finding (%); the qualitative evaluations (row 11): nodule type,
+  suggested Lung-RADS v2022 category, whether the clinical rules call it actionable; and a
+  Comment (row 12) with the label every view shows (:func:`finding_label`). TID 1501 with the
+  SCOORD in the first NUM rather than TID 1410 (SCOORD beside the NUMs) is the form OHIF v3
+  loads into its measurement panel (the prefixed identifier names its freehand tool; the
+  Comment is the row title); the document is UTF-8 (ISO_IR 192) for the labels' middle dot.
+* Per *listed* nodule (not outlined): one TEXT item in the document's Qualitative
+  Evaluations (row 14) with its label, type, volume, whether actionable, centre and image. Not
+  a measurement group: TID 1501 allows a group without SCOORD and PixelMed accepts one, but
+  OHIF 3.13.2's SR loader fails on it ("Cannot read properties of undefined (reading
+  'ReferencedSOPSequence')" in ``_checkIfCanAddMeasurementsToDisplaySet``: it takes
+  ``coords[0]`` of every group), and the whole viewer route errors.
 * Document level (TID 1500 rows 12-14, "Qualitative Evaluations"): research-use notice,
   CAD processing summary (with or without findings), the suggested exam Lung-RADS category
-  (that of the most concerning nodule; none without findings), operating point, score
-  threshold and the candidates each clinical rule suppressed.
+  (that of the most concerning nodule, listed ones included; none without findings),
+  operating point, score threshold, the listed nodules and the candidates each clinical rule
+  suppressed.
 * Billing (China NHSA): AI assistance is an extension item of the main exam, never a
   separate charge. The main exam item (:func:`main_exam_procedure`) is the requested procedure
   of ReferencedRequestSequence, the AI extension item is PerformedProcedureCodeSequence, and
@@ -40,10 +47,10 @@ Validated by ``dciodvfy`` (the IOD) and PixelMed's DicomSRValidator (the templat
 tests. PixelMed (Debian build 20220618) reports no error; the warnings it keeps, and why:
 
 * "Content Item not in template" for the three qualitative evaluations of each nodule
-  (nodule type, Lung-RADS category, actionable). PS3.16 puts a group's qualitative
-  evaluations in TID 1501 row 11 (CONTAINS CODE), where they are; PixelMed's template tables
-  of that build stop at row 10h (TID 1410 likewise), so any coded evaluation in a measurement
-  group is reported. Their local codes (``99LUNGSCR``) are not the cause: no standard code
+  (nodule type, Lung-RADS category, actionable) and its Comment. PS3.16 puts a group's
+  qualitative evaluations in TID 1501 rows 11 (CONTAINS CODE) and 12 (CONTAINS TEXT), where
+  they are; PixelMed's template tables of that build stop at row 10h (TID 1410 likewise), so
+  any evaluation in a measurement group is reported. Their local codes (``99LUNGSCR``) are not the cause: no standard code
   exists for solid / part-solid / ground-glass or for Lung-RADS values.
 
 Fixed rather than kept: Finding Category (276214006, SCT) and Algorithm Manufacturer
@@ -55,7 +62,7 @@ the device observer context and the Contributing Equipment), and Procedure Repor
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -82,6 +89,7 @@ from lungscreen.findings import LUNG_RADS_ORDER, exam_lung_rads
 __all__ = [
     "LOCAL_SCHEME",
     "RESEARCH_USE_NOTICE",
+    "OHIF_FREEHAND_TRACKING",
     "SERIES_DESCRIPTION",
     "AlgorithmIdentity",
     "BillingCodes",
@@ -96,6 +104,11 @@ LOCAL_SCHEME = "99LUNGSCR"
 """Coding Scheme Designator of LungScreen's local codes (PS3.16 8.2: private schemes start with "99")."""
 
 RESEARCH_USE_NOTICE = "Research use only. Not for diagnostic use."
+
+OHIF_FREEHAND_TRACKING = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+"""Tracking Identifier prefix of an outlined nodule ("...:Nodule 1"): OHIF v3 (Cornerstone3D's
+SR adapters) loads a measurement group into its measurement panel only when the identifier
+starts with a tool it maps; a closed POLYLINE in the first NUM is its freehand contour."""
 
 SERIES_DESCRIPTION = "LungScreen AI nodule report (research use)"
 
@@ -140,6 +153,7 @@ _ACTIONABLE = _local("ACTIONABLE", "Actionable per clinical rules")
 _OPERATING_POINT = _local("OPERATING-POINT", "Operating point")
 _SCORE_THRESHOLD = _local("SCORE-THRESHOLD", "Detector score threshold")
 _SUPPRESSED = _local("SUPPRESSED", "Candidates suppressed by clinical rule")
+_LISTED = _local("LISTED", "Nodule listed without outline")
 _QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(
     value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations"
 )
@@ -400,92 +414,101 @@ def _outline_area_mm2(outline: np.ndarray, volume: Volume) -> float:
     return pixels * volume.spacing[1] * volume.spacing[2]
 
 
-def _measurement_group(
-    finding: Finding,
-    number: int,
-    volume: Volume,
-    evidence: Mapping[str, Dataset],
-    tracking_uid: str,
-    algorithm: hd.sr.AlgorithmIdentification,
-    outlined: bool,
-) -> tuple[hd.sr.MeasurementsAndQualitativeEvaluations, FindingSlice]:
-    """TID 1501 group of one nodule, and the slice through its centre.
-
-    Outlined: the first measurement is the Area (mm2) of the circle drawn on that slice,
-    inferred from the closed POLYLINE (TID 1501 rows 10, 10c-10d), the form viewers that keep
-    measurements read (OHIF takes the first NUM's SCOORD as a freehand contour). Listed only:
-    no area and no SCOORD, so no viewer draws it; that slice is named as the source of its
-    measurements (row 10b). The long axis, volume and certainty follow, then the qualitative
-    evaluations (row 11).
-    """
-    what = f"nodule {number}"
-    at = finding_slice(finding, volume, evidence, what)
+def _check_encodable(finding: Finding, what: str) -> None:
     if finding.lung_rads not in _LUNG_RADS_CATEGORIES:
         raise ReportError(f"{what}: unknown Lung-RADS category {finding.lung_rads!r}")
     if not 0.0 <= finding.probability <= 1.0:
         raise ReportError(f"{what}: probability {finding.probability} is not in [0, 1]")
+    NoduleType(finding.nodule_type)
+
+
+def _measurement_group(
+    finding: Finding,
+    number: int,
+    volume: Volume,
+    at: FindingSlice,
+    tracking_uid: str,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of one outlined nodule, whose slice ``at`` is the one through its centre.
+
+    The first measurement is the Area (mm2) of the circle drawn on that slice, inferred from
+    the closed POLYLINE (rows 10, 10c-10d): the form viewers that keep measurements read (OHIF
+    takes the first NUM's SCOORD as a freehand contour). The long axis, volume and certainty
+    follow, then the qualitative evaluations (row 11) and the label as a Comment (row 12).
+    """
     frames = None if at.ref.frame_number is None else [at.ref.frame_number]
-    measurements = []
-    source_images = None
-    if outlined:
-        outline = nodule_outline(finding, volume, at.header)
-        coordinates = hd.sr.CoordinatesForMeasurement(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=outline,
-            source_image=hd.sr.SourceImageForRegion(
-                referenced_sop_class_uid=at.ref.sop_class_uid,
-                referenced_sop_instance_uid=at.ref.sop_instance_uid,
-                referenced_frame_numbers=frames,
-            ),
-        )
-        measurements.append(
+    outline = nodule_outline(finding, volume, at.header)
+    coordinates = hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=outline,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=at.ref.sop_class_uid,
+            referenced_sop_instance_uid=at.ref.sop_instance_uid,
+            referenced_frame_numbers=frames,
+        ),
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=f"{OHIF_FREEHAND_TRACKING}:Nodule {number}"
+        ),
+        finding_type=codes.SCT.Nodule,
+        algorithm_id=algorithm,
+        measurements=[
             hd.sr.Measurement(
                 name=codes.SCT.Area,
                 value=_outline_area_mm2(outline, volume),
                 unit=codes.UCUM.SquareMillimeter,
                 referenced_coordinates=[coordinates],
-            )
-        )
-    else:
-        source_images = [
-            hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=at.ref.sop_class_uid,
-                referenced_sop_instance_uid=at.ref.sop_instance_uid,
-                referenced_frame_numbers=frames,
-            )
-        ]
-    measurements += [
-        hd.sr.Measurement(name=codes.SCT.LongAxis, value=float(finding.diameter_mm), unit=codes.UCUM.Millimeter),
-        hd.sr.Measurement(name=codes.SCT.Volume, value=float(finding.volume_mm3), unit=codes.UCUM.CubicMillimeter),
-        hd.sr.Measurement(
-            name=codes.DCM.CertaintyOfFinding, value=100.0 * finding.probability, unit=codes.UCUM.Percent
-        ),
-    ]
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"Nodule {number}"),
-        finding_type=codes.SCT.Nodule,
-        algorithm_id=algorithm,
-        measurements=measurements,
+            ),
+            hd.sr.Measurement(name=codes.SCT.LongAxis, value=float(finding.diameter_mm), unit=codes.UCUM.Millimeter),
+            hd.sr.Measurement(
+                name=codes.SCT.Volume, value=float(finding.volume_mm3), unit=codes.UCUM.CubicMillimeter
+            ),
+            hd.sr.Measurement(
+                name=codes.DCM.CertaintyOfFinding, value=100.0 * finding.probability, unit=codes.UCUM.Percent
+            ),
+        ],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=_NODULE_TYPE, value=_NODULE_TYPES[NoduleType(finding.nodule_type)]),
             hd.sr.QualitativeEvaluation(name=_LUNG_RADS, value=_LUNG_RADS_CATEGORIES[finding.lung_rads]),
             hd.sr.QualitativeEvaluation(name=_ACTIONABLE, value=codes.SCT.Yes if finding.actionable else codes.SCT.No),
         ],
-        source_images=source_images,
     )
-    return group, at
+    # TID 1501 row 12 (CONTAINS TEXT): the one-line label, which OHIF shows as the panel's title.
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=finding_label(number, finding.diameter_mm, finding.probability, finding.lung_rads),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
 
 
-def _report_evaluations(report: NoduleReport) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12 "Qualitative Evaluations" with its CODE (row 13) and TEXT (row 14) items."""
+def _listed_finding(finding: Finding, number: int, at: FindingSlice) -> str:
+    """The TEXT (TID 1500 row 14) that lists a finding the site does not outline."""
+    nodule_type = NoduleType(finding.nodule_type).value
+    x, y, z = (f"{v:.1f}" for v in finding.center_lps_mm)
+    frame = "" if at.ref.frame_number is None else f" frame {at.ref.frame_number}"
+    return (
+        f"{finding_label(number, finding.diameter_mm, finding.probability, finding.lung_rads)} · {nodule_type} · "
+        f"volume {finding.volume_mm3:.0f} mm3 · {'actionable' if finding.actionable else 'not actionable'} · "
+        f"centre ({x}, {y}, {z}) mm LPS on image {at.ref.sop_instance_uid}{frame}"
+    )
+
+
+def _report_evaluations(report: NoduleReport, listed: Sequence[str]) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12 "Qualitative Evaluations" with its CODE (row 13) and TEXT (row 14) items,
+    ``listed`` the texts of the findings that are not outlined."""
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     threshold = f"{report.score_threshold:g}"
     exam_category = exam_lung_rads(report.findings)
     if report.findings:
         count = len(report.findings)
         summary = (
-            f"{count} nodule{'s' if count > 1 else ''} reported at operating point {report.operating_point}; "
-            f"suggested exam category Lung-RADS {exam_category}"
+            f"{count} nodule{'s' if count > 1 else ''} reported ({count - len(listed)} outlined) at operating point "
+            f"{report.operating_point}; suggested exam category Lung-RADS {exam_category}"
         )
     else:
         summary = f"No nodule detected at operating point {report.operating_point}"
@@ -514,6 +537,7 @@ def _report_evaluations(report: NoduleReport) -> hd.sr.ContainerContentItem:
         items.append(
             hd.sr.CodeContentItem(name=_LUNG_RADS, value=_LUNG_RADS_CATEGORIES[exam_category], relationship_type=contains)
         )
+    items += [hd.sr.TextContentItem(name=_LISTED, value=text, relationship_type=contains) for text in listed]
     items += [
         hd.sr.TextContentItem(name=_SUPPRESSED, value=f"{rule}: {count}", relationship_type=contains)
         for rule, count in sorted(report.suppressed.items())
@@ -696,13 +720,17 @@ def build_sr(
         ],
     )
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    listed: list[str] = []
     library_images: dict[str, Dataset] = {}  # SOP Instance UID -> header, in order of first use
     for number, finding in enumerate(report.findings, start=1):
-        tracking_uid = generate_uid(entropy_srcs=[sop_instance_uid, f"Nodule {number}"])
-        group, at = _measurement_group(
-            finding, number, volume, headers, tracking_uid, algorithm_id, is_outlined(finding, outline_categories)
-        )
-        groups.append(group)
+        what = f"nodule {number}"
+        at = finding_slice(finding, volume, headers, what)
+        _check_encodable(finding, what)
+        if is_outlined(finding, outline_categories):
+            tracking_uid = generate_uid(entropy_srcs=[sop_instance_uid, f"Nodule {number}"])
+            groups.append(_measurement_group(finding, number, volume, at, tracking_uid, algorithm_id))
+        else:
+            listed.append(_listed_finding(finding, number, at))
         library_images.setdefault(at.header.SOPInstanceUID, _library_view(volume, at.index, at.header))
     if not library_images:
         k = len(volume.slices) // 2
@@ -727,10 +755,10 @@ def build_sr(
         procedure_reported=PROCEDURE_REPORTED,
         library_images=list(library_images.values()),
         groups=groups,
-        evaluations=_report_evaluations(report),
+        evaluations=_report_evaluations(report, listed),
     )
     try:
-        return hd.sr.ComprehensiveSR(
+        sr = hd.sr.ComprehensiveSR(
             evidence=[first, *evidence[1:]],
             content=content,
             series_instance_uid=series_instance_uid,
@@ -756,3 +784,6 @@ def build_sr(
         )
     except ValueError as error:  # highdicom checks the evidence: a CT header it cannot use
         raise ReportError(f"the SR cannot be built from the CT's headers: {str(error)[:160]}") from error
+    # The labels use U+00B7; UTF-8 whatever the CT's character set (names are re-encoded on write).
+    sr.SpecificCharacterSet = "ISO_IR 192"
+    return sr

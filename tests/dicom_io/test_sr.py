@@ -21,11 +21,13 @@ from pydicom.uid import ComprehensiveSRStorage, generate_uid
 from lungscreen.errors import ReportError
 from lungscreen.dicom_io.sr import (
     LOCAL_SCHEME,
+    OHIF_FREEHAND_TRACKING,
     PROCEDURE_REPORTED,
     RESEARCH_USE_NOTICE,
     SERIES_DESCRIPTION,
     BillingCodes,
     build_sr,
+    finding_label,
     main_exam_procedure,
 )
 from lungscreen.dicom_io.volume import Volume
@@ -106,10 +108,11 @@ def _document_evaluations(sr: Dataset) -> Dataset:
 
 
 # The PixelMed warnings kept on purpose (see dicom_io/sr.py): its 20220618 template tables lack
-# TID 1501/1410 row 11, where each nodule's qualitative evaluations are.
+# TID 1501 rows 11 and 12, where each nodule's qualitative evaluations and Comment are.
 KEPT_WARNING = re.compile(
     r"^Warning: [0-9.]+: .*/CONTAINER \(125007,DCM,\"Measurement Group\"\)/"
-    r"CODE \((NODULE-TYPE|LUNG-RADS-2022|ACTIONABLE),99LUNGSCR,\"[^\"]+\"\): Content Item not in template$"
+    r"(CODE \((NODULE-TYPE|LUNG-RADS-2022|ACTIONABLE),99LUNGSCR,\"[^\"]+\"\)|TEXT \(121106,DCM,\"Comment\"\))"
+    r": Content Item not in template$"
 )
 
 
@@ -127,7 +130,8 @@ def _dsrdump(tmp_path: Path, data: bytes) -> str:
         pytest.skip("dsrdump (dcmtk) is not installed")
     path = tmp_path / "sr.dcm"
     path.write_bytes(data)
-    result = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
+    # +Pl: long texts in full (the tracking identifiers and labels)
+    result = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -237,46 +241,65 @@ class TestBuildSR:
 
     def test_validators_report_no_error(self, tmp_path, sr_bytes):
         warnings = _validate(tmp_path, sr_bytes)
-        # three qualitative evaluations per nodule, the outlined one and the listed one
-        assert len(warnings) == 6
+        # three qualitative evaluations and a Comment in the outlined nodule's group
+        assert len(warnings) == 4
 
     def test_dsrdump_shows_title_and_nodules(self, tmp_path, sr_bytes):
         output = _dsrdump(tmp_path, sr_bytes)
         assert "Imaging Measurement Report" in output
-        assert '"Nodule 1"' in output and '"Nodule 2"' in output
+        assert f'"{OHIF_FREEHAND_TRACKING}:Nodule 1"' in output
+        assert '"Nodule 1 · 23.4 mm · p 0.93 · Lung-RADS 4B"' in output
+        assert '="Nodule 2 · 5.0 mm · p 0.41 · Lung-RADS 2 · ' in output
 
-    def test_one_group_per_nodule_with_its_own_tracking_uid(self, sr):
-        groups = sr.content.get_image_measurement_groups()
-        assert [group.tracking_identifier for group in groups] == ["Nodule 1", "Nodule 2"]
-        assert len({group.tracking_uid for group in groups}) == 2
-        assert all(group.finding_type == codes.SCT.Nodule for group in groups)
+    def test_one_group_per_outlined_nodule_with_its_own_tracking_uid(self, sr):
+        # the outlined one is named for OHIF's freehand tool, so that OHIF loads it as a measurement
+        (group,) = sr.content.get_image_measurement_groups()
+        assert group.tracking_identifier == f"{OHIF_FREEHAND_TRACKING}:Nodule 1"
+        assert group.finding_type == codes.SCT.Nodule
         # Finding Category is not written (optional; PixelMed's templates do not know it)
-        assert all(group.finding_category is None for group in groups)
+        assert group.finding_category is None
         assert sr.content.get_planar_roi_measurement_groups() == []  # no TID 1410
 
-    def test_lung_rads_2_finding_is_listed_without_an_image_region(self, sr, lidc_volume, findings):
-        """Default outline categories: the 5 mm Lung-RADS 2 nodule is a TID 1501 group that names
-        its centre slice as the source of its measurements, with no SCOORD a viewer would draw."""
-        listed = sr.content.get_image_measurement_groups()[1]
-        assert listed.tracking_identifier == "Nodule 2"
-        assert listed.get_measurements(name=codes.SCT.Area) == []
-        assert not [item for item in _items(listed[0]) if item.ValueType in ("SCOORD", "SCOORD3D")]
-        (source,) = listed.source_images
-        centre = lidc_volume.slices[round(findings[1].center_kji[0])]
-        assert source.referenced_sop_instance_uid == centre.sop_instance_uid
-        (long_axis,) = listed.get_measurements(name=codes.SCT.LongAxis)
-        assert long_axis.value == pytest.approx(findings[1].diameter_mm)
+    def test_tracking_uids_are_distinct_per_outlined_nodule(self, lidc_headers, lidc_volume, findings):
+        sr = _read(_write(build_sr(
+            lidc_headers, lidc_volume, _report(findings), algorithm=algorithm(), billing=BILLING,
+            outline_categories=["2", "4B"],
+        )))
+        groups = sr.content.get_image_measurement_groups()
+        assert len({group.tracking_uid for group in groups}) == len(groups) == 2
 
-    def test_outline_categories_decide_which_findings_get_a_region(self, tmp_path, lidc_headers, lidc_volume, findings):
+    def test_each_group_is_labelled_for_the_reader(self, sr, findings):
+        """A Comment (TID 1501 row 12) with the label the GSPS and review page show: OHIF titles
+        its measurement panel row with it. UTF-8 for the middle dot."""
+        assert sr.SpecificCharacterSet == "ISO_IR 192"
+        (group,) = sr.content.get_image_measurement_groups()
+        (comment,) = [
+            item for item in group[0].ContentSequence
+            if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121106"
+        ]
+        finding = findings[0]
+        assert comment.TextValue == finding_label(1, finding.diameter_mm, finding.probability, finding.lung_rads)
+
+    def test_lung_rads_2_finding_is_listed_without_an_outline(self, sr, lidc_volume, findings):
+        """Default outline categories: the 5 mm Lung-RADS 2 nodule is no measurement group (no
+        SCOORD a viewer would draw) but a line of the document's Qualitative Evaluations."""
+        assert not [
+            item for item in _items(sr) if item.ValueType == "TEXT" and item.TextValue.endswith("Nodule 2")
+        ]
+        (listed,) = _text_values(_document_evaluations(sr), hd.sr.CodedConcept("LISTED", LOCAL_SCHEME, "x"))
+        centre = lidc_volume.slices[round(findings[1].center_kji[0])]
+        assert listed.startswith("Nodule 2 · 5.0 mm · p 0.41 · Lung-RADS 2 · ground-glass · volume 65 mm3 · not actionable")
+        assert listed.endswith(f"mm LPS on image {centre.sop_instance_uid}")
+
+    def test_outline_categories_decide_which_findings_get_a_group(self, lidc_headers, lidc_volume, findings):
         def outlined(categories):
             sr = _read(_write(build_sr(
                 lidc_headers, lidc_volume, _report(findings), algorithm=algorithm(), billing=BILLING,
                 outline_categories=categories,
             )))
             return [
-                group.tracking_identifier
+                group.tracking_identifier.removeprefix(f"{OHIF_FREEHAND_TRACKING}:")
                 for group in sr.content.get_image_measurement_groups()
-                if any(item.ValueType == "SCOORD" for item in _items(group[0]))
             ]
 
         assert outlined(["2", "4B"]) == ["Nodule 1", "Nodule 2"]
@@ -326,7 +349,11 @@ class TestBuildSR:
         assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == nearest.SOPInstanceUID
         assert source.ReferencedSOPSequence[0].ReferencedSOPClassUID == nearest.SOPClassUID
 
-    def test_measurements(self, sr, findings):
+    def test_measurements(self, lidc_headers, lidc_volume, findings):
+        sr = _read(_write(build_sr(
+            lidc_headers, lidc_volume, _report(findings), algorithm=algorithm(), billing=BILLING,
+            outline_categories=["2", "4B"],
+        )))
         for group, finding in zip(sr.content.get_image_measurement_groups(), findings, strict=True):
             (long_axis,) = group.get_measurements(name=codes.SCT.LongAxis)
             assert long_axis.value == pytest.approx(finding.diameter_mm)
@@ -341,8 +368,8 @@ class TestBuildSR:
     def test_no_finding_site(self, sr):
         # No lobe is known: a bare "Lung" says nothing about a lung nodule and OHIF would label
         # it "363698007: Lung".
-        for group in sr.content.get_image_measurement_groups():
-            assert group.finding_sites == []
+        (group,) = sr.content.get_image_measurement_groups()
+        assert group.finding_sites == []
 
     def test_qualitative_evaluations_use_the_declared_local_scheme(self, sr):
         group = sr.content.get_image_measurement_groups()[0]
@@ -357,7 +384,7 @@ class TestBuildSR:
         assert {LOCAL_SCHEME, AI_EXTENSION[1]} <= declared
 
     def test_algorithm_identification(self, sr):
-        assert _text_values(sr, codes.DCM.AlgorithmName) == [MODEL_NAME, MODEL_NAME]
+        assert _text_values(sr, codes.DCM.AlgorithmName) == [MODEL_NAME]  # the one outlined nodule's group
         assert "operating point: screening" in _text_values(sr, codes.DCM.AlgorithmParameters)
         (equipment,) = [item for item in sr.ContributingEquipmentSequence if "DeviceUID" in item]
         assert equipment.DeviceUID == DEVICE_UID
@@ -434,14 +461,17 @@ class TestBuildSR:
         assert exam_category.ConceptNameCodeSequence[0].CodeMeaning == "Suggested Lung-RADS v2022 category"
         assert exam_category.ConceptCodeSequence[0].CodeValue == "LR-4B"
         assert _text_values(container, codes.DCM.Finding) == [
-            "2 nodules reported at operating point screening; suggested exam category Lung-RADS 4B"
+            "2 nodules reported (1 outlined) at operating point screening; suggested exam category Lung-RADS 4B"
             " (score threshold 0.35)."
         ]
 
     def test_calcified_nodule_is_benign_lung_rads_1(self, tmp_path, lidc_headers, lidc_volume, findings):
         calcified = replace(findings[0], nodule_type=NoduleType.CALCIFIED, lung_rads="1", actionable=False)
         data = _write(
-            build_sr(lidc_headers, lidc_volume, _report((calcified,)), algorithm=algorithm(), billing=BILLING)
+            build_sr(
+                lidc_headers, lidc_volume, _report((calcified,)), algorithm=algorithm(), billing=BILLING,
+                outline_categories=["1"],  # a site that outlines benign findings too
+            )
         )
         _validate(tmp_path, data)
         group = _read(data).content.get_image_measurement_groups()[0]

@@ -11,6 +11,7 @@ from pydicom.uid import generate_uid
 
 from lidc_reports import validate_sr
 from lungscreen.dicom_io.outline import DEFAULT_OUTLINE_CATEGORIES
+from lungscreen.dicom_io.sr import OHIF_FREEHAND_TRACKING
 from lungscreen.models.card import BLOB_FILTER_CARD
 from lungscreen.server.app import job_details
 from lungscreen.server.config import load_settings
@@ -39,6 +40,11 @@ def _run(study, tmp_path, config: str = ""):
     return settings, result, sr_path, page
 
 
+def _document_evaluations(sr) -> list:
+    (container,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    return list(container.ContentSequence)
+
+
 def _drawn_in_sr(sr) -> list[str]:
     """Tracking identifiers of the SR's measurement groups that carry a SCOORD."""
     (measurements,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
@@ -46,6 +52,7 @@ def _drawn_in_sr(sr) -> list[str]:
     for group in measurements.ContentSequence:
         children = list(group.ContentSequence)
         name = next(item.TextValue for item in children if item.ConceptNameCodeSequence[0].CodeValue == "112039")
+        name = name.removeprefix(f"{OHIF_FREEHAND_TRACKING}:")
         nested = [grandchild for item in children for grandchild in item.get("ContentSequence", [])]
         if any(item.ValueType == "SCOORD" for item in children + nested):
             drawn.append(name)
@@ -61,6 +68,8 @@ def test_default_outlines_lung_rads_3_and_above_and_lists_the_lung_rads_2_findin
     assert job_details(result, sr_path)["findings"][1]["outlined"] is False  # GET /studies/<uid>
     # the SR lists both, draws one; the GSPS draws that one only
     assert _drawn_in_sr(result.sr) == ["Nodule 1"]
+    listed = [item.TextValue for item in _document_evaluations(result.sr) if item.ConceptNameCodeSequence[0].CodeValue == "LISTED"]
+    assert len(listed) == 1 and listed[0].startswith("Nodule 2 · ")
     (annotation,) = result.gsps.GraphicAnnotationSequence
     assert annotation.TextObjectSequence[0].UnformattedTextValue.startswith("Nodule 1 ")
     # the review page lists both, says which is outlined, and shows the outlined one's key image only

@@ -5,7 +5,7 @@ The report goes back to the PACS next to the analysed CT and follows IHE AI Resu
 * Document: Comprehensive SR (PS3.3 A.35.3) with root template TID 1500 (PS3.16)
   "Imaging Measurement Report" (126000, DCM), the patient, study and Accession Number of the
   CT, Procedure Reported from CID 100, an Image Library (TID 1600) and one measurement group
-  per nodule. Every region is a 2D POLYLINE on an image, so no SCOORD3D is needed:
+  per outlined nodule. Every region is a 2D POLYLINE on an image, so no SCOORD3D is needed:
   Comprehensive SR suffices and is read by more systems than Comprehensive 3D SR (OHIF draws
   both; Orthanc Stone reads Comprehensive SR).
 * Per *outlined* nodule (its suggested Lung-RADS category is among the site's
@@ -50,8 +50,9 @@ tests. PixelMed (Debian build 20220618) reports no error; the warnings it keeps,
   (nodule type, Lung-RADS category, actionable) and its Comment. PS3.16 puts a group's
   qualitative evaluations in TID 1501 rows 11 (CONTAINS CODE) and 12 (CONTAINS TEXT), where
   they are; PixelMed's template tables of that build stop at row 10h (TID 1410 likewise), so
-  any evaluation in a measurement group is reported. Their local codes (``99LUNGSCR``) are not the cause: no standard code
-  exists for solid / part-solid / ground-glass or for Lung-RADS values.
+  any evaluation in a measurement group is reported. Their local codes (``99LUNGSCR``) are
+  not the cause: no standard code exists for solid / part-solid / ground-glass or for
+  Lung-RADS values.
 
 Fixed rather than kept: Finding Category (276214006, SCT) and Algorithm Manufacturer
 (TID 4019) are not written (both optional and unknown to that build; the manufacturer is in

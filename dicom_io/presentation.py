@@ -4,18 +4,20 @@ A GSPS is what nearly every PACS viewer shows without SR support: graphics and t
 over the referenced images, plus a display window. One GSPS per analysed CT series, in the
 CT's study:
 
-* every finding outlined on its centre slice: a closed POLYLINE (PIXEL units, the same
-  circle as the SR's region) and a short text label (:func:`dicom_io.sr.finding_label`)
-  above it, both in the graphic layer :data:`GRAPHIC_LAYER`;
+* every outlined finding (its suggested Lung-RADS category among ``outline_categories``, see
+  :mod:`lungscreen.dicom_io.outline`) drawn on its centre slice: a closed POLYLINE (PIXEL
+  units, the same circle as the SR's region) and a short text label
+  (:func:`dicom_io.sr.finding_label`) above it, both in the graphic layer
+  :data:`GRAPHIC_LAYER`. Findings only listed in the SR are not drawn;
 * lung window (W 1500 / L -600) for all referenced images, the CT's Modality LUT (rescale);
 * references every image of the series (Presentation State Relationship), so that opening
   the series with the GSPS applies the window to all slices;
 * research use stated in ContentLabel (``AI_RESEARCH_ONLY``), ContentDescription and
   SeriesDescription.
 
-A report without findings gives a GSPS without Graphic Annotation Sequence (the module is
-optional): the window is still applied and "LungScreen found nothing" is stated in its
-ContentDescription. Whether to send it is the caller's choice.
+A report without outlined findings gives a GSPS without Graphic Annotation Sequence (the
+module is optional): the window is still applied and its ContentDescription says that nothing
+is outlined. Whether to send it is the caller's choice.
 
 Loop guard: the GSPS SOP class (1.2.840.10008.5.1.4.1.1.11.1) is not a CT image class, so
 LungScreen's own SCP ignores a GSPS it receives back (see :data:`GSPS_SOP_CLASS_UID`).
@@ -33,16 +35,15 @@ import pydicom
 from pydicom import Dataset
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage, generate_uid
 
-from lungscreen.errors import VolumeError
-from lungscreen.dicom_io.sr import (
-    RESEARCH_USE_NOTICE,
-    AlgorithmIdentity,
-    centre_slice,
-    check_result_arguments,
-    finding_label,
+from lungscreen.errors import ReportError, VolumeError
+from lungscreen.dicom_io.outline import (
+    DEFAULT_OUTLINE_CATEGORIES,
+    check_outline_categories,
+    finding_slice,
+    is_outlined,
     nodule_outline,
-    slice_header,
 )
+from lungscreen.dicom_io.sr import RESEARCH_USE_NOTICE, AlgorithmIdentity, check_result_arguments, finding_label
 from lungscreen.dicom_io.volume import CT_SOP_CLASSES, Volume, frame_headers
 from lungscreen.findings import NoduleReport
 
@@ -74,9 +75,14 @@ _LABEL_HEIGHT_PX = 14.0  # text box height on a 512 x 512 slice
 _LABEL_CHAR_WIDTH_PX = 6.5
 
 
-def _content_description(report: NoduleReport) -> str:
+def _content_description(report: NoduleReport, outlined: int) -> str:
     # LO, 64 characters: RESEARCH_USE_NOTICE is 43.
-    prefix = "AI nodule outlines." if report.findings else "AI: no nodule."
+    if outlined:
+        prefix = "AI nodule outlines."
+    elif report.findings:
+        prefix = "AI: none outlined."
+    else:
+        prefix = "AI: no nodule."
     return f"{prefix} {RESEARCH_USE_NOTICE}"
 
 
@@ -103,6 +109,7 @@ def build_gsps(
     sop_instance_uid: str | None = None,
     instance_number: int = 1,
     series_number: int = 9002,
+    outline_categories: Sequence[str] = DEFAULT_OUTLINE_CATEGORIES,
 ) -> hd.pr.GrayscaleSoftcopyPresentationState:
     """The GSPS that outlines the findings of ``report`` on the CT series of ``volume``.
 
@@ -124,6 +131,9 @@ def build_gsps(
         A new UID by default.
     instance_number, series_number:
         Positive integers.
+    outline_categories:
+        Suggested Lung-RADS categories whose findings are drawn; the others are not (the SR
+        lists them). Numbering counts every finding, so "Nodule 3" is the SR's "Nodule 3".
 
     Raises
     ------
@@ -135,6 +145,7 @@ def build_gsps(
     """
     if not isinstance(algorithm, AlgorithmIdentity):
         raise TypeError(f"algorithm must be an AlgorithmIdentity, got {type(algorithm).__name__}")
+    outline_categories = check_outline_categories(outline_categories)
     headers = check_result_arguments(
         evidence, volume, report, algorithm,
         series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
@@ -150,11 +161,11 @@ def build_gsps(
     )
     annotations = []
     for number, finding in enumerate(report.findings, start=1):
-        what = f"nodule {number}"
-        k = centre_slice(finding, volume, what)
-        slice_ref = volume.slices[k]
-        header = slice_header(volume, k, headers, what)
-        outline = nodule_outline(finding, volume, header, number)
+        at = finding_slice(finding, volume, headers, f"nodule {number}")  # checked even when not drawn, as in the SR
+        if not is_outlined(finding, outline_categories):
+            continue
+        header = at.header
+        outline = nodule_outline(finding, volume, header)
         text = finding_label(number, finding.diameter_mm, finding.probability, finding.lung_rads)
         tracking_id = f"Nodule {number}"
         tracking_uid = generate_uid(entropy_srcs=[sop_instance_uid, tracking_id])
@@ -162,7 +173,7 @@ def build_gsps(
             hd.pr.GraphicAnnotation(
                 referenced_images=[header],
                 graphic_layer=layer,
-                referenced_frame_number=slice_ref.frame_number,
+                referenced_frame_number=at.ref.frame_number,
                 graphic_objects=[
                     hd.pr.GraphicObject(
                         graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
@@ -189,31 +200,34 @@ def build_gsps(
     in_volume = [s.sop_instance_uid for s in volume.slices]
     ordered = [headers[uid] for uid in dict.fromkeys([*in_volume, *headers]) if uid in headers]
     centre, width = LUNG_WINDOW
-    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
-        referenced_images=ordered,
-        series_instance_uid=series_instance_uid
-        or generate_uid(entropy_srcs=[volume.study_instance_uid, algorithm.device_uid, "LungScreen GSPS series"]),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.model_name,
-        software_versions=[algorithm.software_version, algorithm.model_version],
-        device_serial_number=algorithm.device_uid,
-        content_label=CONTENT_LABEL,
-        content_description=_content_description(report),
-        graphic_annotations=annotations or None,
-        graphic_layers=[layer] if annotations else None,
-        institution_name=algorithm.institution,
-        voi_lut_transformations=[
-            hd.pr.SoftcopyVOILUTTransformation(
-                window_center=centre, window_width=width, window_explanation="LUNG"
-            )
-        ],
-        # The labels use U+00B7; UTF-8 whatever the CT's character set.
-        specific_character_set="ISO_IR 192",
-        series_description=SERIES_DESCRIPTION,
-    )
+    try:
+        gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+            referenced_images=ordered,
+            series_instance_uid=series_instance_uid
+            or generate_uid(entropy_srcs=[volume.study_instance_uid, algorithm.device_uid, "LungScreen GSPS series"]),
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=instance_number,
+            manufacturer=algorithm.manufacturer,
+            manufacturer_model_name=algorithm.model_name,
+            software_versions=[algorithm.software_version, algorithm.model_version],
+            device_serial_number=algorithm.device_uid,
+            content_label=CONTENT_LABEL,
+            content_description=_content_description(report, len(annotations)),
+            graphic_annotations=annotations or None,
+            graphic_layers=[layer] if annotations else None,
+            institution_name=algorithm.institution,
+            voi_lut_transformations=[
+                hd.pr.SoftcopyVOILUTTransformation(
+                    window_center=centre, window_width=width, window_explanation="LUNG"
+                )
+            ],
+            # The labels use U+00B7; UTF-8 whatever the CT's character set.
+            specific_character_set="ISO_IR 192",
+            series_description=SERIES_DESCRIPTION,
+        )
+    except ValueError as error:  # highdicom checks the referenced images: a CT header it cannot use
+        raise ReportError(f"the GSPS cannot be built from the CT's headers: {str(error)[:160]}") from error
     # General Series Laterality is Type 2C (paired body parts, e.g. lungs): present, empty.
     gsps.Laterality = None
     return gsps
@@ -261,7 +275,7 @@ def key_slice(path: Path, center_lps_mm: Sequence[float], *, frame_number: int |
         raise VolumeError(f"{path.name}: no frame {frame_number} (the image has {len(frames)})")
     frame = frames[index]
     if frame.image_position is None or frame.image_orientation is None or frame.pixel_spacing is None:
-        raise VolumeError(f"{frame.label()}: no plane geometry")
+        raise VolumeError(f"{frame.label}: no plane geometry")
     pixels = dataset.pixel_array
     stored = pixels[index] if len(frames) > 1 or pixels.ndim == 3 else pixels
     hu = stored.astype(np.float32) * frame.rescale_slope + frame.rescale_intercept

@@ -4,35 +4,66 @@ The report goes back to the PACS next to the analysed CT and follows IHE AI Resu
 
 * Document: Comprehensive SR (PS3.3 A.35.3) with root template TID 1500 (PS3.16)
   "Imaging Measurement Report" (126000, DCM), the patient, study and Accession Number of the
-  CT, an Image Library (TID 1600) and one TID 1410 "Planar ROI Measurements and Qualitative
-  Evaluations" group per nodule. Every region is a 2D POLYLINE on an image, so no SCOORD3D is
-  needed: Comprehensive SR suffices and is read by more systems than Comprehensive 3D SR
-  (OHIF draws both; Orthanc Stone reads Comprehensive SR).
-* Per nodule: Tracking Identifier "Nodule n" and its own Tracking Unique Identifier
-  (TID 4108), finding type Nodule, finding site (the lobe, when known), a closed circle on the centre
-  slice, Long axis (mm), Volume (mm3), Certainty of Finding (%), nodule type, suggested
-  Lung-RADS v2022 category, whether the clinical rules call it actionable, and the
-  algorithm (TID 4019) with its operating point.
+  CT, Procedure Reported from CID 100, an Image Library (TID 1600) and one measurement group
+  per outlined nodule. Every region is a 2D POLYLINE on an image, so no SCOORD3D is needed:
+  Comprehensive SR suffices and is read by more systems than Comprehensive 3D SR (OHIF draws
+  both; Orthanc Stone reads Comprehensive SR).
+* Per *outlined* nodule (its suggested Lung-RADS category is among the site's
+  ``outline_categories``, see :mod:`lungscreen.dicom_io.outline`), one TID 1501 "Measurement
+  and Qualitative Evaluation Group": Tracking Identifier :data:`OHIF_FREEHAND_TRACKING` +
+  ":Nodule n" and its own Tracking Unique Identifier (TID 4108), finding type Nodule, the
+  algorithm (TID 4019) with its operating point, the measurements (TID 300): Area (mm2) of the
+  circle drawn on the centre slice, inferred from its closed POLYLINE, then Long axis (mm),
+  Volume (mm3), Certainty of Finding (%); the qualitative evaluations (row 11): nodule type,
+  suggested Lung-RADS v2022 category, whether the clinical rules call it actionable; and a
+  Comment (row 12) with the label every view shows (:func:`finding_label`). TID 1501 with the
+  SCOORD in the first NUM rather than TID 1410 (SCOORD beside the NUMs) is the form OHIF v3
+  loads into its measurement panel (the prefixed identifier names its freehand tool; the
+  Comment is the row title); the document is UTF-8 (ISO_IR 192) for the labels' middle dot.
+* Per *listed* nodule (not outlined): one TEXT item in the document's Qualitative
+  Evaluations (row 14) with its label, type, volume, whether actionable, centre and image. Not
+  a measurement group: TID 1501 allows a group without SCOORD and PixelMed accepts one, but
+  OHIF 3.13.2's SR loader fails on it ("Cannot read properties of undefined (reading
+  'ReferencedSOPSequence')" in ``_checkIfCanAddMeasurementsToDisplaySet``: it takes
+  ``coords[0]`` of every group), and the whole viewer route errors.
 * Document level (TID 1500 rows 12-14, "Qualitative Evaluations"): research-use notice,
   CAD processing summary (with or without findings), the suggested exam Lung-RADS category
-  (that of the most concerning nodule; none without findings), operating point, score
-  threshold and the candidates each clinical rule suppressed.
+  (that of the most concerning nodule, listed ones included; none without findings),
+  operating point, score threshold, the listed nodules and the candidates each clinical rule
+  suppressed.
 * Billing (China NHSA): AI assistance is an extension item of the main exam, never a
-  separate charge. The SR therefore reports the main exam's procedure code as "Procedure
-  reported", names the AI extension item in PerformedProcedureCodeSequence, and links the
-  order through ReferencedRequestSequence and the Accession Number.
+  separate charge. The main exam item (:func:`main_exam_procedure`) is the requested procedure
+  of ReferencedRequestSequence, the AI extension item is PerformedProcedureCodeSequence, and
+  the Accession Number links both to the order. Procedure Reported stays in CID 100, which
+  TID 1500 requires and which has no code of a site's own.
 * IHE AIR algorithm identity: Contributing Equipment item (manufacturer, model, software
   versions, Device UID) and a device observer (TID 1004).
 
 Codes that DICOM does not define (nodule type, Lung-RADS categories, operating point ...)
 use the local coding scheme :data:`LOCAL_SCHEME`, declared in the SR's
 CodingSchemeIdentificationSequence.
+
+Validated by ``dciodvfy`` (the IOD) and PixelMed's DicomSRValidator (the templates) in the
+tests. PixelMed (Debian build 20220618) reports no error; the warnings it keeps, and why:
+
+* "Content Item not in template" for the three qualitative evaluations of each nodule
+  (nodule type, Lung-RADS category, actionable) and its Comment. PS3.16 puts a group's
+  qualitative evaluations in TID 1501 rows 11 (CONTAINS CODE) and 12 (CONTAINS TEXT), where
+  they are; PixelMed's template tables of that build stop at row 10h (TID 1410 likewise), so
+  any evaluation in a measurement group is reported. Their local codes (``99LUNGSCR``) are
+  not the cause: no standard code exists for solid / part-solid / ground-glass or for
+  Lung-RADS values.
+
+Fixed rather than kept: Finding Category (276214006, SCT) and Algorithm Manufacturer
+(TID 4019) are not written (both optional and unknown to that build; the manufacturer is in
+the device observer context and the Contributing Equipment), and Procedure Reported is a CID
+100 code instead of the site's exam code.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -43,6 +74,14 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from lungscreen.errors import ReportError
+from lungscreen.dicom_io.outline import (
+    DEFAULT_OUTLINE_CATEGORIES,
+    FindingSlice,
+    check_outline_categories,
+    finding_slice,
+    is_outlined,
+    nodule_outline,
+)
 from lungscreen.dicom_io.uids import is_valid_uid
 from lungscreen.dicom_io.volume import Volume
 from lungscreen.findings import Finding, NoduleReport, NoduleType
@@ -51,16 +90,15 @@ from lungscreen.findings import LUNG_RADS_ORDER, exam_lung_rads
 __all__ = [
     "LOCAL_SCHEME",
     "RESEARCH_USE_NOTICE",
+    "OHIF_FREEHAND_TRACKING",
     "SERIES_DESCRIPTION",
     "AlgorithmIdentity",
     "BillingCodes",
+    "PROCEDURE_REPORTED",
     "build_sr",
-    "centre_slice",
     "check_result_arguments",
     "finding_label",
     "main_exam_procedure",
-    "nodule_outline",
-    "slice_header",
 ]
 
 LOCAL_SCHEME = "99LUNGSCR"
@@ -68,10 +106,19 @@ LOCAL_SCHEME = "99LUNGSCR"
 
 RESEARCH_USE_NOTICE = "Research use only. Not for diagnostic use."
 
+OHIF_FREEHAND_TRACKING = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+"""Tracking Identifier prefix of an outlined nodule ("...:Nodule 1"): OHIF v3 (Cornerstone3D's
+SR adapters) loads a measurement group into its measurement panel only when the identifier
+starts with a tool it maps; a closed POLYLINE in the first NUM is its freehand contour."""
+
 SERIES_DESCRIPTION = "LungScreen AI nodule report (research use)"
 
-POLYLINE_VERTICES = 32
-"""Vertices of the circle drawn around a nodule; the closed polyline repeats the first one."""
+PROCEDURE_REPORTED = hd.sr.CodedConcept(value="25045-6", scheme_designator="LN", meaning="CT unspecified body region")
+"""Procedure Reported (TID 1500 row 4, DCID 100 "Quantitative Diagnostic Imaging Procedures").
+
+CID 100 has no chest CT code (checked in PS3.16 as pydicom 3.0 and PixelMed 20220618 carry it:
+its only CT entries are whole-body PET/CT, CT perfusion of the head and "CT unspecified body
+region"), so the one that fits every chest CT is used; the site's own exam code goes to ReferencedRequestSequence."""
 
 _LO_MAX = 64  # Long String (LO) value length, PS3.5 6.2
 
@@ -108,18 +155,10 @@ _OPERATING_POINT = _local("OPERATING-POINT", "Operating point")
 _SCORE_THRESHOLD = _local("SCORE-THRESHOLD", "Detector score threshold")
 _OPERATING_POINT_SOURCE = _local("OPERATING-POINT-SOURCE", "Operating point source")
 _SUPPRESSED = _local("SUPPRESSED", "Candidates suppressed by clinical rule")
+_LISTED = _local("LISTED", "Nodule listed without outline")
 _QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(
     value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations"
 )
-
-# "right upper lobe" -> (anatomic location, laterality); SCT codes as listed in CID 6124.
-_LOBES = {
-    "right upper lobe": (codes.SCT.UpperLobeOfLung, codes.SCT.Right),
-    "right middle lobe": (codes.SCT.MiddleLobeOfRightLung, codes.SCT.Right),
-    "right lower lobe": (codes.SCT.LowerLobeOfLung, codes.SCT.Right),
-    "left upper lobe": (codes.SCT.UpperLobeOfLung, codes.SCT.Left),
-    "left lower lobe": (codes.SCT.LowerLobeOfLung, codes.SCT.Left),
-}
 
 # Type 2 attributes highdicom reads from the first evidence header (Patient and General Study).
 _TYPE2_STUDY_KEYWORDS = (
@@ -215,8 +254,8 @@ class BillingCodes:
         PerformedProcedureCodeSequence, e.g.
         ``("AI-LUNG-EXT", "99LUNGSCREEN", "AI-assisted diagnosis extension item")``.
     fallback_procedure_code:
-        Procedure Reported (121058, DCM) when the CT carries neither ProcedureCodeSequence nor
-        a requested procedure code.
+        The main exam item when the CT carries no procedure code: the requested procedure code
+        written to ReferencedRequestSequence and the main item of the billing ledger.
     """
 
     ai_extension_code: tuple[str, str, str]
@@ -228,11 +267,10 @@ class BillingCodes:
 
 
 def _main_exam_code(ct_header: Dataset, billing: BillingCodes) -> hd.sr.CodedConcept:
-    sequences = [ct_header.get("ProcedureCodeSequence"), ct_header.get("RequestedProcedureCodeSequence")]
-    sequences += [
-        request.get("RequestedProcedureCodeSequence")
-        for request in ct_header.get("RequestAttributesSequence", [])
+    sequences = [
+        request.get("RequestedProcedureCodeSequence") for request in ct_header.get("RequestAttributesSequence", [])
     ]
+    sequences += [ct_header.get("RequestedProcedureCodeSequence"), ct_header.get("ProcedureCodeSequence")]
     for sequence in sequences:
         if sequence:
             try:
@@ -245,9 +283,12 @@ def _main_exam_code(ct_header: Dataset, billing: BillingCodes) -> hd.sr.CodedCon
 def main_exam_procedure(ct_header: Dataset, billing: BillingCodes) -> tuple[str, str, str]:
     """``(value, scheme designator, meaning)`` of the main exam item that produced the CT.
 
-    The SR's Procedure Reported (121058, DCM). Looked up in this order: ProcedureCodeSequence
-    (General Study), RequestedProcedureCodeSequence, the first RequestAttributesSequence item
-    with a RequestedProcedureCodeSequence; otherwise ``billing.fallback_procedure_code``.
+    The item the AI extension is billed under: the SR names it as the requested procedure
+    (ReferencedRequestSequence > RequestedProcedureCodeSequence) and the billing ledger as the
+    main item, so the RIS finds the same code in both. Looked up in this order: the first
+    RequestAttributesSequence item with a RequestedProcedureCodeSequence (the order the CT
+    was made for), RequestedProcedureCodeSequence, ProcedureCodeSequence (General Study);
+    otherwise ``billing.fallback_procedure_code``.
 
     Raises
     ------
@@ -258,12 +299,19 @@ def main_exam_procedure(ct_header: Dataset, billing: BillingCodes) -> tuple[str,
     return code.value, code.scheme_designator, code.meaning
 
 
-def _referenced_requests(ct_header: Dataset) -> list[Dataset]:
+def _code_item(code: hd.sr.CodedConcept) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code.value, code.scheme_designator, code.meaning
+    return item
+
+
+def _referenced_requests(ct_header: Dataset, main_exam: hd.sr.CodedConcept) -> list[Dataset]:
     """ReferencedRequestSequence items (SR Document General Module, PS3.3 C.17.2).
 
     One item per RequestAttributesSequence item of the CT; without one, a single item from the
-    CT's Accession Number and Study Instance UID. Type 2 attributes are always present, empty
-    when unknown.
+    CT's Accession Number and Study Instance UID. A request without a procedure code gets the
+    main exam item's, so that the SR always names the item its AI extension is billed under.
+    Type 2 attributes are always present, empty when unknown.
     """
     requests = list(ct_header.get("RequestAttributesSequence", [])) or [Dataset()]
     items = []
@@ -276,7 +324,9 @@ def _referenced_requests(ct_header: Dataset) -> list[Dataset]:
         item.FillerOrderNumberImagingServiceRequest = request.get("FillerOrderNumberImagingServiceRequest")
         item.RequestedProcedureID = request.get("RequestedProcedureID")
         item.RequestedProcedureDescription = request.get("RequestedProcedureDescription")
-        item.RequestedProcedureCodeSequence = list(request.get("RequestedProcedureCodeSequence", []))
+        item.RequestedProcedureCodeSequence = list(request.get("RequestedProcedureCodeSequence", [])) or [
+            _code_item(main_exam)
+        ]
         items.append(item)
     return items
 
@@ -359,101 +409,61 @@ def _with_type2_study_attributes(header: Dataset) -> Dataset:
     return completed
 
 
-def centre_slice(finding: Finding, volume: Volume, what: str) -> int:
-    """The index of the slice through the finding's centre, where its outline is drawn."""
-    k = round(finding.center_kji[0])
-    if not 0 <= k < len(volume.slices):
-        raise ReportError(f"{what}: centre slice {k} is outside the volume (0 to {len(volume.slices) - 1})")
-    return k
+def _outline_area_mm2(outline: np.ndarray, volume: Volume) -> float:
+    """Area enclosed by a closed ``(column, row)`` polyline (shoelace formula), in mm2."""
+    columns, rows = outline[:, 0], outline[:, 1]
+    pixels = 0.5 * abs(float(np.dot(columns[:-1], rows[1:]) - np.dot(columns[1:], rows[:-1])))
+    return pixels * volume.spacing[1] * volume.spacing[2]
 
 
-def slice_header(volume: Volume, k: int, evidence: Mapping[str, Dataset], what: str) -> Dataset:
-    """The evidence header of the volume's slice ``k`` (a ``ReportError`` when it is missing)."""
-    uid = volume.slices[k].sop_instance_uid
-    if uid not in evidence:
-        raise ReportError(f"{what}: slice {k} (SOP instance {uid}) is not among the evidence")
-    return evidence[uid]
-
-
-def _finding_sites(finding: Finding, number: int) -> list[hd.sr.FindingSite]:
-    """TID 1419 Finding Site: the lobe when known, else none.
-
-    A bare "Lung" adds nothing to a lung nodule (finding type Nodule) and OHIF 3 prints a
-    finding site as "363698007: <meaning>" (its concept code, not its name) in the label it
-    draws, so the site is written only when it tells the reader something.
-    """
-    if finding.lobe is None:
-        return []
-    try:
-        location, laterality = _LOBES[finding.lobe.strip().lower()]
-    except KeyError:
-        raise ReportError(
-            f"nodule {number}: unknown lobe {finding.lobe!r}; known: {sorted(_LOBES)}"
-        ) from None
-    return [hd.sr.FindingSite(anatomic_location=location, laterality=laterality)]
-
-
-def nodule_outline(finding: Finding, volume: Volume, header: Dataset, number: int) -> np.ndarray:
-    """Closed POLYLINE ``(column, row)`` points of a circle of the nodule's diameter, clipped
-    to the image (a nodule at the edge of a small field of view).
-
-    SCOORD pixel coordinates (PS3.3 C.18.6.1.1) put (0, 0) at the top left corner of the top
-    left pixel, so the centre of voxel column ``i``, row ``j`` is ``(i + 0.5, j + 0.5)``, and
-    they lie within 0 to Columns and 0 to Rows (highdicom refuses a GSPS outline beyond).
-    """
-    _, j, i = finding.center_kji
-    if not (0 <= j < header.Rows and 0 <= i < header.Columns):
-        raise ReportError(f"nodule {number}: centre (row {j:.1f}, column {i:.1f}) lies outside the image")
-    _, row_spacing, column_spacing = volume.spacing
-    radius = finding.diameter_mm / 2
-    angles = np.linspace(0.0, 2 * np.pi, POLYLINE_VERTICES, endpoint=False)
-    vertices = np.column_stack(
-        [
-            np.clip(i + 0.5 + radius / column_spacing * np.cos(angles), 0.0, float(header.Columns)),
-            np.clip(j + 0.5 + radius / row_spacing * np.sin(angles), 0.0, float(header.Rows)),
-        ]
-    )
-    return np.vstack([vertices, vertices[:1]])
+def _check_encodable(finding: Finding, what: str) -> None:
+    if finding.lung_rads not in _LUNG_RADS_CATEGORIES:
+        raise ReportError(f"{what}: unknown Lung-RADS category {finding.lung_rads!r}")
+    if not 0.0 <= finding.probability <= 1.0:
+        raise ReportError(f"{what}: probability {finding.probability} is not in [0, 1]")
+    NoduleType(finding.nodule_type)
 
 
 def _measurement_group(
     finding: Finding,
     number: int,
     volume: Volume,
-    evidence: Mapping[str, Dataset],
+    at: FindingSlice,
     tracking_uid: str,
     algorithm: hd.sr.AlgorithmIdentification,
-) -> tuple[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, Dataset]:
-    """TID 1410 group of one nodule, and the header of the slice its region lies on."""
-    what = f"nodule {number}"
-    k = centre_slice(finding, volume, what)
-    if finding.lung_rads not in _LUNG_RADS_CATEGORIES:
-        raise ReportError(f"{what}: unknown Lung-RADS category {finding.lung_rads!r}")
-    if not 0.0 <= finding.probability <= 1.0:
-        raise ReportError(f"{what}: probability {finding.probability} is not in [0, 1]")
-    header = slice_header(volume, k, evidence, what)
-    slice_ref = volume.slices[k]
-    source = hd.sr.SourceImageForRegion(
-        referenced_sop_class_uid=slice_ref.sop_class_uid,
-        referenced_sop_instance_uid=slice_ref.sop_instance_uid,
-        referenced_frame_numbers=None if slice_ref.frame_number is None else [slice_ref.frame_number],
-    )
-    region = hd.sr.ImageRegion(
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of one outlined nodule, whose slice ``at`` is the one through its centre.
+
+    The first measurement is the Area (mm2) of the circle drawn on that slice, inferred from
+    the closed POLYLINE (rows 10, 10c-10d): the form viewers that keep measurements read (OHIF
+    takes the first NUM's SCOORD as a freehand contour). The long axis, volume and certainty
+    follow, then the qualitative evaluations (row 11) and the label as a Comment (row 12).
+    """
+    frames = None if at.ref.frame_number is None else [at.ref.frame_number]
+    outline = nodule_outline(finding, volume, at.header)
+    coordinates = hd.sr.CoordinatesForMeasurement(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=nodule_outline(finding, volume, header, number),
-        source_image=source,
+        graphic_data=outline,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=at.ref.sop_class_uid,
+            referenced_sop_instance_uid=at.ref.sop_instance_uid,
+            referenced_frame_numbers=frames,
+        ),
     )
-    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"Nodule {number}"),
-        referenced_region=region,
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=f"{OHIF_FREEHAND_TRACKING}:Nodule {number}"
+        ),
         finding_type=codes.SCT.Nodule,
-        finding_category=codes.SCT.MorphologicallyAbnormalStructure,
         algorithm_id=algorithm,
-        finding_sites=_finding_sites(finding, number) or None,
         measurements=[
             hd.sr.Measurement(
-                name=codes.SCT.LongAxis, value=float(finding.diameter_mm), unit=codes.UCUM.Millimeter
+                name=codes.SCT.Area,
+                value=_outline_area_mm2(outline, volume),
+                unit=codes.UCUM.SquareMillimeter,
+                referenced_coordinates=[coordinates],
             ),
+            hd.sr.Measurement(name=codes.SCT.LongAxis, value=float(finding.diameter_mm), unit=codes.UCUM.Millimeter),
             hd.sr.Measurement(
                 name=codes.SCT.Volume, value=float(finding.volume_mm3), unit=codes.UCUM.CubicMillimeter
             ),
@@ -462,16 +472,20 @@ def _measurement_group(
             ),
         ],
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(
-                name=_NODULE_TYPE, value=_NODULE_TYPES[NoduleType(finding.nodule_type)]
-            ),
+            hd.sr.QualitativeEvaluation(name=_NODULE_TYPE, value=_NODULE_TYPES[NoduleType(finding.nodule_type)]),
             hd.sr.QualitativeEvaluation(name=_LUNG_RADS, value=_LUNG_RADS_CATEGORIES[finding.lung_rads]),
-            hd.sr.QualitativeEvaluation(
-                name=_ACTIONABLE, value=codes.SCT.Yes if finding.actionable else codes.SCT.No
-            ),
+            hd.sr.QualitativeEvaluation(name=_ACTIONABLE, value=codes.SCT.Yes if finding.actionable else codes.SCT.No),
         ],
     )
-    return group, header
+    # TID 1501 row 12 (CONTAINS TEXT): the one-line label, which OHIF shows as the panel's title.
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=finding_label(number, finding.diameter_mm, finding.probability, finding.lung_rads),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
 
 
 def _operating_point_items(report: NoduleReport) -> list[hd.sr.TextContentItem]:
@@ -488,16 +502,36 @@ def _operating_point_items(report: NoduleReport) -> list[hd.sr.TextContentItem]:
     return items
 
 
-def _report_evaluations(report: NoduleReport) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12 "Qualitative Evaluations" with its CODE (row 13) and TEXT (row 14) items."""
+def finding_tracking_uid(sr_sop_instance_uid: str, number: int) -> str:
+    """The Tracking Unique Identifier (DCM 112040) of nodule ``number`` of the SR
+    ``sr_sop_instance_uid``: derived, so a finding listed without an outline has one too and the
+    findings rows name the same UID as the SR's measurement group."""
+    return generate_uid(entropy_srcs=[sr_sop_instance_uid, f"Nodule {number}"])
+
+
+def _listed_finding(finding: Finding, number: int, at: FindingSlice) -> str:
+    """The TEXT (TID 1500 row 14) that lists a finding the site does not outline."""
+    nodule_type = NoduleType(finding.nodule_type).value
+    x, y, z = (f"{v:.1f}" for v in finding.center_lps_mm)
+    frame = "" if at.ref.frame_number is None else f" frame {at.ref.frame_number}"
+    return (
+        f"{finding_label(number, finding.diameter_mm, finding.probability, finding.lung_rads)} · {nodule_type} · "
+        f"volume {finding.volume_mm3:.0f} mm3 · {'actionable' if finding.actionable else 'not actionable'} · "
+        f"centre ({x}, {y}, {z}) mm LPS on image {at.ref.sop_instance_uid}{frame}"
+    )
+
+
+def _report_evaluations(report: NoduleReport, listed: Sequence[str]) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12 "Qualitative Evaluations" with its CODE (row 13) and TEXT (row 14) items,
+    ``listed`` the texts of the findings that are not outlined."""
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     threshold = f"{report.score_threshold:g}"
     exam_category = exam_lung_rads(report.findings)
     if report.findings:
         count = len(report.findings)
         summary = (
-            f"{count} nodule{'s' if count > 1 else ''} reported at operating point {report.operating_point}; "
-            f"suggested exam category Lung-RADS {exam_category}"
+            f"{count} nodule{'s' if count > 1 else ''} reported ({count - len(listed)} outlined) at operating point "
+            f"{report.operating_point}; suggested exam category Lung-RADS {exam_category}"
         )
     else:
         summary = f"No nodule detected at operating point {report.operating_point}"
@@ -524,6 +558,7 @@ def _report_evaluations(report: NoduleReport) -> hd.sr.ContainerContentItem:
         items.append(
             hd.sr.CodeContentItem(name=_LUNG_RADS, value=_LUNG_RADS_CATEGORIES[exam_category], relationship_type=contains)
         )
+    items += [hd.sr.TextContentItem(name=_LISTED, value=text, relationship_type=contains) for text in listed]
     items += [
         hd.sr.TextContentItem(name=_SUPPRESSED, value=f"{rule}: {count}", relationship_type=contains)
         for rule, count in sorted(report.suppressed.items())
@@ -537,7 +572,7 @@ def _measurement_report_content(
     observation_context: hd.sr.ObservationContext,
     procedure_reported: hd.sr.CodedConcept,
     library_images: Sequence[Dataset],
-    groups: Sequence[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations],
+    groups: Sequence[hd.sr.MeasurementsAndQualitativeEvaluations],
     evaluations: hd.sr.ContainerContentItem,
 ) -> hd.sr.ContainerContentItem:
     """Root of TID 1500, rows 1-6 and 12, as :class:`highdicom.sr.MeasurementReport` builds them.
@@ -590,6 +625,16 @@ def _coding_schemes(designators: Sequence[str], manufacturer: str) -> list[Codin
     return items
 
 
+def _request_code_schemes(ct_header: Dataset, main_exam: hd.sr.CodedConcept) -> list[str]:
+    """Coding schemes of the requested procedure codes the SR carries (to declare local ones)."""
+    return [
+        item.CodingSchemeDesignator
+        for request in _referenced_requests(ct_header, main_exam)
+        for item in request.RequestedProcedureCodeSequence
+        if "CodingSchemeDesignator" in item
+    ]
+
+
 def _algorithm_equipment(algorithm: AlgorithmIdentity) -> hd.ContributingEquipment:
     """IHE AIR Contributing Equipment item describing the algorithm.
 
@@ -624,6 +669,7 @@ def build_sr(
     instance_number: int = 1,
     series_number: int = 9001,
     predecessor: Dataset | None = None,
+    outline_categories: Sequence[str] = DEFAULT_OUTLINE_CATEGORIES,
 ) -> hd.sr.ComprehensiveSR:
     """The TID 1500 Imaging Measurement Report of ``report`` on the CT series of ``volume``.
 
@@ -650,6 +696,9 @@ def build_sr(
         Positive integers.
     predecessor:
         An earlier SR of the same study that this one supersedes (PredecessorDocumentsSequence).
+    outline_categories:
+        Suggested Lung-RADS categories whose findings get an image region (outlined); the
+        others are listed without one (see :mod:`lungscreen.dicom_io.outline`).
 
     Raises
     ------
@@ -665,6 +714,7 @@ def build_sr(
         raise TypeError(f"algorithm must be an AlgorithmIdentity, got {type(algorithm).__name__}")
     if not isinstance(billing, BillingCodes):
         raise TypeError(f"billing must be a BillingCodes, got {type(billing).__name__}")
+    outline_categories = check_outline_categories(outline_categories)
     headers = check_result_arguments(
         evidence, volume, report, algorithm,
         series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
@@ -680,29 +730,38 @@ def build_sr(
         entropy_srcs=[volume.study_instance_uid, algorithm.device_uid, "LungScreen SR series"]
     )
 
+    # TID 4019 without Algorithm Manufacturer: the device observer context (TID 1004) and the
+    # Contributing Equipment name the manufacturer (see the module docstring).
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.model_name,
         version=algorithm.model_version,
-        manufacturer=algorithm.manufacturer,
         parameters=[
             f"operating point: {report.operating_point}",
             f"score threshold: {report.score_threshold:g}",
         ],
     )
-    groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    listed: list[str] = []
     library_images: dict[str, Dataset] = {}  # SOP Instance UID -> header, in order of first use
     for number, finding in enumerate(report.findings, start=1):
-        tracking_uid = generate_uid(entropy_srcs=[sop_instance_uid, f"Nodule {number}"])
-        group, header = _measurement_group(finding, number, volume, headers, tracking_uid, algorithm_id)
-        groups.append(group)
-        library_images.setdefault(header.SOPInstanceUID, _library_view(volume, round(finding.center_kji[0]), header))
+        what = f"nodule {number}"
+        at = finding_slice(finding, volume, headers, what)
+        _check_encodable(finding, what)
+        if is_outlined(finding, outline_categories):
+            tracking_uid = finding_tracking_uid(sop_instance_uid, number)
+            groups.append(_measurement_group(finding, number, volume, at, tracking_uid, algorithm_id))
+        else:
+            listed.append(_listed_finding(finding, number, at))
+        library_images.setdefault(at.header.SOPInstanceUID, _library_view(volume, at.index, at.header))
     if not library_images:
         k = len(volume.slices) // 2
-        middle = slice_header(volume, k, headers, "image library")
+        middle = headers.get(volume.slices[k].sop_instance_uid)
+        if middle is None:
+            raise ReportError(f"image library: slice {k} ({volume.slices[k].sop_instance_uid}) is not among the evidence")
         library_images[middle.SOPInstanceUID] = _library_view(volume, k, middle)
 
     first = _with_type2_study_attributes(evidence[0])
-    procedure = _main_exam_code(first, billing)
+    main_exam = _main_exam_code(first, billing)
     ai_extension = _coded(billing.ai_extension_code)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -714,13 +773,13 @@ def build_sr(
     )
     content = _measurement_report_content(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=procedure,
+        procedure_reported=PROCEDURE_REPORTED,
         library_images=list(library_images.values()),
         groups=groups,
-        evaluations=_report_evaluations(report),
+        evaluations=_report_evaluations(report, listed),
     )
     try:
-        return hd.sr.ComprehensiveSR(
+        sr = hd.sr.ComprehensiveSR(
             evidence=[first, *evidence[1:]],
             content=content,
             series_instance_uid=series_instance_uid,
@@ -736,13 +795,16 @@ def build_sr(
             is_final=False,
             is_verified=False,
             performed_procedure_codes=[ai_extension],
-            requested_procedures=_referenced_requests(first),
+            requested_procedures=_referenced_requests(first, main_exam),
             previous_versions=None if predecessor is None else [predecessor],
             contributing_equipment=[_algorithm_equipment(algorithm)],
             coding_schemes=_coding_schemes(
-                [LOCAL_SCHEME, ai_extension.scheme_designator, procedure.scheme_designator],
+                [LOCAL_SCHEME, ai_extension.scheme_designator, *_request_code_schemes(first, main_exam)],
                 algorithm.manufacturer,
             ),
         )
     except ValueError as error:  # highdicom checks the evidence: a CT header it cannot use
         raise ReportError(f"the SR cannot be built from the CT's headers: {str(error)[:160]}") from error
+    # The labels use U+00B7; UTF-8 whatever the CT's character set (names are re-encoded on write).
+    sr.SpecificCharacterSet = "ISO_IR 192"
+    return sr

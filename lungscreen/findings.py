@@ -51,7 +51,6 @@ class Finding:
     nodule_type: NoduleType
     lung_rads: str  # suggested Lung-RADS v2022 category, e.g. "2", "3", "4A", "4B"
     actionable: bool  # whether the clinical rules ask for follow-up
-    lobe: str | None = None  # e.g. "right upper lobe"; None when unknown
     outside_lungs_mm: float | None = None  # as Candidate.outside_lungs_mm
 
 

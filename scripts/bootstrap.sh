@@ -11,6 +11,9 @@ want_test=0
 need_apt=()
 command -v storescu >/dev/null || need_apt+=(dcmtk)
 command -v dciodvfy >/dev/null || need_apt+=(dicom3tools)
+# PixelMed's DicomSRValidator checks the SRs against their templates (tests/lidc_reports.py).
+[[ -f /usr/share/java/pixelmed.jar ]] || need_apt+=(libpixelmed-java)
+command -v java >/dev/null || need_apt+=(default-jre-headless)
 command -v Orthanc >/dev/null || need_apt+=(orthanc)
 [[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need_apt+=(orthanc-dicomweb)
 command -v ip >/dev/null || need_apt+=(iproute2)

@@ -22,6 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from lungscreen.dicom_io.outline import DEFAULT_OUTLINE_CATEGORIES, check_outline_categories
 from lungscreen.errors import ConfigurationError
 from lungscreen.models.card import DEFAULT_MODEL_CARD
 from lungscreen.server.reviewers import check_reviewers
@@ -96,9 +97,11 @@ class Settings:
     retry_base_delay_s: Annotated[float, Range(0, 3600)] = 2.0
     institution: str | None = None
     presentation_state: bool = True  # also send a GSPS outlining the findings (viewers without SR support)
+    # Suggested Lung-RADS categories whose findings the SR and GSPS outline; the others are listed only (README)
+    outline_categories: tuple[str, ...] = DEFAULT_OUTLINE_CATEGORIES
     ohif_url: str | None = None  # e.g. http://pacs.example/ohif: the review page links to the SR view there
     # Billing: the AI extension item (PerformedProcedureCodeSequence) and the main exam code
-    # used when the CT carries none (Procedure Reported).
+    # used when the CT carries none (the SR's requested procedure, the ledger's main item).
     ai_extension_code: tuple[str, str, str] = ("LUNG-AI-EXT", "99LUNGSCR", "AI-assisted diagnosis, extension of the main CT exam item")
     fallback_procedure_code: tuple[str, str, str] = ("LUNG-CT", "99LUNGSCR", "CT chest")
     clinical_rules: dict[str, Any] = field(default_factory=dict)  # see models.rules.ClinicalRules
@@ -121,6 +124,10 @@ class Settings:
             check_reviewers(self.reviewers)
         except ValueError as exc:
             raise SettingError("reviewers", str(exc)) from None
+        try:
+            check_outline_categories(self.outline_categories)
+        except ValueError as exc:
+            raise SettingError("outline_categories", str(exc)) from None
 
     @property
     def receiver_processes(self) -> int:

@@ -19,11 +19,11 @@ import numpy as np
 from pydicom import Dataset
 
 from lungscreen.errors import NotEligible, VolumeError
+from lungscreen.dicom_io.outline import DEFAULT_OUTLINE_CATEGORIES, is_outlined
 from lungscreen.dicom_io.presentation import build_gsps
 from lungscreen.dicom_io.kernels import KernelFamily
 from lungscreen.dicom_io.select import RejectionCode, SelectionRules, SeriesRejection, choose_series
-from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes, build_sr, main_exam_procedure
-from lungscreen.dicom_io.sr_reading import finding_tracking_uids
+from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes, build_sr, finding_tracking_uid, main_exam_procedure
 from lungscreen.dicom_io.study import index_study
 from lungscreen.dicom_io.volume import Volume, read_series_volume
 from lungscreen.models.calibrate import calibrate
@@ -64,6 +64,7 @@ class Analyzer:
     operating_point: str | None = None  # None: the model card's default
     presentation_state: bool = True  # also a GSPS, for viewers that draw no SR
     site_operating_point: OperatingPointDecision | None = None  # applied by an administrator; wins over the card's
+    outline_categories: tuple[str, ...] = DEFAULT_OUTLINE_CATEGORIES  # Lung-RADS categories drawn; others listed
 
 
 @dataclass(frozen=True)
@@ -167,12 +168,13 @@ def analyze_study(
             sop_instance_uid=sr_sop_uid,
             instance_number=instance_number,
             predecessor=predecessor,
+            outline_categories=analyzer.outline_categories,
         )
         gsps = None
         if analyzer.presentation_state:
             gsps = build_gsps(
                 evidence, volume, report, algorithm=analyzer.algorithm, sop_instance_uid=gsps_sop_uid,
-                instance_number=instance_number,
+                instance_number=instance_number, outline_categories=analyzer.outline_categories,
             )
     return AnalysisResult(
         study_uid=volume.study_instance_uid,
@@ -181,7 +183,10 @@ def analyze_study(
         report=report,
         sr=sr,
         gsps=gsps,
-        findings=tuple(_finding_row(f, volume, t) for f, t in zip(findings, finding_tracking_uids(sr), strict=True)),
+        findings=tuple(
+            _finding_row(f, volume, analyzer.outline_categories, finding_tracking_uid(sr.SOPInstanceUID, number))
+            for number, f in enumerate(findings, start=1)
+        ),
         candidates=len(candidates),
         accession_number=str(header.get("AccessionNumber", "") or ""),
         main_exam_item=main_exam_procedure(header, analyzer.billing),
@@ -228,9 +233,10 @@ def _evidence_in_slice_order(headers, volume: Volume) -> list[Dataset]:
     return [by_uid[uid] for uid in seen]
 
 
-def _finding_row(finding: Finding, volume: Volume, tracking_uid: str) -> dict:
-    """The findings.json row; ``tracking_uid`` is the SR's Tracking Unique Identifier of the
-    finding, which verdicts (``server/feedback.py``) refer to."""
+def _finding_row(finding: Finding, volume: Volume, outline_categories: tuple[str, ...], tracking_uid: str) -> dict:
+    """A findings.json row. ``outlined``: the SR and GSPS draw it (else they only list it);
+    ``tracking_uid``: the finding's Tracking Unique Identifier, which verdicts
+    (``server/feedback.py``) refer to and an outlined finding's SR measurement group carries."""
     slice_ref = volume.slices[int(round(finding.center_kji[0]))]
     return {
         "center_lps_mm": [round(v, 2) for v in finding.center_lps_mm],
@@ -240,6 +246,7 @@ def _finding_row(finding: Finding, volume: Volume, tracking_uid: str) -> dict:
         "nodule_type": finding.nodule_type.value,
         "lung_rads": finding.lung_rads,
         "actionable": finding.actionable,
+        "outlined": is_outlined(finding, outline_categories),
         "sop_instance_uid": slice_ref.sop_instance_uid,
         "frame_number": slice_ref.frame_number,
         "tracking_uid": tracking_uid,

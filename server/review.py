@@ -127,6 +127,15 @@ def ohif_viewer_url(ohif_url: str, study_uid: str, sr_series_uid: str | None = N
     return f"{ohif_url.rstrip('/')}/viewer?{urlencode(query)}"
 
 
+def _yes_no(value: Any) -> str:
+    return _e({True: "yes", False: "no"}.get(value, value))
+
+
+def _outlined(finding: Mapping[str, Any]) -> bool:
+    """Whether the SR and GSPS draw the finding; rows written before the flag existed were all drawn."""
+    return finding.get("outlined", True) is not False
+
+
 def _finding_rows(findings: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for number, finding in enumerate(findings, start=1):
@@ -136,23 +145,24 @@ def _finding_rows(findings: Sequence[Mapping[str, Any]]) -> str:
             )
         except (KeyError, TypeError, ValueError):
             label = f"Nodule {number}"
-        actionable = finding.get("actionable")
+        outlined = _outlined(finding)
         rows.append(
-            f"<tr id=\"finding-{number}\">"
+            f"<tr id=\"finding-{number}\" class=\"{'outlined' if outlined else 'listed'}\">"
             f"<td>{_e(label)}</td>"
             f"<td class=\"num\">{_number(finding.get('diameter_mm'), 1)}</td>"
             f"<td class=\"num\">{_number(finding.get('volume_mm3'), 0)}</td>"
             f"<td>{_e(finding.get('nodule_type'))}</td>"
             f"<td>{_e(finding.get('lung_rads'))}</td>"
             f"<td class=\"num\">{_number(finding.get('probability'), 2)}</td>"
-            f"<td>{_e({True: 'yes', False: 'no'}.get(actionable, actionable))}</td>"
+            f"<td>{_yes_no(finding.get('actionable'))}</td>"
+            f"<td>{'yes' if outlined else 'no (listed only)'}</td>"
             f"<td>{_e(', '.join(_number(v, 1) for v in finding.get('center_lps_mm') or []))}</td>"
             "</tr>"
         )
     return (
         "<table id=\"findings\"><thead><tr><th>Nodule</th><th>Long axis (mm)</th><th>Volume (mm³)</th>"
         "<th>Type</th><th>Lung-RADS v2022 (suggested)</th><th>Probability</th><th>Actionable</th>"
-        "<th>Centre LPS (mm)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        "<th>Outlined in SR/GSPS</th><th>Centre LPS (mm)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
     )
 
 
@@ -165,6 +175,9 @@ def render_study(
 ) -> str:
     """HTML page of one study: state, findings table, operating point, suppressed candidates,
     per-stage timings, rejected series, key images and a link to OHIF.
+
+    Every finding is in the table with whether it is actionable and whether the SR and GSPS
+    outline it; key images (which outline the nodule) are shown for outlined findings only.
 
     ``key_image_href`` is formatted with the URL-quoted ``study_uid`` and the 1-based finding
     ``number`` (``None``: no key images). ``ohif_url`` is the OHIF root (``None``: no link); the
@@ -209,9 +222,11 @@ def render_study(
         parts.append("<p>No results yet.</p>")
     parts.append(feedback)
 
-    if findings and key_image_href:
+    if any(_outlined(finding) for finding in findings) and key_image_href:
         figures = []
         for number, finding in enumerate(findings, start=1):
+            if not _outlined(finding):  # listed only: the SR and GSPS draw no outline, nor does this page
+                continue
             src = key_image_href.format(study_uid=quote(uid, safe=""), number=number)
             figures.append(
                 f"<figure><img src=\"{_e(src)}\" alt=\"Key image of nodule {number}\" width=\"384\" height=\"384\">"

@@ -74,6 +74,7 @@ def build_analyzer(settings: Settings) -> Analyzer:
         selection=SelectionRules.from_mapping(settings.series_selection),
         operating_point=settings.operating_point,
         presentation_state=settings.presentation_state,
+        outline_categories=settings.outline_categories,
     )
 
 

@@ -1,5 +1,6 @@
 """What the report tests (SR, GSPS) share: LIDC-IDRI-0001's LUNA16 nodule as a finding, a
-small second finding, the algorithm identity, the report around them, and dciodvfy."""
+small second finding, the algorithm identity, the report around them, and the validators:
+dciodvfy (the IOD) and PixelMed's DicomSRValidator (the SR templates)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,6 @@ def lidc_findings(volume: Volume, small_kji: tuple[float, float, float]) -> tupl
         nodule_type=NoduleType.SOLID,
         lung_rads="4B",
         actionable=True,
-        lobe="right lower lobe",
     )
     small = Finding(
         center_kji=small_kji,
@@ -69,6 +69,41 @@ def lidc_findings(volume: Volume, small_kji: tuple[float, float, float]) -> tupl
         actionable=False,
     )
     return luna, small
+
+
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")  # Debian libpixelmed-java
+PIXELMED_SR_VALIDATOR = [
+    "java",
+    # PixelMed's stylesheets exceed the JDK's default XPath limits (shared/notes/dicom-facts.md).
+    "-Djdk.xml.xpathExprOpLimit=0",
+    "-Djdk.xml.xpathExprGrpLimit=0",
+    "-Djdk.xml.xpathTotalOpLimit=0",
+    # Start-up dominates a run: the quick JIT tier and the serial collector start it sooner.
+    "-XX:TieredStopAtLevel=1",
+    "-XX:+UseSerialGC",
+    "-cp",
+    str(PIXELMED_JAR),
+    "com.pixelmed.validate.DicomSRValidator",
+]
+
+
+def pixelmed_sr(path: Path) -> list[str]:
+    """PixelMed DicomSRValidator's warnings for the SR at ``path``; fails the test on any
+    ``Error:`` line or when the TID 1500 root template was not validated. One JVM per call
+    (several seconds): validate few files."""
+    if shutil.which("java") is None or not PIXELMED_JAR.is_file():
+        pytest.skip("PixelMed (libpixelmed-java) or a Java runtime is not installed")
+    result = subprocess.run([*PIXELMED_SR_VALIDATOR, str(path)], capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert "Found Root Template TID_1500" in output and "Root Template Validation Complete" in output, output
+    assert not [line for line in output.splitlines() if line.startswith("Error")], output
+    return [line for line in output.splitlines() if line.startswith("Warning")]
+
+
+def validate_sr(path: Path) -> list[str]:
+    """Both validators on the SR at ``path`` (no error from either); PixelMed's warnings."""
+    dciodvfy(path)
+    return pixelmed_sr(path)
 
 
 def dciodvfy(path: Path) -> str:

@@ -11,13 +11,14 @@ import pydicom
 import pytest
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage, generate_uid
 
-from lungscreen.errors import ReportError
+from lungscreen.errors import ReportError, VolumeError
 from lungscreen.dicom_io.presentation import (
     CONTENT_LABEL,
     GRAPHIC_LAYER,
     GSPS_SOP_CLASS_UID,
     LUNG_WINDOW,
     build_gsps,
+    key_slice,
 )
 from lungscreen.dicom_io.sr import RESEARCH_USE_NOTICE, finding_label
 from lungscreen.dicom_io.volume import CT_SOP_CLASSES
@@ -42,9 +43,18 @@ def _dciodvfy(tmp_path: Path, dataset: pydicom.Dataset) -> None:
     dciodvfy(path)
 
 
+# A site that also outlines Lung-RADS 2 findings (the default lists them only), so that both
+# findings are drawn.
+OUTLINE_ALL = ("1", "2", "3", "4A", "4B", "4X")
+
+
 @pytest.fixture(scope="module")
 def gsps(lidc_headers, lidc_volume, findings) -> pydicom.Dataset:
-    return _roundtrip(build_gsps(lidc_headers, lidc_volume, nodule_report(findings), algorithm=algorithm()))
+    return _roundtrip(
+        build_gsps(
+            lidc_headers, lidc_volume, nodule_report(findings), algorithm=algorithm(), outline_categories=OUTLINE_ALL
+        )
+    )
 
 
 class TestFindingLabel:
@@ -61,7 +71,12 @@ class TestBuildGSPS:
     def test_an_outline_at_the_edge_of_the_image_is_clipped_to_it(self, lidc_headers, lidc_volume, findings):
         # Found by fuzzing the pipeline: highdicom refused a circle reaching past column 0.
         at_edge = Finding(**(vars(findings[1]) | {"center_kji": (40.0, 250.0, 1.0), "diameter_mm": 20.0}))
-        gsps = _roundtrip(build_gsps(lidc_headers, lidc_volume, nodule_report((at_edge,)), algorithm=algorithm()))
+        gsps = _roundtrip(
+            build_gsps(
+                lidc_headers, lidc_volume, nodule_report((at_edge,)), algorithm=algorithm(),
+                outline_categories=OUTLINE_ALL,
+            )
+        )
         (annotation,) = gsps.GraphicAnnotationSequence
         points = np.asarray(annotation.GraphicObjectSequence[0].GraphicData, dtype=float).reshape(-1, 2)
         assert points[:, 0].min() == 0.0 and points[:, 0].max() <= lidc_headers[0].Columns
@@ -116,6 +131,22 @@ class TestBuildGSPS:
             left, top = text.BoundingBoxTopLeftHandCorner
             right, bottom = text.BoundingBoxBottomRightHandCorner
             assert 0 <= left < right <= 512 and 0 <= top < bottom <= 512
+
+    def test_by_default_a_lung_rads_2_finding_is_not_drawn(self, tmp_path, lidc_headers, lidc_volume, findings):
+        """Default outline categories (3 and above): only the 4B nodule is drawn, still named
+        "Nodule 1" as in the SR; the Lung-RADS 2 one ("Nodule 2") is listed in the SR only."""
+        gsps = _roundtrip(build_gsps(lidc_headers, lidc_volume, nodule_report(findings), algorithm=algorithm()))
+        _dciodvfy(tmp_path, gsps)
+        (annotation,) = gsps.GraphicAnnotationSequence
+        assert annotation.TextObjectSequence[0].UnformattedTextValue.startswith("Nodule 1 ")
+        assert "4B" in annotation.TextObjectSequence[0].UnformattedTextValue
+
+    def test_only_listed_findings_leave_no_graphics(self, lidc_headers, lidc_volume, findings):
+        gsps = _roundtrip(
+            build_gsps(lidc_headers, lidc_volume, nodule_report(findings), algorithm=algorithm(), outline_categories=())
+        )
+        assert "GraphicAnnotationSequence" not in gsps
+        assert gsps.ContentDescription.startswith("AI: none outlined.")
 
     def test_luna16_outline_centred_on_the_nodule(self, gsps, lidc_headers):
         nearest = min(lidc_headers, key=lambda h: abs(float(h.ImagePositionPatient[2]) - LUNA16_NODULE_LPS[2]))
@@ -207,6 +238,7 @@ class TestBuildGSPSRejects:
             ({"sop_instance_uid": "1.2.abc"}, ValueError, "sop_instance_uid"),
             ({"series_instance_uid": "01.2"}, ValueError, "series_instance_uid"),
             ({"instance_number": 0}, ValueError, "instance_number"),
+            ({"outline_categories": ["5"]}, ValueError, "outline_categories"),
             ({"series_number": "9002"}, ValueError, "series_number"),
         ],
     )
@@ -214,3 +246,20 @@ class TestBuildGSPSRejects:
         arguments = dict(algorithm=algorithm()) | changes
         with pytest.raises(error, match=match):
             build_gsps(lidc_headers, lidc_volume, nodule_report(()), **arguments)
+
+
+class TestKeySlice:
+    def test_centre_of_the_luna16_nodule(self, lidc_series_dir, lidc_headers):
+        nearest = min(lidc_headers, key=lambda h: abs(float(h.ImagePositionPatient[2]) - LUNA16_NODULE_LPS[2]))
+        found = key_slice(Path(nearest.filename), LUNA16_NODULE_LPS)
+        assert found.hu.shape == (512, 512)
+        assert found.distance_mm < 1.5
+
+    def test_an_image_without_plane_geometry_is_refused_with_its_name(self, tmp_path, lidc_headers):
+        # The error path once called the frame's label property as a method (a TypeError).
+        dataset = pydicom.dcmread(lidc_headers[0].filename)
+        del dataset.ImagePositionPatient
+        path = tmp_path / "no-geometry.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        with pytest.raises(VolumeError, match="no plane geometry"):
+            key_slice(path, LUNA16_NODULE_LPS)

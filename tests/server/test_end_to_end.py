@@ -21,10 +21,10 @@ import pytest
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 from lungscreen.benchmarks.harness import children
+from lidc_reports import validate_sr
 from peers import (
     LungScreen,
     Orthanc,
-    dciodvfy_errors,
     free_port,
     needs_binary,
     needs_netns,
@@ -50,18 +50,20 @@ def lidc_headers_by_uid(lidc_headers) -> dict[str, pydicom.Dataset]:
 
 
 def sr_findings(sr: pydicom.Dataset) -> list[dict]:
-    """Per measurement group: tracking UID, referenced SOP instance and polyline, read with highdicom."""
+    """Per measurement group (one per outlined finding, TID 1501 with the outline in its first
+    NUM): tracking UID, referenced SOP instance and polyline, read with highdicom."""
     report = hd.sr.ComprehensiveSR.from_dataset(sr)
-    groups = report.content.get_planar_roi_measurement_groups()
+    groups = report.content.get_image_measurement_groups()
     out = []
     for group in groups:
-        region = group.roi
+        area = next(item for item in group[0].ContentSequence if item.ValueType == "NUM")
+        (region,) = [item for item in area.ContentSequence if item.ValueType == "SCOORD"]
         (source,) = [item for item in region.ContentSequence if item.RelationshipType == "SELECTED FROM"]
         out.append(
             {
                 "tracking_uid": group.tracking_uid,
                 "sop_instance_uid": source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
-                "points": np.asarray(region.value, dtype=float).reshape(-1, 2),
+                "points": np.asarray(region.GraphicData, dtype=float).reshape(-1, 2),
                 "long_axis_mm": next(m.value for m in group.get_measurements() if m.name.meaning.lower().startswith("long")),
             }
         )
@@ -69,8 +71,7 @@ def sr_findings(sr: pydicom.Dataset) -> list[dict]:
 
 
 def check_sr(sr_path: Path, ct_headers: dict[str, pydicom.Dataset], job: dict) -> pydicom.Dataset:
-    errors, output = dciodvfy_errors(sr_path)
-    assert not errors, output
+    validate_sr(sr_path)  # dciodvfy and PixelMed's DicomSRValidator: no error
     dump = subprocess.run(["dsrdump", str(sr_path)], capture_output=True, text=True)
     assert dump.returncode == 0 and "Imaging Measurement Report" in dump.stdout
     sr = pydicom.dcmread(sr_path)
@@ -78,7 +79,7 @@ def check_sr(sr_path: Path, ct_headers: dict[str, pydicom.Dataset], job: dict) -
     assert sr.StudyInstanceUID == any_ct.StudyInstanceUID, "the SR goes into the same study"
     assert sr.AccessionNumber == any_ct.get("AccessionNumber", "")
     assert sr.PerformedProcedureCodeSequence[0].CodeValue == "LUNG-AI-EXT"
-    findings = job["details"]["findings"]
+    findings = [finding for finding in job["details"]["findings"] if finding["outlined"]]
     groups = sr_findings(sr)
     assert len(groups) == len(findings)
     assert len({g["tracking_uid"] for g in groups}) == len(groups)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import highdicom as hd
 import pytest
+
+from lungscreen.dicom_io.sr_reading import finding_tracking_uids
+from lungscreen.dicom_io.uids import is_valid_uid
 from lungscreen.models.card import BLOB_FILTER_CARD
 from lungscreen.server.config import load_settings
 from lungscreen.server.db import Database
@@ -48,9 +51,12 @@ def study_result(result) -> StudyResult:
 
 def test_findings_rows_carry_the_tracking_uids_of_the_sr(analysed):
     _, result = analysed
-    groups = hd.sr.ComprehensiveSR.from_dataset(result.sr).content.get_planar_roi_measurement_groups()
     assert len(result.findings) == 3
-    assert [row["tracking_uid"] for row in result.findings] == [str(g.tracking_uid) for g in groups]
+    outlined = [row["tracking_uid"] for row in result.findings if row["outlined"]]
+    listed = [row["tracking_uid"] for row in result.findings if not row["outlined"]]
+    assert outlined and outlined == finding_tracking_uids(result.sr)
+    # A finding listed without an outline has no measurement group, but a UID of its own for verdicts.
+    assert len(set(outlined + listed)) == 3 and all(is_valid_uid(uid) for uid in listed)
 
 
 def test_verdicts_record_who_when_and_what_was_judged_and_the_latest_counts(analysed, tmp_path):
@@ -301,8 +307,11 @@ def test_a_report_reads_back_its_groups_with_positions_and_sizes(analysed):
     path.write_bytes(buffer.getvalue())
     by_uid = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in study.paths}
     report = read_measurement_report(path, lambda uid: read_image_header(by_uid[uid]) if uid in by_uid else None)
-    assert not report.from_a_viewer and report.device_observer_uid and report.observer is None
-    for measurement, row in zip(report.measurements, result.findings, strict=True):
+    # Our SR has OHIF's tool identifiers too (so OHIF lists its findings); the Device Observer UID
+    # is what tells it apart from a radiologist's.
+    assert report.device_observer_uid and report.observer is None
+    outlined_rows = [row for row in result.findings if row["outlined"]]
+    for measurement, row in zip(report.measurements, outlined_rows, strict=True):
         assert measurement.tracking_uid == row["tracking_uid"] and measurement.graphic_type == "POLYLINE"
         assert math.dist(measurement.center_lps_mm, row["center_lps_mm"]) < 1.0  # the slice's z, the nodule's x, y
         assert measurement.size_mm == pytest.approx(row["diameter_mm"], abs=0.2)

@@ -103,6 +103,8 @@ async ([sop, center, radiusMm]) => {
     if (vp.getCurrentImageIdIndex() !== index) {
       await vp.setImageIdIndex(index);
     }
+    // OHIF zooms onto the first finding of a loadable SR: map on the whole slice.
+    vp.resetCamera();
     vp.render();
     const rect = vp.canvas.getBoundingClientRect();
     const c = vp.worldToCanvas(center);
@@ -138,10 +140,15 @@ DRAWN_JS = """
 """
 
 
-def _analyze(series_dir: Path, out: Path) -> dict:
+def _analyze(series_dir: Path, out: Path, outline_categories=("1", "2", "3", "4A", "4B", "4X")) -> dict:
+    # The blob filter's findings on this scan are all under 6 mm (Lung-RADS 1 and 2), which the
+    # default outline categories list without drawing: by default this site outlines every category.
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "outline.toml"
+    config.write_text(f"outline_categories = {json.dumps(list(outline_categories))}\n")
     result = subprocess.run(
         [sys.executable, "-m", "lungscreen.server.cli", "analyze", str(series_dir), "--out", str(out),
-         "--model", str(REPO / "models" / "blob-filter")],
+         "--model", str(REPO / "models" / "blob-filter"), "--config", str(config)],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -173,6 +180,7 @@ def test_ohif_draws_each_finding_on_its_slice_with_a_readable_label(tmp_path, li
     report = _analyze(lidc_series_dir, tmp_path / "analysis")
     findings = report["findings"]
     assert findings, "the blob filter finds candidates in LIDC-IDRI-0001"
+    assert all(finding["outlined"] for finding in findings)
     sr_path = tmp_path / "analysis" / "report_sr.dcm"
     import pydicom
 
@@ -256,3 +264,85 @@ def test_ohif_draws_each_finding_on_its_slice_with_a_readable_label(tmp_path, li
             page.screenshot(path=str(ARTIFACTS / "ohif_sr_nodule1.png"))
     timings["total_s"] = time.monotonic() - started
     (ARTIFACTS / "ohif_sr_check.json").write_text(json.dumps({"timings": timings, "checked": checked}, indent=2))
+
+
+# The Basic Viewer asks whether to track measurements before it loads an SR's findings into
+# its measurement panel; a site can skip the question (OHIF's disableConfirmationPrompts).
+PANEL_APP_CONFIG = APP_CONFIG.replace("  investigationalUseDialog", "  disableConfirmationPrompts: true,\n  investigationalUseDialog")
+
+def _open_measurement_panel(page, rows, expected: int, timeout_s: float = 120.0) -> None:
+    """Open the right-hand Measurements panel (collapsed at start) until it lists ``expected`` rows."""
+    deadline = time.monotonic() + timeout_s
+    while rows.count() < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{rows.count()} of {expected} measurement rows")
+        panel = page.locator('[data-cy="trackedMeasurements-panel"]')
+        button = page.locator('[data-cy="trackedMeasurements-btn"]')
+        if not (panel.count() and panel.first.is_visible()) and button.count() and button.first.is_visible():
+            button.first.click()
+        page.wait_for_timeout(500)
+
+
+# The slice each viewport shows.
+SHOWN_JS = """
+() => window.cornerstone.getEnabledElements()
+  .filter(e => e.viewport.getCurrentImageId)
+  .map(e => e.viewport.getCurrentImageId() || '')
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ohif_lists_each_outlined_finding_in_its_measurement_panel(tmp_path, lidc_series_dir):
+    """OHIF loads the SR's outlined findings into its measurement panel (TID 1501 groups whose
+    first NUM holds the outline, a Cornerstone3D freehand tracking identifier, the Comment as
+    title); listed-only findings stay out of it; a click on an entry shows that finding's slice."""
+    from lungscreen.dicom_io.sr import finding_label
+
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    # This site outlines Lung-RADS 2 and above: the blob filter's Lung-RADS 1 findings are listed only.
+    report = _analyze(lidc_series_dir, tmp_path / "analysis", outline_categories=["2", "3", "4A", "4B", "4X"])
+    labels = {
+        finding_label(number, f["diameter_mm"], f["probability"], f["lung_rads"]): f
+        for number, f in enumerate(report["findings"], start=1)
+        if f["outlined"]
+    }
+    assert labels and len(labels) < len(report["findings"]), "outlined and listed findings both present"
+    sr_path = tmp_path / "analysis" / "report_sr.dcm"
+    import pydicom
+
+    sr = pydicom.dcmread(sr_path, stop_before_pixels=True)
+    with Orthanc(tmp_path).running() as orthanc:
+        _upload(orthanc, sorted(lidc_series_dir.glob("*.dcm")) + [sr_path])
+        overrides = {"/app-config.js": PANEL_APP_CONFIG.encode()}
+        handler = static_handler(OHIF_DIST, spa_fallback=True, proxy={"/dicom-web": orthanc.url}, overrides=overrides)
+        with serve(handler) as base, chromium_page(tmp_path, width=1400, height=900) as page:
+            console: list[str] = []
+            page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+            url = f"{base}/viewer?StudyInstanceUIDs={sr.StudyInstanceUID}&initialSeriesInstanceUID={sr.SeriesInstanceUID}"
+            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+            _skip_tour(page)
+            rows = page.locator('[data-cy="data-row"]')
+            try:
+                _open_measurement_panel(page, rows, len(labels))
+            except Exception:
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "ohif_panel_failed.png"))
+                raise AssertionError("OHIF's measurement panel did not fill:\n" + "\n".join(console[-40:])) from None
+            page.wait_for_timeout(1000)  # let a late entry arrive: the count must not grow past the outlined ones
+            titles = [text.strip() for text in page.locator('[data-cy="data-row-title"]').all_inner_texts()]
+            assert rows.count() == len(labels), titles
+            assert sorted(titles) == sorted(labels), titles
+
+            # A click shows the finding's slice: two entries on different slices, one after the other.
+            by_slice = {finding["sop_instance_uid"]: title for title, finding in labels.items()}
+            assert len(by_slice) >= 2, by_slice
+            for sop, title in list(by_slice.items())[:2]:
+                rows.nth(titles.index(title)).click()
+                page.wait_for_function(
+                    f"() => ({SHOWN_JS})().some(id => id.includes({json.dumps(sop)}))", timeout=30_000
+                )
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "ohif_measurement_panel.png"))

@@ -137,6 +137,15 @@ class TestRenderStudy:
             '&amp;initialSeriesInstanceUID=1.2.3.6"' in page
         )
 
+    def test_listed_finding_is_in_the_table_without_a_key_image(self):
+        listed = _finding(diameter_mm=5.0, lung_rads="2", actionable=False, outlined=False)
+        details = _job()["details"] | {"findings": [_finding(outlined=True), listed]}
+        page = render_study(_job(details=details), ohif_url=None)
+        assert re.search(r'<tr id="finding-1" class="outlined">.*?<td>yes</td><td>yes</td>', page)
+        assert re.search(r'<tr id="finding-2" class="listed">.*?<td>no</td><td>no \(listed only\)</td>', page)
+        assert "Nodule 2 · 5.0 mm · p 0.91 · Lung-RADS 2" in page
+        assert re.findall(r'alt="Key image of nodule (\d+)"', page) == ["1"]
+
     def test_no_ohif_link_without_url(self):
         assert "ohif-link" not in render_study(_job(), ohif_url=None)
 

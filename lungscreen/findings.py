@@ -58,6 +58,7 @@ class Finding:
     prior: PriorMeasurement | None = None
     volume_doubling_time_days: float | None = None  # solid nodules that grew in volume only
     tracking_uid: str | None = None  # TID 1500 Tracking UID; a matched nodule keeps its prior's
+    tracking_id: str | None = None  # TID 1500 Tracking Identifier, e.g. "Nodule 2"; kept across timepoints too
     assessment: Assessment | None = None  # the site's rule set's category and the rule that gave it
 
 

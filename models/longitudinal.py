@@ -122,6 +122,7 @@ def label_changes(
                 ),
                 volume_doubling_time_days=vdt,
                 tracking_uid=before.tracking_uid or finding.tracking_uid,
+                tracking_id=before.tracking_id or finding.tracking_id,
             )
         )
     matched_prior = {m.prior_index for m in matches.values()}

@@ -29,7 +29,7 @@ from lungscreen.models.lungs import lung_mask
 
 ALIGNMENT_SPACING_MM = 4.0
 _HU_RANGE = (-1000.0, 200.0)  # lungs to soft tissue; bone and contrast clipped so they do not dominate
-_MAX_SAMPLES = 12_000
+_MAX_SAMPLES = 6_000
 _SAMPLING_SEED = 20221101  # fixed: the same pair always gives the same alignment
 
 
@@ -96,15 +96,21 @@ def alignment_image(voxels: np.ndarray, affine: np.ndarray, spacing_mm: float = 
     affine = np.asarray(affine, dtype=np.float64)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     factors = np.maximum(1, np.round(spacing_mm / spacing)).astype(int)
-    shape = np.array(voxels.shape) // factors
+    # Every `stride`-th voxel, averaged in blocks of `block`: a 6 x 6 in-plane block is read as
+    # 2 x 2 voxels 3 apart, a ninth of the memory traffic of a full block mean (this runs on
+    # every study, on the full-resolution volume) at nearly the same noise reduction.
+    stride = np.maximum(1, factors // 2)
+    block = factors // stride
+    shape = np.array(voxels.shape) // (stride * block)
     if np.any(shape < 4):
         raise ValueError(f"volume {voxels.shape} too small to align at {spacing_mm} mm")
-    trimmed = voxels[: shape[0] * factors[0], : shape[1] * factors[1], : shape[2] * factors[2]]
-    blocks = np.clip(trimmed, *_HU_RANGE).reshape(shape[0], factors[0], shape[1], factors[1], shape[2], factors[2])
+    end = shape * stride * block
+    picked = np.ascontiguousarray(voxels[: end[0] : stride[0], : end[1] : stride[1], : end[2] : stride[2]])
+    blocks = np.clip(picked, *_HU_RANGE).reshape(shape[0], block[0], shape[1], block[1], shape[2], block[2])
     hu = blocks.mean(axis=(1, 3, 5), dtype=np.float32)
     coarse = affine.copy()
-    coarse[:3, :3] = affine[:3, :3] * factors  # column c scales with factor c
-    coarse[:3, 3] = affine[:3, :3] @ ((factors - 1) / 2.0) + affine[:3, 3]  # block centre
+    coarse[:3, :3] = affine[:3, :3] * (stride * block)  # column c scales with its axis' step
+    coarse[:3, 3] = affine[:3, :3] @ (stride * (block - 1) / 2.0) + affine[:3, 3]  # block centre
     return AlignmentImage(hu, coarse)
 
 
@@ -171,7 +177,7 @@ def align(prior: AlignmentImage, current: AlignmentImage, *, refine: bool = True
         # Scales: 1 unit = 1 degree or 1 mm; start small steps, the centre-of-mass start is close.
         result = optimize.minimize(
             cost, params, method="Powell",
-            options={"xtol": 0.05, "ftol": 1e-4, "maxfev": 600},
+            options={"xtol": 0.05, "ftol": 1e-4, "maxfev": 400},
             bounds=[(-15, 15)] * 3 + [(-40, 40)] * 3,
         )
         if result.fun <= cost(params):

@@ -60,6 +60,11 @@ class Settings:
     fallback_procedure_code: tuple[str, str, str] = ("LUNG-CT", "99LUNGSCR", "CT chest")
     clinical_rules: dict[str, Any] = field(default_factory=dict)  # see models.rules.ClinicalRules
     series_selection: dict[str, Any] = field(default_factory=dict)  # see dicom_io.select.SelectionRules
+    # Follow-up screening (issue 17; see server/priors.py).
+    rule_set: str = "lung-rads-2022"  # "lung-rads-2022" | "c-lung-rads" | "fleischner-2017" (lungscreen.findings.RuleSet)
+    prior_lookback_days: int = 3 * 365  # the prior is the latest earlier CT of the patient within this many days
+    prior_source: str | None = None  # AE@host:port of a PACS queried (C-FIND) and retrieved from (C-GET) when the history has no prior
+    prior_timeout_s: float = 120.0  # the longest a report waits for the prior to be found, retrieved and analysed
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -46,6 +46,8 @@ def installation_uid(data_dir: Path) -> str:
 
 
 def build_analyzer(settings: Settings) -> Analyzer:
+    from lungscreen.findings import RuleSet
+
     card = load_card(settings.model)
     return Analyzer(
         detector=Detector(card, providers=list(settings.providers) or None),
@@ -64,6 +66,7 @@ def build_analyzer(settings: Settings) -> Analyzer:
         selection=SelectionRules.from_mapping(settings.series_selection),
         operating_point=settings.operating_point,
         presentation_state=settings.presentation_state,
+        rule_set=RuleSet(settings.rule_set),
     )
 
 

@@ -36,9 +36,10 @@ def moved(image: AlignmentImage, true: RigidTransform) -> AlignmentImage:
 
 def test_the_coarse_image_keeps_patient_coordinates(lidc_alignment_image):
     image = lidc_alignment_image
-    assert image.hu.shape == (66, 85, 85)  # 2.5 mm x 0.7 mm blocks of 2 x 6 x 6: about 4-5 mm
-    # The first block's centre is the mean of its voxels' centres.
-    assert np.allclose(image.affine[:3, 3], [-166.0 + 2.5 * 0.703125, -171.7 + 2.5 * 0.703125, -340.0 + 1.25], atol=0.01)
+    assert image.hu.shape == (66, 85, 85)  # 2.5 mm x 0.7 mm voxels, blocks of 2 x 6 x 6: about 4-5 mm
+    # The first block's centre is the mean of the centres of the voxels it averages (columns and rows 0 and 3).
+    assert np.allclose(image.affine[:3, 3], [-166.0 + 1.5 * 0.703125, -171.7 + 1.5 * 0.703125, -340.0 + 1.25], atol=0.01)
+    assert np.allclose(np.linalg.norm(image.affine[:3, :3], axis=0), [5.0, 6 * 0.703125, 6 * 0.703125])
     again = AlignmentImage.from_bytes(image.to_bytes())
     assert np.array_equal(again.affine, image.affine) and np.abs(again.hu - image.hu).max() <= 0.5
 

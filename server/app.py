@@ -31,7 +31,8 @@ from lungscreen.server.ingest import IngestCounts
 from lungscreen.server.jobs import FAILED, REPORTED, JobStore
 from lungscreen.server.metrics import Metrics
 from lungscreen.server.outbox import Outbox, OutboxItem, RetryPolicy
-from lungscreen.server.pipeline import AnalysisResult, NoEligibleSeries
+from lungscreen.server.pipeline import AnalysisResult, NoEligibleSeries, comparison_summary
+from lungscreen.server.priors import PriorFinder, PriorHistory
 from lungscreen.server.receivers import ReceiverPool
 from lungscreen.server.tls import destination_tls, listener_tls
 from lungscreen.server.workers import AnalysisPool, ReportUIDs
@@ -56,6 +57,7 @@ class LungScreenServer:
         self.reports = InstanceStore(settings.reports_dir)
         self.card = load_card(settings.model)  # fail at start-up on a bad model, not on the first study
         self.analysis = AnalysisPool(settings)
+        self.priors = PriorFinder(settings, PriorHistory(self.db), self.analysis.analyze_prior)
         self.receivers = ReceiverPool(
             settings, self._count_ingest, log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel())
         )
@@ -144,9 +146,11 @@ class LungScreenServer:
         try:
             if not paths:
                 raise NoEligibleSeries((), ("no CT image was stored for this study",))
+            identity, search = self.priors.search(paths)
             result = self.analysis.analyze(
                 paths, uids=uids, run=run,
                 predecessor=previous if previous and previous.exists() else None,
+                prior=search.prior, no_prior=search.no_prior,
             )
         except LungScreenError as exc:
             details = {"rejected_series": [r.__dict__ for r in getattr(exc, "rejected", ())]}
@@ -158,6 +162,7 @@ class LungScreenServer:
             log.exception("job %s run %d: internal error", study_uid, run)
             return
         self._complete(study_uid, run, result, time.perf_counter() - started)
+        self.priors.remember(identity, result)
 
     def _complete(self, study_uid: str, run: int, result: AnalysisResult, seconds: float) -> None:
         results = [("sr", result.sr)] + ([("gsps", result.gsps)] if result.gsps is not None else [])
@@ -249,4 +254,5 @@ def job_details(result: AnalysisResult, sr_path: Path) -> dict:
         "gsps_sop_uid": str(result.gsps.SOPInstanceUID) if result.gsps is not None else None,
         "sr_path": str(sr_path),
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+        **comparison_summary(report),
     }

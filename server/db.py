@@ -93,6 +93,16 @@ CREATE TABLE IF NOT EXISTS durability (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     synced_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS prior_studies (
+    study_uid TEXT PRIMARY KEY,
+    patient_key TEXT NOT NULL,
+    study_date TEXT NOT NULL,
+    nodules TEXT NOT NULL,
+    alignment_image BLOB,
+    retrieved INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS prior_studies_patient ON prior_studies (patient_key, study_date);
 """
 
 

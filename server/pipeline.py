@@ -266,10 +266,14 @@ def follow_up_row(finding: Finding) -> dict:
     }
 
 
-def comparison_summary(report: NoduleReport, rule_set: RuleSet) -> dict:
-    """The report-level findings.json keys of a follow-up: the prior, what resolved, the exam category."""
+def comparison_summary(report: NoduleReport, rule_set: RuleSet | None = None) -> dict:
+    """The report-level findings.json keys of a follow-up: the prior, what resolved, the exam category
+    (under ``rule_set``; by default the one the findings were assessed with)."""
     from lungscreen.models.rules import exam_assessment
 
+    if rule_set is None:
+        assessed = [f.assessment.rule_set for f in report.findings if f.assessment is not None]
+        rule_set = assessed[0] if assessed else RuleSet.LUNG_RADS_2022
     comparison = report.comparison
     exam = exam_assessment(report.findings, rule_set)
     return {

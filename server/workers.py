@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -83,7 +83,8 @@ def _init_worker(settings: Settings, log_level: int, server_pid: int) -> None:
     configure_logging(logging.getLevelName(log_level))
     # The server's pid comes from the server: it may have died while this process imported.
     threading.Thread(target=_exit_with_parent, args=(server_pid,), name="parent-watch", daemon=True).start()
-    _analyzer = build_analyzer(settings)
+    # Every study the server analyses may be a later study's prior: keep its alignment image.
+    _analyzer = replace(build_analyzer(settings), keep_alignment_image=True)
     tune_analysis_process()
 
 
@@ -100,11 +101,11 @@ def _warm_up() -> list[str]:
     return _analyzer.detector.providers
 
 
-def _analyze(paths: list[Path], uids: ReportUIDs, run: int, predecessor: Path | None) -> AnalysisResult:
+def _analyze(paths: list[Path], uids: ReportUIDs, run: int, predecessor: Path | None, prior=None, no_prior=None) -> AnalysisResult:
     previous = dcmread(predecessor, stop_before_pixels=True) if predecessor else None
     return analyze_study(
         paths, _analyzer, sr_series_uid=uids.sr_series, sr_sop_uid=uids.sr, gsps_sop_uid=uids.gsps,
-        instance_number=run, predecessor=previous,
+        instance_number=run, predecessor=previous, prior=prior, no_prior=no_prior,
     )
 
 
@@ -148,18 +149,28 @@ class AnalysisPool:
             lambda f: log.info("analysis worker ready, providers %s", f.result()) if not f.exception() else None
         )
 
-    def analyze(self, paths: list[Path], *, uids: ReportUIDs, run: int, predecessor: Path | None) -> AnalysisResult:
+    def analyze(
+        self, paths: list[Path], *, uids: ReportUIDs, run: int, predecessor: Path | None, prior=None, no_prior=None,
+        timeout_s: float | None = None,
+    ) -> AnalysisResult:
         with self._lock:
             executor = self._executor
+        timeout_s = self.settings.analysis_timeout_s if timeout_s is None else timeout_s
         try:
-            future = executor.submit(_analyze, paths, uids, run, predecessor)
-            return future.result(timeout=self.settings.analysis_timeout_s)
+            future = executor.submit(_analyze, paths, uids, run, predecessor, prior, no_prior)
+            return future.result(timeout=timeout_s)
         except BrokenProcessPool:
             self._replace(executor, kill=False)
             raise AnalysisCrashed("the analysis process died (crash or out of memory) while analysing this study")
         except FutureTimeout:
             self._replace(executor, kill=True)
-            raise AnalysisCrashed(f"analysis exceeded its time limit of {self.settings.analysis_timeout_s:g} s")
+            raise AnalysisCrashed(f"analysis exceeded its time limit of {timeout_s:g} s")
+
+    def analyze_prior(self, paths: list[Path], timeout_s: float) -> AnalysisResult:
+        """A retrieved prior study, analysed for the comparison only: its SR and GSPS are never
+        saved, sent or billed (the caller keeps only its nodules and alignment image)."""
+        study = generate_uid(entropy_srcs=["lungscreen-prior", *sorted(p.name for p in paths)[:1]])
+        return self.analyze(paths, uids=ReportUIDs.for_run(study, 0), run=1, predecessor=None, timeout_s=timeout_s)
 
     def _replace(self, broken: ProcessPoolExecutor, *, kill: bool) -> None:
         with self._lock:

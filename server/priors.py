@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pydicom.errors
 
-from lungscreen.dicom_io.query import StudyIdentity, find_ct_studies, retrieve_study, study_identity
+from lungscreen.dicom_io.query import PriorRetrievalError, StudyIdentity, find_ct_studies, retrieve_study, study_identity
 from lungscreen.dicom_io.send import Destination
 from lungscreen.errors import LungScreenError
 from lungscreen.findings import Comparison, ComparisonStatus, NoduleType, PriorNodule
@@ -36,6 +36,8 @@ from lungscreen.server.db import Database
 from lungscreen.server.pipeline import AnalysisResult
 
 log = logging.getLogger(__name__)
+
+_GRACE_S = 5.0
 
 
 def prior_from_result(result: AnalysisResult) -> PriorStudyNodules:
@@ -188,7 +190,10 @@ class PriorFinder:
         # (nor the server's exit) longer than prior_timeout_s.
         worker = threading.Thread(target=search, name="prior-search", daemon=True)
         worker.start()
-        worker.join(timeout=max(0.0, deadline - time.monotonic()))
+        # Every step inside has its own timeout ending at the deadline (network, the prior's analysis);
+        # the grace lets the search end by itself, so that a timed-out prior analysis has freed the
+        # analysis worker before the current study is submitted to it.
+        worker.join(timeout=max(0.0, deadline - time.monotonic()) + _GRACE_S)
         if not outcome:
             cancel.set()  # the retrieval stops at its next instance
             reason = f"the prior was not retrieved and analysed within prior_timeout_s = {self.settings.prior_timeout_s:g} s"
@@ -203,7 +208,7 @@ class PriorFinder:
 
     def _from_pacs(self, identity: StudyIdentity, earliest: str, deadline: float, cancel: threading.Event) -> PriorSearch:
         calling = self.settings.ae_title
-        remaining = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
+        remaining = lambda: max(0.5, deadline - time.monotonic())  # noqa: E731
         found = find_ct_studies(self.source, identity, earliest_date=earliest, before_date=identity.study_date,
                                 calling_ae=calling, timeout_s=min(30.0, remaining()))
         if not found:
@@ -214,6 +219,8 @@ class PriorFinder:
         paths = retrieve_study(self.source, latest.study_uid, folder, calling_ae=calling, timeout_s=min(60.0, remaining()),
                                cancel=cancel)
         log.info("study %s: prior %s retrieved from %s (%d instances)", identity.study_uid, latest.study_uid, self.source, len(paths))
+        if cancel.is_set():
+            raise PriorRetrievalError("retrieval stopped: the report does not wait longer")
         result = self.analyze_prior(paths, remaining())
         prior = prior_from_result(result)
         self.history.record(identity.patient_key, prior, retrieved=True)

@@ -141,7 +141,7 @@ def test_a_pacs_that_does_not_answer_in_time_never_holds_the_report_longer_than_
     waited = time.monotonic() - started
     silent.close()
     assert search.no_prior.status is ComparisonStatus.PRIOR_UNAVAILABLE
-    assert waited < 2.0 + 5.0  # the bound, plus scheduling slack on a loaded machine (no timing target)
+    assert waited < 2.0 + 5.0 + 5.0  # the bound and its grace, plus slack on a loaded machine (no timing target)
 
 
 @needs_netns

@@ -219,6 +219,7 @@ class PairResult:
     label_errors: list[str] = field(default_factory=list)
     growth_errors_mm: list[float] = field(default_factory=list)
     alignment_error_mm: float = float("nan")  # at the current findings: estimated vs true transform
+    resolved: int = 0  # prior findings left unmatched; every prior nodule of these pairs is still there
     compare_s: list[float] = field(default_factory=list)  # per repetition
     analysis_s: list[float] = field(default_factory=list)  # the current study's analysis without the comparison
 
@@ -235,6 +236,7 @@ def evaluate_pair(pair: FollowUpPair, analyzer, repeat: int = 1) -> PairResult:
         out.compare_s.append(result.timings.get("compare", float("nan")))
         out.analysis_s.append(sum(v for k, v in result.timings.items() if k != "compare"))
     out.findings, out.truth_total = len(result.report.findings), len(pair.truth)
+    out.resolved = len(result.report.comparison.resolved)
     prior_by_uid = {n.tracking_uid: n for n in prior.nodules}
     prior_true_lps = [pair.transform.apply(np.array(n.center_lps_mm)) for n in prior.nodules]
     truth_at = {t: np.array(t.current_lps) for t in pair.truth}
@@ -287,6 +289,8 @@ def summarize(results: list[PairResult]) -> dict:
             "matched_wrong": r.matched_wrong,
             "truth_found": f"{r.truth_found}/{r.truth_total}",
             "labels_right": f"{r.labels_right}/{r.findings}",
+            # a prior detection with no current one: the detector found it in one scan only
+            "resolved_wrongly": r.resolved,
             "label_errors": r.label_errors,
             "growth_error_mm_max": max(r.growth_errors_mm) if r.growth_errors_mm else None,
             "alignment_error_mm_max": round(r.alignment_error_mm, 2),

@@ -153,8 +153,14 @@ class PriorFinder:
                 identity = study_identity(path)
             except (OSError, ValueError, pydicom.errors.InvalidDicomError):
                 continue
-            if identity.study_uid:
+            if not identity.study_uid:
+                continue
+            try:
                 return identity, self.find(identity)
+            except Exception as exc:  # a broken history or PACS answer never costs the current report
+                log.exception("study %s: looking for its prior failed", identity.study_uid)
+                return identity, PriorSearch(None, Comparison(
+                    ComparisonStatus.PRIOR_UNAVAILABLE, reason=f"looking for the prior failed: {type(exc).__name__}"))
         return None, PriorSearch(None, Comparison(ComparisonStatus.PRIOR_UNAVAILABLE, reason="no readable CT header"))
 
     def remember(self, identity: StudyIdentity | None, result: AnalysisResult) -> None:

@@ -62,6 +62,16 @@ def test_without_a_pacs_and_without_history_the_report_says_no_prior(tmp_path):
     assert undated.no_prior.status is ComparisonStatus.PRIOR_UNAVAILABLE and "StudyDate" in undated.no_prior.reason
 
 
+def test_a_failing_history_leaves_a_baseline_report_instead_of_failing_the_study(tmp_path, lidc_series_dir):
+    settings = Settings(data_dir=tmp_path)
+    db = Database(settings.db_path)
+    finder = PriorFinder(settings, PriorHistory(db), analyze_prior=_never)
+    db.close()  # every query now raises sqlite3.ProgrammingError
+    identity, search = finder.search(sorted(lidc_series_dir.glob("*.dcm"))[:1])
+    assert identity is not None and search.prior is None
+    assert search.no_prior.status is ComparisonStatus.PRIOR_UNAVAILABLE and "ProgrammingError" in search.no_prior.reason
+
+
 def _never(paths, timeout_s):
     raise AssertionError("no prior should be analysed here")
 

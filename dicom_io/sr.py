@@ -63,8 +63,8 @@ the device observer context and the Contributing Equipment), and Procedure Repor
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import highdicom as hd
 import numpy as np
@@ -84,7 +84,7 @@ from lungscreen.dicom_io.outline import (
 )
 from lungscreen.dicom_io.uids import is_valid_uid
 from lungscreen.dicom_io.volume import Volume
-from lungscreen.findings import Finding, NoduleReport, NoduleType
+from lungscreen.findings import ChangeLabel, ComparisonStatus, Finding, NoduleReport, NoduleType
 from lungscreen.findings import LUNG_RADS_ORDER, exam_lung_rads
 
 __all__ = [
@@ -95,6 +95,7 @@ __all__ = [
     "AlgorithmIdentity",
     "BillingCodes",
     "PROCEDURE_REPORTED",
+    "assign_tracking",
     "build_sr",
     "check_result_arguments",
     "finding_label",
@@ -133,6 +134,33 @@ def finding_label(number: int, diameter_mm: float, probability: float, lung_rads
     if not isinstance(number, int) or isinstance(number, bool) or number < 1:
         raise ValueError(f"number must be a positive int, got {number!r}")
     return f"Nodule {number} · {float(diameter_mm):.1f} mm · p {float(probability):.2f} · Lung-RADS {lung_rads}"
+
+
+def _derived_tracking_uid(sop_instance_uid: str, number: int) -> str:
+    return generate_uid(entropy_srcs=[sop_instance_uid, f"Nodule {number}"])
+
+
+def assign_tracking(findings: Sequence[Finding], sop_instance_uid: str, prior_ids: Sequence[str] = ()) -> tuple[Finding, ...]:
+    """Each finding's TID 1500 Tracking Unique Identifier and Tracking Identifier (TID 4108).
+
+    A nodule matched to a prior study already carries the prior's pair (TID 1500 tracks one
+    nodule under one UID across timepoints). Any other gets the UID derived from this SR and
+    its number, as a baseline report always did, and "Nodule n" with n past the numbers the
+    prior study used (``prior_ids``), so that no identifier names two different nodules.
+    """
+    used = set(prior_ids) | {f.tracking_id for f in findings if f.tracking_id}
+    next_number = 1 + max((int(i.split()[-1]) for i in used if i.split()[-1].isdigit()), default=0)
+    out = []
+    for number, finding in enumerate(findings, start=1):
+        uid = finding.tracking_uid or _derived_tracking_uid(sop_instance_uid, number)
+        identifier = finding.tracking_id
+        if identifier is None:
+            identifier = f"Nodule {number}"
+            if identifier in used:
+                identifier, next_number = f"Nodule {next_number}", next_number + 1
+            used.add(identifier)
+        out.append(replace(finding, tracking_uid=uid, tracking_id=identifier))
+    return tuple(out)
 
 
 def _local(value: str, meaning: str) -> hd.sr.CodedConcept:
@@ -452,7 +480,7 @@ def _measurement_group(
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid, identifier=f"{OHIF_FREEHAND_TRACKING}:Nodule {number}"
+            uid=tracking_uid, identifier=f"{OHIF_FREEHAND_TRACKING}:{finding.tracking_id or f'Nodule {number}'}"
         ),
         finding_type=codes.SCT.Nodule,
         algorithm_id=algorithm,
@@ -470,11 +498,13 @@ def _measurement_group(
             hd.sr.Measurement(
                 name=codes.DCM.CertaintyOfFinding, value=100.0 * finding.probability, unit=codes.UCUM.Percent
             ),
+            *follow_up_measurements(finding),
         ],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=_NODULE_TYPE, value=_NODULE_TYPES[NoduleType(finding.nodule_type)]),
             hd.sr.QualitativeEvaluation(name=_LUNG_RADS, value=_LUNG_RADS_CATEGORIES[finding.lung_rads]),
             hd.sr.QualitativeEvaluation(name=_ACTIONABLE, value=codes.SCT.Yes if finding.actionable else codes.SCT.No),
+            *follow_up_evaluations(finding),
         ],
     )
     # TID 1501 row 12 (CONTAINS TEXT): the one-line label, which OHIF shows as the panel's title.
@@ -500,13 +530,6 @@ def _operating_point_items(report: NoduleReport) -> list[hd.sr.TextContentItem]:
             )
         )
     return items
-
-
-def finding_tracking_uid(sr_sop_instance_uid: str, number: int) -> str:
-    """The Tracking Unique Identifier (DCM 112040) of nodule ``number`` of the SR
-    ``sr_sop_instance_uid``: derived, so a finding listed without an outline has one too and the
-    findings rows name the same UID as the SR's measurement group."""
-    return generate_uid(entropy_srcs=[sr_sop_instance_uid, f"Nodule {number}"])
 
 
 def _listed_finding(finding: Finding, number: int, at: FindingSlice) -> str:
@@ -563,9 +586,68 @@ def _report_evaluations(report: NoduleReport, listed: Sequence[str]) -> hd.sr.Co
         hd.sr.TextContentItem(name=_SUPPRESSED, value=f"{rule}: {count}", relationship_type=contains)
         for rule, count in sorted(report.suppressed.items())
     ]
+    items += comparison_items(report)
     container = hd.sr.ContainerContentItem(name=_QUALITATIVE_EVALUATIONS, relationship_type=contains)
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container
+
+
+# --- Follow-up (comparison with a prior study, issue 17) ---------------------------------------
+
+_CHANGE = _local("CHANGE", "Change since prior study")
+_CHANGES = {label: _local(f"CHANGE-{label.value.upper()}", label.value.capitalize()) for label in ChangeLabel}
+_PRIOR_LONG_AXIS = _local("PRIOR-LONG-AXIS", "Long axis on prior study")
+_LONG_AXIS_CHANGE = _local("LONG-AXIS-CHANGE", "Long axis change since prior study")
+_VOLUME_DOUBLING_TIME = _local("VDT", "Volume doubling time")
+_COMPARISON = _local("COMPARISON", "Comparison with prior study")
+_RESOLVED = _local("RESOLVED", "Nodule of the prior study resolved")
+_DAY = hd.sr.CodedConcept(value="d", scheme_designator="UCUM", meaning="day")
+
+
+def follow_up_measurements(finding: Finding) -> list[hd.sr.Measurement]:
+    """TID 1410 measurements of a nodule matched to a prior study: its long axis then, the change,
+    and the volume doubling time (solid nodules that grew). None for a baseline finding."""
+    if finding.prior is None:
+        return []
+    items = [
+        hd.sr.Measurement(name=_PRIOR_LONG_AXIS, value=float(finding.prior.diameter_mm), unit=codes.UCUM.Millimeter),
+        hd.sr.Measurement(
+            name=_LONG_AXIS_CHANGE, value=float(finding.diameter_mm - finding.prior.diameter_mm), unit=codes.UCUM.Millimeter
+        ),
+    ]
+    if finding.volume_doubling_time_days is not None:
+        items.append(hd.sr.Measurement(name=_VOLUME_DOUBLING_TIME, value=float(finding.volume_doubling_time_days), unit=_DAY))
+    return items
+
+
+def follow_up_evaluations(finding: Finding) -> list[hd.sr.QualitativeEvaluation]:
+    """The change label (new, stable, growing, shrinking) of a follow-up finding."""
+    if finding.change is None:
+        return []
+    return [hd.sr.QualitativeEvaluation(name=_CHANGE, value=_CHANGES[finding.change])]
+
+
+def comparison_items(report: NoduleReport) -> list[hd.sr.TextContentItem]:
+    """TID 1500 row 14 TEXT items: the prior study compared with (or why none was), and each
+    prior nodule that has resolved, by its Tracking Identifier and UID of the prior report."""
+    comparison = report.comparison
+    if comparison is None:
+        return []
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    if comparison.status is ComparisonStatus.COMPARED:
+        text = (f"Compared with prior study {comparison.prior_study_uid} of {comparison.prior_study_date} "
+                f"({comparison.interval_days} days earlier)")
+    else:
+        text = f"Baseline report: {comparison.status.value}" + (f" ({comparison.reason})" if comparison.reason else "")
+    items = [hd.sr.TextContentItem(name=_COMPARISON, value=text[:1024], relationship_type=contains)]
+    for nodule in comparison.resolved:
+        items.append(hd.sr.TextContentItem(
+            name=_RESOLVED,
+            value=(f"{nodule.tracking_id or 'Nodule'} (tracking UID {nodule.tracking_uid}), "
+                   f"{nodule.diameter_mm:.1f} mm on the prior study, not seen now"),
+            relationship_type=contains,
+        ))
+    return items
 
 
 def _measurement_report_content(
@@ -748,7 +830,7 @@ def build_sr(
         at = finding_slice(finding, volume, headers, what)
         _check_encodable(finding, what)
         if is_outlined(finding, outline_categories):
-            tracking_uid = finding_tracking_uid(sop_instance_uid, number)
+            tracking_uid = finding.tracking_uid or _derived_tracking_uid(sop_instance_uid, number)
             groups.append(_measurement_group(finding, number, volume, at, tracking_uid, algorithm_id))
         else:
             listed.append(_listed_finding(finding, number, at))

@@ -30,6 +30,7 @@ from lungscreen.server.metrics import Metrics
 from lungscreen.server.outbox import Outbox, RetryPolicy
 from lungscreen.server.pipeline import NoEligibleSeries
 from lungscreen.server.preflight import check_settings
+from lungscreen.server.priors import PriorFinder, PriorHistory
 from lungscreen.server.receivers import ReceiverPool
 from lungscreen.server.tls import destination_tls
 from lungscreen.server.workers import AnalysisInterrupted, AnalysisPool, ReportUIDs, installation_uid
@@ -67,6 +68,7 @@ class LungScreenServer:
         self.feedback = FeedbackStore(self.db)
         self.device_uid = installation_uid(settings.data_dir)  # viewer SRs this installation made are no verdicts
         self.analysis = AnalysisPool(settings)
+        self.priors = PriorFinder(settings, PriorHistory(self.db), self.analysis.analyze_prior)
         self.receivers = ReceiverPool(
             settings, self._count_ingest, log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel())
         )
@@ -166,9 +168,11 @@ class LungScreenServer:
         try:
             if not paths:
                 raise NoEligibleSeries((), ("no CT image was stored for this study",))
+            identity, search = self.priors.search(paths)
             result = self.analysis.analyze(
                 paths, uids=uids, run=run,
                 predecessor=previous if previous and previous.exists() else None,
+                prior=search.prior, no_prior=search.no_prior,
             )
         except AnalysisInterrupted:
             self.jobs.hand_back(study_uid)
@@ -184,6 +188,7 @@ class LungScreenServer:
             log.exception("job %s run %d: internal error", study_uid, run)
             return
         self._complete(study_uid, run, result, time.perf_counter() - started)
+        self.priors.remember(identity, result)
 
     def _complete(self, study_uid: str, run: int, result, seconds: float) -> None:
         state = self.committer.commit(study_uid, run, result)

@@ -1,12 +1,13 @@
 """``lungscreen``: the command line.
 
     lungscreen serve [--config FILE] [--ae-title ...] [--port ...] ...
-    lungscreen analyze DICOM_DIR --out OUT_DIR
+    lungscreen analyze DICOM_DIR --out OUT_DIR [--prior PRIOR_DIR]
     lungscreen jobs [--data-dir DIR] [--json]
     lungscreen billing export [--data-dir DIR] [--format csv|json] [--out FILE]
     lungscreen model import-monai-bundle PATH [--out DIR] [--opset N]
     lungscreen evaluate --model CARD [--synthetic N] [--real] ...
     lungscreen bench [--quick] [--json PATH]
+    lungscreen evaluate-followup [--work-dir DIR] [--json PATH]
     lungscreen purge --older-than DAYS [--data-dir DIR]
     lungscreen config check FILE
     lungscreen config show [--config FILE]
@@ -29,6 +30,7 @@ import threading
 from pathlib import Path
 
 from lungscreen.benchmarks.cli import add_cli as add_bench_cli
+from lungscreen.benchmarks.followup import add_cli as add_followup_cli
 from lungscreen.models.monai_bundle import add_cli as add_model_cli
 from lungscreen.training.evaluate_cli import add_cli as add_evaluate_cli
 from lungscreen.server.config import Settings, load_settings
@@ -62,16 +64,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from lungscreen.findings import exam_lung_rads
     from lungscreen.server.workers import build_analyzer
     from lungscreen.server.pipeline import analyze_study
     from lungscreen.server.preflight import check_settings
+    from lungscreen.server.pipeline import analyze_study, comparison_summary
+    from lungscreen.server.priors import prior_from_result
 
     settings = check_settings(_settings(args)).settings  # a bad setting is named before the model loads
     paths = [p for p in Path(args.dicom_dir).rglob("*") if p.is_file()]
     analyzer = build_analyzer(settings)
-    result = analyze_study(paths, analyzer)
     out = Path(args.out)
+    prior = None
+    if args.prior is not None:
+        # The prior is analysed like the current study; its SR goes to OUT_DIR/prior so that
+        # both timepoints can be read with the same tracking UIDs.
+        prior_paths = [p for p in Path(args.prior).rglob("*") if p.is_file()]
+        prior_result = analyze_study(prior_paths, replace(analyzer, keep_alignment_image=True))
+        prior = prior_from_result(prior_result)
+        (out / "prior").mkdir(parents=True, exist_ok=True)
+        prior_result.sr.save_as(out / "prior" / "report_sr.dcm", enforce_file_format=True)
+    result = analyze_study(paths, analyzer, prior=prior)
     out.mkdir(parents=True, exist_ok=True)
     result.sr.save_as(out / "report_sr.dcm", enforce_file_format=True)
     if result.gsps is not None:
@@ -90,6 +105,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
         "intended_use": analyzer.detector.card.intended_use,
         "findings": list(result.findings),
+        **comparison_summary(result.report, analyzer.rule_set),
     }
     (out / "findings.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{len(result.findings)} finding(s); wrote {out / 'report_sr.dcm'} and {out / 'findings.json'}")
@@ -312,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("dicom_dir", type=Path)
     analyze.add_argument("--out", type=Path, required=True)
     analyze.add_argument("--operating-point")
+    analyze.add_argument("--prior", type=Path, help="folder of the same patient's earlier CT: a follow-up report")
     analyze.set_defaults(func=cmd_analyze)
 
     jobs = sub.add_parser("jobs", help="list jobs and their states")
@@ -380,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_cli(sub)
     add_evaluate_cli(sub)
     add_bench_cli(sub)
+    add_followup_cli(sub)
     return parser
 
 

@@ -18,7 +18,7 @@ from lungscreen.server.billing import BillingLedger, ExtensionEntry
 from lungscreen.server.db import Database
 from lungscreen.server.jobs import REPORTED, JobStore
 from lungscreen.server.outbox import Outbox
-from lungscreen.server.pipeline import AnalysisResult
+from lungscreen.server.pipeline import AnalysisResult, comparison_summary
 
 
 class ReportCommitter:
@@ -82,4 +82,5 @@ def job_details(result: AnalysisResult, sr_path: Path) -> dict:
         "gsps_sop_uid": str(result.gsps.SOPInstanceUID) if result.gsps is not None else None,
         "sr_path": str(sr_path),
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+        **comparison_summary(report),
     }

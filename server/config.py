@@ -108,6 +108,11 @@ class Settings:
     series_selection: dict[str, Any] = field(default_factory=dict)  # see dicom_io.select.SelectionRules
     reviewers: dict[str, str] = field(default_factory=dict)  # name -> secret hash (`lungscreen reviewer add NAME`)
     target_false_marks_per_scan: float = 1.0  # the site's target, for the operating point proposed from verdicts
+    # Follow-up screening (server/priors.py): the rule set (lungscreen.findings.RuleSet), where the prior comes from
+    rule_set: Literal["lung-rads-2022", "c-lung-rads", "fleischner-2017"] = "lung-rads-2022"
+    prior_lookback_days: Annotated[int, Range(1, 36500)] = 3 * 365  # the prior: the latest earlier CT within this many days
+    prior_source: str | None = None  # AE@host:port of a PACS queried (C-FIND) and retrieved from (C-GET) when the history has none
+    prior_timeout_s: Annotated[float, Range(1, 3600)] = 120.0  # the longest a report waits for its prior to be found and analysed
 
     def __post_init__(self) -> None:
         # Each field as its annotation says (a TOML list becomes a tuple, a string a Path), or a

@@ -191,11 +191,32 @@ def _v3_feedback(c: sqlite3.Connection) -> None:
     _run_script(c, FEEDBACK_TABLES)
 
 
+PRIOR_STUDY_TABLES = """
+CREATE TABLE prior_studies (
+    study_uid TEXT PRIMARY KEY,
+    patient_key TEXT NOT NULL,
+    study_date TEXT NOT NULL,
+    nodules TEXT NOT NULL,
+    alignment_image BLOB,
+    retrieved INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+CREATE INDEX prior_studies_patient ON prior_studies (patient_key, study_date);
+"""
+
+
+def _v4_prior_studies(c: sqlite3.Connection) -> None:
+    """What follow-up screening needs of each analysed study (server/priors.py): the nodules and
+    the coarse alignment image, found by a hash of Patient ID and its issuer (never the ID itself)."""
+    _run_script(c, PRIOR_STUDY_TABLES)
+
+
 # Step n brings a store from version n-1 to n. Append new steps; never change an old one.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_release_0_1_tables,
     _v2_outbox_by_study,
     _v3_feedback,
+    _v4_prior_studies,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -17,25 +17,28 @@ from typing import Iterable, Iterator
 
 import numpy as np
 from pydicom import Dataset
+from pydicom.uid import generate_uid
 
 from lungscreen.errors import NotEligible, VolumeError
 from lungscreen.dicom_io.outline import DEFAULT_OUTLINE_CATEGORIES, is_outlined
 from lungscreen.dicom_io.presentation import build_gsps
 from lungscreen.dicom_io.kernels import KernelFamily
 from lungscreen.dicom_io.select import RejectionCode, SelectionRules, SeriesRejection, choose_series
-from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes, build_sr, finding_tracking_uid, main_exam_procedure
+from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes, assign_tracking, build_sr, main_exam_procedure
 from lungscreen.dicom_io.study import index_study
 from lungscreen.dicom_io.volume import Volume, read_series_volume
 from lungscreen.models.calibrate import calibrate
 from lungscreen.models.card import OperatingPoint
 from lungscreen.models.detector import Detector, to_source_candidates
-from lungscreen.findings import Candidate, Finding, NoduleReport
+from lungscreen.findings import Candidate, Comparison, ComparisonStatus, Finding, NoduleReport, RuleSet
+from lungscreen.models.longitudinal import PriorStudyNodules, compare_with_prior
 from lungscreen.models.lung_presence import lung_presence
 from lungscreen.models.measure import nodule_type, sphere_volume_mm3
-from lungscreen.models.rules import ClinicalRules, apply_rules
+from lungscreen.models.registration import AlignmentImage, alignment_image
+from lungscreen.models.rules import ClinicalRules, apply_history, apply_rules
 from lungscreen.server.feedback import OperatingPointDecision
 
-STAGES = ("assemble", "select", "volume", "preprocess", "inference", "postprocess", "report")
+STAGES = ("assemble", "select", "volume", "preprocess", "inference", "postprocess", "compare", "report")
 
 
 class NoEligibleSeries(NotEligible):
@@ -65,6 +68,8 @@ class Analyzer:
     presentation_state: bool = True  # also a GSPS, for viewers that draw no SR
     site_operating_point: OperatingPointDecision | None = None  # applied by an administrator; wins over the card's
     outline_categories: tuple[str, ...] = DEFAULT_OUTLINE_CATEGORIES  # Lung-RADS categories drawn; others listed
+    rule_set: RuleSet = RuleSet.LUNG_RADS_2022  # categories with the prior; see models/rules.py
+    keep_alignment_image: bool = False  # return the coarse image a later follow-up aligns to
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ class AnalysisResult:
     accession_number: str
     main_exam_item: tuple[str, str, str]
     timings: dict[str, float] = field(default_factory=dict)
+    study_date: str = ""  # DICOM DA of the analysed study ("" when the CT has none)
+    alignment_image: AlignmentImage | None = None  # with Analyzer.keep_alignment_image or a prior
 
 
 @contextmanager
@@ -100,8 +107,14 @@ def analyze_study(
     gsps_sop_uid: str | None = None,
     instance_number: int = 1,
     predecessor: Dataset | None = None,
+    prior: PriorStudyNodules | None = None,
+    no_prior: Comparison | None = None,
 ) -> AnalysisResult:
-    """Run every stage on a study's files; raise a :class:`LungScreenError` with a clear reason."""
+    """Run every stage on a study's files; raise a :class:`LungScreenError` with a clear reason.
+
+    With ``prior`` the findings are compared with the prior study's (follow-up); ``no_prior``
+    says why there is none when one was looked for (the report then says so).
+    """
     timings: dict[str, float] = {}
     with _timed(timings, "assemble"):
         index = index_study(paths)
@@ -146,6 +159,23 @@ def analyze_study(
         candidates = to_source_candidates(detector.decode(output), image, volume.affine)
         point, point_source = _operating_point(analyzer)
         findings, suppressed = apply_rules(_measure(candidates, volume, detector), point.threshold, analyzer.rules)
+        findings = apply_history(findings, analyzer.rule_set)  # baseline categories, each with its rule
+    header = selected.headers[0]
+    study_date = str(header.get("StudyDate", "") or "")
+    image, comparison = None, no_prior
+    if analyzer.keep_alignment_image or prior is not None:
+        with _timed(timings, "compare"):  # follow-up only: a baseline run keeps its stages
+            if analyzer.keep_alignment_image or prior.image is not None:
+                image = alignment_image(volume.voxels, volume.affine)
+            if prior is not None:
+                try:
+                    findings, comparison = compare_with_prior(findings, image, study_date, prior, analyzer.rule_set)
+                except ValueError as exc:  # no or inconsistent study dates: a baseline report that says why
+                    comparison = Comparison(ComparisonStatus.PRIOR_UNAVAILABLE, prior_study_uid=prior.study_uid, reason=str(exc))
+    with _timed(timings, "report"):
+        sr_sop_uid = sr_sop_uid or generate_uid()
+        prior_ids = () if prior is None else tuple(n.tracking_id for n in prior.nodules if n.tracking_id)
+        findings = assign_tracking(findings, sr_sop_uid, prior_ids)
         report = NoduleReport(
             findings=findings,
             operating_point=point.name,
@@ -154,9 +184,8 @@ def analyze_study(
             model_version=detector.card.version,
             suppressed=suppressed,
             operating_point_source=point_source,
+            comparison=comparison,
         )
-    with _timed(timings, "report"):
-        header = selected.headers[0]
         evidence = _evidence_in_slice_order(selected.headers, volume)
         sr = build_sr(
             evidence,
@@ -183,14 +212,13 @@ def analyze_study(
         report=report,
         sr=sr,
         gsps=gsps,
-        findings=tuple(
-            _finding_row(f, volume, analyzer.outline_categories, finding_tracking_uid(sr.SOPInstanceUID, number))
-            for number, f in enumerate(findings, start=1)
-        ),
+        findings=tuple(_finding_row(f, volume, analyzer.outline_categories) for f in findings),
         candidates=len(candidates),
         accession_number=str(header.get("AccessionNumber", "") or ""),
         main_exam_item=main_exam_procedure(header, analyzer.billing),
         timings=timings,
+        study_date=study_date,
+        alignment_image=image,
     )
 
 
@@ -233,10 +261,10 @@ def _evidence_in_slice_order(headers, volume: Volume) -> list[Dataset]:
     return [by_uid[uid] for uid in seen]
 
 
-def _finding_row(finding: Finding, volume: Volume, outline_categories: tuple[str, ...], tracking_uid: str) -> dict:
+def _finding_row(finding: Finding, volume: Volume, outline_categories: tuple[str, ...]) -> dict:
     """A findings.json row. ``outlined``: the SR and GSPS draw it (else they only list it);
-    ``tracking_uid``: the finding's Tracking Unique Identifier, which verdicts
-    (``server/feedback.py``) refer to and an outlined finding's SR measurement group carries."""
+    ``tracking_uid`` (in :func:`follow_up_row`): the finding's Tracking Unique Identifier, which
+    verdicts (``server/feedback.py``) refer to and an outlined finding's SR measurement group carries."""
     slice_ref = volume.slices[int(round(finding.center_kji[0]))]
     return {
         "center_lps_mm": [round(v, 2) for v in finding.center_lps_mm],
@@ -249,5 +277,59 @@ def _finding_row(finding: Finding, volume: Volume, outline_categories: tuple[str
         "outlined": is_outlined(finding, outline_categories),
         "sop_instance_uid": slice_ref.sop_instance_uid,
         "frame_number": slice_ref.frame_number,
-        "tracking_uid": tracking_uid,
+        **follow_up_row(finding),
+    }
+
+
+def follow_up_row(finding: Finding) -> dict:
+    """The findings.json keys of issue 17: tracking, change since the prior, the rule applied."""
+    prior = finding.prior
+    return {
+        "tracking_uid": finding.tracking_uid,
+        "tracking_id": finding.tracking_id,
+        "change": None if finding.change is None else finding.change.value,
+        "prior": None if prior is None else {
+            "study_uid": prior.study_uid, "study_date": prior.study_date, "diameter_mm": round(prior.diameter_mm, 2),
+            "volume_mm3": round(prior.volume_mm3, 1), "interval_days": prior.interval_days, "lung_rads": prior.lung_rads,
+        },
+        "volume_doubling_time_days": (
+            None if finding.volume_doubling_time_days is None else round(finding.volume_doubling_time_days, 1)
+        ),
+        "category": None if finding.assessment is None else {
+            "rule_set": finding.assessment.rule_set.value, "category": finding.assessment.category,
+            "rule": finding.assessment.rule,
+        },
+    }
+
+
+def comparison_summary(report: NoduleReport, rule_set: RuleSet | None = None) -> dict:
+    """The report-level findings.json keys of a follow-up: the prior, what resolved, the exam category
+    (under ``rule_set``; by default the one the findings were assessed with)."""
+    from lungscreen.models.rules import exam_assessment
+
+    if rule_set is None:
+        assessed = [f.assessment.rule_set for f in report.findings if f.assessment is not None]
+        rule_set = assessed[0] if assessed else RuleSet.LUNG_RADS_2022
+    comparison = report.comparison
+    exam = exam_assessment(report.findings, rule_set)
+    return {
+        "prior_study_uid": None if comparison is None else comparison.prior_study_uid,
+        "comparison": None if comparison is None else {
+            "status": comparison.status.value,
+            "prior_study_date": comparison.prior_study_date,
+            "interval_days": comparison.interval_days,
+            "alignment_residual_mm": (
+                None if comparison.alignment_residual_mm is None else round(comparison.alignment_residual_mm, 2)
+            ),
+            "reason": comparison.reason or None,
+            "resolved": [
+                {"tracking_uid": n.tracking_uid, "tracking_id": n.tracking_id, "change": "resolved",
+                 "diameter_mm": round(n.diameter_mm, 2), "volume_mm3": round(n.volume_mm3, 1),
+                 "center_lps_mm": [round(v, 2) for v in n.center_lps_mm], "lung_rads": n.lung_rads}
+                for n in comparison.resolved
+            ],
+        },
+        "exam_category": None if exam is None else {
+            "rule_set": exam.rule_set.value, "category": exam.category, "rule": exam.rule,
+        },
     }

@@ -56,6 +56,8 @@ def installation_uid(data_dir: Path) -> str:
 
 
 def build_analyzer(settings: Settings) -> Analyzer:
+    from lungscreen.findings import RuleSet
+
     card = load_card(settings.model)
     return Analyzer(
         detector=Detector(card, providers=list(settings.providers) or None),
@@ -75,6 +77,7 @@ def build_analyzer(settings: Settings) -> Analyzer:
         operating_point=settings.operating_point,
         presentation_state=settings.presentation_state,
         outline_categories=settings.outline_categories,
+        rule_set=RuleSet(settings.rule_set),
     )
 
 
@@ -113,7 +116,8 @@ def _ready_analyzer() -> Analyzer:
     global _analyzer
     if _analyzer is None:
         try:
-            _analyzer = build_analyzer(_settings)
+            # Every study the server analyses may be a later study's prior: keep its alignment image.
+            _analyzer = replace(build_analyzer(_settings), keep_alignment_image=True)
         except Exception as exc:
             reason = f"the analysis worker could not start: {type(exc).__name__}: {exc}"
             log.error("%s", reason)
@@ -134,7 +138,7 @@ def _warm_up() -> list[str]:
     return _ready_analyzer().detector.providers
 
 
-def _analyze(paths: list[Path], uids: ReportUIDs, run: int, predecessor: Path | None) -> AnalysisResult:
+def _analyze(paths: list[Path], uids: ReportUIDs, run: int, predecessor: Path | None, prior=None, no_prior=None) -> AnalysisResult:
     previous = dcmread(predecessor, stop_before_pixels=True) if predecessor else None
     ready = _ready_analyzer()
     card = ready.detector.card
@@ -142,7 +146,7 @@ def _analyze(paths: list[Path], uids: ReportUIDs, run: int, predecessor: Path | 
     analyzer = replace(ready, site_operating_point=_feedback.applied_operating_point(f"{card.name} {card.version}"))
     return analyze_study(
         paths, analyzer, sr_series_uid=uids.sr_series, sr_sop_uid=uids.sr, gsps_sop_uid=uids.gsps,
-        instance_number=run, predecessor=previous,
+        instance_number=run, predecessor=previous, prior=prior, no_prior=no_prior,
     )
 
 
@@ -192,12 +196,16 @@ class AnalysisPool:
         future = self._executor.submit(_warm_up)
         future.add_done_callback(_report_warm_up)
 
-    def analyze(self, paths: list[Path], *, uids: ReportUIDs, run: int, predecessor: Path | None) -> AnalysisResult:
+    def analyze(
+        self, paths: list[Path], *, uids: ReportUIDs, run: int, predecessor: Path | None, prior=None, no_prior=None,
+        timeout_s: float | None = None,
+    ) -> AnalysisResult:
         with self._lock:
             executor = self._executor
+        timeout_s = self.settings.analysis_timeout_s if timeout_s is None else timeout_s
         try:
-            future = executor.submit(_analyze, paths, uids, run, predecessor)
-            return future.result(timeout=self.settings.analysis_timeout_s)
+            future = executor.submit(_analyze, paths, uids, run, predecessor, prior, no_prior)
+            return future.result(timeout=timeout_s)
         except BrokenProcessPool:
             if self._interrupted:
                 raise AnalysisInterrupted("the server stopped this run") from None
@@ -205,7 +213,13 @@ class AnalysisPool:
             raise AnalysisCrashed("the analysis process died (crash or out of memory) while analysing this study")
         except FutureTimeout:
             self._replace(executor, kill=True)
-            raise AnalysisCrashed(f"analysis exceeded its time limit of {self.settings.analysis_timeout_s:g} s")
+            raise AnalysisCrashed(f"analysis exceeded its time limit of {timeout_s:g} s")
+
+    def analyze_prior(self, paths: list[Path], timeout_s: float) -> AnalysisResult:
+        """A retrieved prior study, analysed for the comparison only: its SR and GSPS are never
+        saved, sent or billed (the caller keeps only its nodules and alignment image)."""
+        study = generate_uid(entropy_srcs=["lungscreen-prior", *sorted(p.name for p in paths)[:1]])
+        return self.analyze(paths, uids=ReportUIDs.for_run(study, 0), run=1, predecessor=None, timeout_s=timeout_s)
 
     def interrupt(self) -> None:
         """Stop the running analyses now (server stopping): their callers get

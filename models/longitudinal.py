@@ -1,0 +1,168 @@
+"""Nodules across time: match the prior study's nodules to the current findings, label the change.
+
+After :mod:`lungscreen.models.registration` has carried the prior nodule centres into the
+current study's coordinates, each prior nodule is paired with at most one current finding
+and vice versa (Hungarian assignment, ``scipy.optimize.linear_sum_assignment``, on the
+centre distance), and a pair is only accepted within a gate that grows with nodule size (a
+large nodule's detected centre moves more than a small one's). Then, per current finding:
+
+* ``new``: no prior nodule matched;
+* ``growing`` / ``shrinking``: the diameter changed by more than 1.5 mm up / down, the
+  Lung-RADS v2022 growth threshold ("an increase in mean diameter of >1.5 mm within a
+  12-month interval"). LungScreen measures one diameter per nodule (the detector's), which
+  stands in for the mean diameter;
+* ``stable``: otherwise;
+
+and each unmatched prior nodule is ``resolved``. For solid nodules that grew in volume, the
+volume doubling time is ``interval * ln 2 / ln(V2 / V1)`` days (Schwartz 1961; Lung-RADS and
+the European position statement use it for solid nodules: under 400 days is suspicious).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from lungscreen.findings import (
+    ChangeLabel, Comparison, ComparisonStatus, Finding, NoduleType, PriorMeasurement, PriorNodule, RuleSet,
+)
+from lungscreen.models.registration import AlignmentImage, RigidTransform, align
+from lungscreen.models.rules import apply_history
+
+GROWTH_THRESHOLD_MM = 1.5  # Lung-RADS v2022: mean diameter up by more than 1.5 mm
+MIN_GATE_MM = 10.0  # a pair further apart than this (or the size-scaled gate) is two nodules
+GATE_PER_DIAMETER = 1.0  # the gate grows with the larger of the two diameters
+
+
+@dataclass(frozen=True)
+class Match:
+    current_index: int
+    prior_index: int
+    distance_mm: float
+
+
+def matching_gate_mm(current_diameter_mm: float, prior_diameter_mm: float) -> float:
+    return max(MIN_GATE_MM, GATE_PER_DIAMETER * max(current_diameter_mm, prior_diameter_mm))
+
+
+def match_nodules(
+    current: Sequence[Finding], prior: Sequence[PriorNodule], transform: RigidTransform
+) -> tuple[Match, ...]:
+    """One-to-one pairs (current, prior) minimising the summed centre distance, each within its gate."""
+    if not current or not prior:
+        return ()
+    current_lps = np.array([f.center_lps_mm for f in current], dtype=np.float64)
+    prior_lps = transform.apply(np.array([p.center_lps_mm for p in prior], dtype=np.float64))
+    distance = np.linalg.norm(current_lps[:, None, :] - prior_lps[None, :, :], axis=2)
+    gate = np.array([[matching_gate_mm(c.diameter_mm, p.diameter_mm) for p in prior] for c in current])
+    # Pairs outside the gate cost more than any allowed set of pairs, so the assignment never
+    # trades an allowed pair for a forbidden one; they are dropped after.
+    forbidden = distance > gate
+    cost = np.where(forbidden, 1e6 + distance, distance)
+    rows, cols = linear_sum_assignment(cost)
+    return tuple(
+        Match(int(r), int(c), float(distance[r, c])) for r, c in zip(rows, cols) if not forbidden[r, c]
+    )
+
+
+def change_label(current_diameter_mm: float, prior_diameter_mm: float) -> ChangeLabel:
+    """Lung-RADS v2022 growth: mean diameter up by more than 1.5 mm; down by as much: shrinking."""
+    delta = current_diameter_mm - prior_diameter_mm
+    if delta > GROWTH_THRESHOLD_MM:
+        return ChangeLabel.GROWING
+    if delta < -GROWTH_THRESHOLD_MM:
+        return ChangeLabel.SHRINKING
+    return ChangeLabel.STABLE
+
+
+def volume_doubling_time_days(prior_volume_mm3: float, current_volume_mm3: float, interval_days: float) -> float | None:
+    """``interval * ln 2 / ln(V2 / V1)``; None where undefined (no growth, no interval, no volume)."""
+    if interval_days <= 0 or prior_volume_mm3 <= 0 or current_volume_mm3 <= prior_volume_mm3:
+        return None
+    return interval_days * math.log(2) / math.log(current_volume_mm3 / prior_volume_mm3)
+
+
+@dataclass(frozen=True)
+class PriorStudyNodules:
+    """The prior study's identity and nodules, as the comparison needs them."""
+
+    study_uid: str
+    study_date: str  # DICOM DA
+    nodules: tuple[PriorNodule, ...]
+    image: AlignmentImage | None = None  # None: no alignment, the scanners' coordinates are used
+
+
+def label_changes(
+    current: Sequence[Finding], prior: PriorStudyNodules, transform: RigidTransform, interval_days: int
+) -> tuple[tuple[Finding, ...], tuple[PriorNodule, ...]]:
+    """The current findings with ``change``, ``prior``, ``volume_doubling_time_days`` and the
+    prior's ``tracking_uid`` set, and the prior nodules now resolved."""
+    matches = {m.current_index: m for m in match_nodules(current, prior.nodules, transform)}
+    labelled = []
+    for index, finding in enumerate(current):
+        match = matches.get(index)
+        if match is None:
+            labelled.append(replace(finding, change=ChangeLabel.NEW))
+            continue
+        before = prior.nodules[match.prior_index]
+        vdt = None
+        if finding.nodule_type is NoduleType.SOLID:
+            vdt = volume_doubling_time_days(before.volume_mm3, finding.volume_mm3, interval_days)
+        labelled.append(
+            replace(
+                finding,
+                change=change_label(finding.diameter_mm, before.diameter_mm),
+                prior=PriorMeasurement(
+                    study_uid=prior.study_uid, study_date=prior.study_date, diameter_mm=before.diameter_mm,
+                    volume_mm3=before.volume_mm3, interval_days=interval_days, lung_rads=before.lung_rads,
+                ),
+                volume_doubling_time_days=vdt,
+                tracking_uid=before.tracking_uid or finding.tracking_uid,
+                tracking_id=before.tracking_id or finding.tracking_id,
+            )
+        )
+    matched_prior = {m.prior_index for m in matches.values()}
+    resolved = tuple(p for i, p in enumerate(prior.nodules) if i not in matched_prior)
+    return tuple(labelled), resolved
+
+
+def interval_days(prior_date: str, current_date: str) -> int:
+    """Days between two DICOM DA dates (YYYYMMDD)."""
+    from datetime import date
+
+    def parse(value: str) -> date:
+        value = value.strip()
+        if len(value) != 8 or not value.isdigit():
+            raise ValueError(f"not a DICOM date (YYYYMMDD): {value!r}")
+        return date(int(value[:4]), int(value[4:6]), int(value[6:]))
+
+    return (parse(current_date) - parse(prior_date)).days
+
+
+def compare_with_prior(
+    findings: Sequence[Finding],
+    current_image: AlignmentImage | None,
+    current_date: str,
+    prior: PriorStudyNodules,
+    rule_set: RuleSet | str = RuleSet.LUNG_RADS_2022,
+) -> tuple[tuple[Finding, ...], Comparison]:
+    """Align, match, label and recategorise: the follow-up report's findings and its comparison."""
+    days = interval_days(prior.study_date, current_date)
+    if days <= 0:
+        raise ValueError(f"the prior study ({prior.study_date}) is not earlier than the current one ({current_date})")
+    residual = None
+    transform = RigidTransform.identity()
+    if prior.image is not None and current_image is not None:
+        alignment = align(prior.image, current_image)
+        transform = alignment.transform
+        residual = alignment.residual_mm if alignment.lungs_found else None
+    labelled, resolved = label_changes(findings, prior, transform, days)
+    comparison = Comparison(
+        status=ComparisonStatus.COMPARED, prior_study_uid=prior.study_uid, prior_study_date=prior.study_date,
+        interval_days=days, resolved=resolved, alignment_residual_mm=residual,
+    )
+    return apply_history(labelled, rule_set), comparison

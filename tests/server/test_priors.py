@@ -1,0 +1,193 @@
+"""The prior study of a follow-up: LungScreen's history, then a PACS (Orthanc) by C-FIND and C-GET.
+
+Orthanc runs in the test's loopback-only network namespace (scripts/test.sh) holding a prior
+made from the real LIDC-IDRI-0001: the same patient 400 days earlier, without its 23 mm
+nodule, rotated and shifted. The bundled blob-filter test model is used in the server: these
+tests prove the path (query, retrieval, comparison, no SR or billing of the prior, bounded wait).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lungscreen.benchmarks.followup import (
+    LUNA16_NODULE_LPS, LUNA16_NODULE_MM, remove_nodule, rigid_prior, rigid_transform, write_study,
+)
+from lungscreen.dicom_io.query import StudyIdentity, patient_key, study_identity
+from lungscreen.findings import ComparisonStatus, NoduleType, PriorNodule
+from lungscreen.models.longitudinal import PriorStudyNodules
+from lungscreen.models.registration import AlignmentImage
+from lungscreen.server.config import Settings
+from lungscreen.server.db import Database
+from lungscreen.server.priors import PriorFinder, PriorHistory
+from tests.peers import LungScreen, Orthanc, needs_binary, needs_netns, storescu
+
+PATIENT = "FOLLOWUP-EVAL-1"  # what benchmarks.followup.write_study writes
+
+
+def nodules(*diameters):
+    return tuple(PriorNodule((10.0 * i, 0.0, 0.0), d, 100.0, NoduleType.SOLID, "3", f"2.25.{i}", f"Nodule {i}")
+                 for i, d in enumerate(diameters, start=1))
+
+
+def test_the_history_gives_the_latest_earlier_study_of_the_same_patient_within_the_look_back(tmp_path):
+    history = PriorHistory(Database(tmp_path / "db.sqlite"))
+    me, other = patient_key("P1", "HOSP"), patient_key("P1", "OTHER-HOSPITAL")
+    image = AlignmentImage(np.full((8, 8, 8), -500.0, np.float32), np.diag([4.0, 4.0, 4.0, 1.0]))
+    history.record(me, PriorStudyNodules("1.2.1", "20220110", nodules(6.0)))
+    history.record(me, PriorStudyNodules("1.2.2", "20250110", nodules(6.0, 8.0), image))
+    history.record(me, PriorStudyNodules("1.2.3", "20260301", nodules(9.0)))  # later than the current study
+    history.record(other, PriorStudyNodules("1.2.4", "20251201", nodules(5.0)))  # same ID, another issuer
+    latest = history.latest(me, "20260115", "20230115", exclude_study_uid="1.2.9")
+    assert latest.study_uid == "1.2.2" and latest.nodules == nodules(6.0, 8.0)
+    assert np.array_equal(latest.image.hu, image.hu) and np.array_equal(latest.image.affine, image.affine)
+    assert history.latest(me, "20250110", "20220101", exclude_study_uid="1.2.9").study_uid == "1.2.1"
+    assert history.latest(me, "20220110", "20190101", exclude_study_uid="1.2.9") is None
+    assert history.latest(me, "20260115", "20250111", exclude_study_uid="1.2.9") is None  # outside the look-back
+    assert history.latest(me, "20260115", "20220101", exclude_study_uid="1.2.2").study_uid == "1.2.1"  # a re-run never compares with itself
+
+
+def test_without_a_pacs_and_without_history_the_report_says_no_prior(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    finder = PriorFinder(settings, PriorHistory(Database(settings.db_path)), analyze_prior=_never)
+    search = finder.find(StudyIdentity("1.2.5", "20260115", "P1", ""))
+    assert search.prior is None and search.no_prior.status is ComparisonStatus.NO_PRIOR
+    undated = finder.find(StudyIdentity("1.2.5", "", "P1", ""))
+    assert undated.no_prior.status is ComparisonStatus.PRIOR_UNAVAILABLE and "StudyDate" in undated.no_prior.reason
+
+
+def test_a_failing_history_leaves_a_baseline_report_instead_of_failing_the_study(tmp_path, lidc_series_dir):
+    settings = Settings(data_dir=tmp_path)
+    db = Database(settings.db_path)
+    finder = PriorFinder(settings, PriorHistory(db), analyze_prior=_never)
+    db.close()  # every query now raises sqlite3.ProgrammingError
+    identity, search = finder.search(sorted(lidc_series_dir.glob("*.dcm"))[:1])
+    assert identity is not None and search.prior is None
+    assert search.no_prior.status is ComparisonStatus.PRIOR_UNAVAILABLE and "ProgrammingError" in search.no_prior.reason
+
+
+def _never(paths, timeout_s):
+    raise AssertionError("no prior should be analysed here")
+
+
+# --- with a PACS ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory, lidc_series_dir):
+    """The current study (20260115), its prior (20241211: nodule removed, patient moved) and a
+    second follow-up (20270115), all of patient FOLLOWUP-EVAL-1, as DICOM folders."""
+    from lungscreen.dicom_io.study import index_study
+    from lungscreen.dicom_io.volume import read_series_volume
+
+    root = tmp_path_factory.mktemp("prior-studies")
+    series = index_study(sorted(lidc_series_dir.glob("*.dcm"))).series[0]
+    volume = read_series_volume(series.paths, headers=series.headers, frames=series.frames)
+    without = volume.voxels.copy()
+    remove_nodule(without, volume.affine, LUNA16_NODULE_LPS, LUNA16_NODULE_MM, np.random.default_rng(1))
+    moved, moved_affine = rigid_prior(without, volume.affine, rigid_transform((-4.0, 2.0, -2.0), (-10.0, 7.0, -5.0), (0, 0, -175)))
+    return {
+        "prior": write_study(moved, moved_affine, root / "prior", "20241211"),
+        "current": write_study(volume.voxels, volume.affine, root / "current", "20260115"),
+        "next": write_study(volume.voxels, volume.affine, root / "next", "20270115"),
+    }
+
+
+def _orthanc(tmp: Path, *, allow_get: bool, lungscreen_port: int = 104) -> Orthanc:
+    modality = {"AET": "LUNGSCREEN", "Host": "127.0.0.1", "Port": lungscreen_port, "AllowEcho": True,
+                "AllowFind": True, "AllowGet": allow_get, "AllowMove": False, "AllowStore": True}
+    return Orthanc(tmp, modalities={"lungscreen": modality})
+
+
+def _upload(orthanc: Orthanc, folder: Path) -> None:
+    for path in sorted(folder.iterdir()):
+        orthanc.post("/instances", path.read_bytes())
+
+
+@needs_netns
+@needs_binary("Orthanc")
+def test_a_prior_that_the_pacs_refuses_to_send_leaves_a_baseline_report_that_says_so(tmp_path, studies):
+    orthanc = _orthanc(tmp_path, allow_get=False)
+    with orthanc.running():
+        _upload(orthanc, studies["prior"])
+        settings = Settings(data_dir=tmp_path / "ls", prior_source=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", prior_timeout_s=60)
+        finder = PriorFinder(settings, PriorHistory(Database(settings.db_path)), analyze_prior=_never)
+        search = finder.find(study_identity(next(studies["current"].iterdir())))
+    assert search.prior is None and search.no_prior.status is ComparisonStatus.PRIOR_UNAVAILABLE
+    assert "C-GET" in search.no_prior.reason or "refused" in search.no_prior.reason, search.no_prior.reason
+
+
+@needs_netns
+@needs_binary("Orthanc")
+def test_a_pacs_without_an_earlier_ct_of_the_patient_means_no_prior(tmp_path, studies):
+    orthanc = _orthanc(tmp_path, allow_get=True)
+    with orthanc.running():
+        _upload(orthanc, studies["next"])  # a later study of the patient is no prior
+        settings = Settings(data_dir=tmp_path / "ls", prior_source=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}")
+        finder = PriorFinder(settings, PriorHistory(Database(settings.db_path)), analyze_prior=_never)
+        search = finder.find(study_identity(next(studies["current"].iterdir())))
+    assert search.prior is None and search.no_prior.status is ComparisonStatus.NO_PRIOR
+
+
+@needs_netns
+@needs_binary("Orthanc")
+def test_a_pacs_that_does_not_answer_in_time_never_holds_the_report_longer_than_the_bound(tmp_path, studies):
+    import socket
+    import time
+
+    silent = socket.socket()  # accepts the TCP connection, never answers the A-ASSOCIATE
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    settings = Settings(data_dir=tmp_path / "ls", prior_source=f"PACS@127.0.0.1:{silent.getsockname()[1]}", prior_timeout_s=2.0)
+    finder = PriorFinder(settings, PriorHistory(Database(settings.db_path)), analyze_prior=_never)
+    started = time.monotonic()
+    search = finder.find(study_identity(next(studies["current"].iterdir())))
+    waited = time.monotonic() - started
+    silent.close()
+    assert search.no_prior.status is ComparisonStatus.PRIOR_UNAVAILABLE
+    assert waited < 2.0 + 5.0 + 5.0  # the bound and its grace, plus slack on a loaded machine (no timing target)
+
+
+@needs_netns
+@needs_binary("Orthanc", "storescu")
+def test_follow_up_end_to_end_prior_from_the_pacs_then_from_the_history(tmp_path, studies):
+    server = LungScreen(tmp_path / "server", idle_seconds=0.5)
+    orthanc = _orthanc(tmp_path, allow_get=True, lungscreen_port=server.port)
+    prior_uid = study_identity(next(studies["prior"].iterdir())).study_uid
+    current_uid = study_identity(next(studies["current"].iterdir())).study_uid
+    next_uid = study_identity(next(studies["next"].iterdir())).study_uid
+    server_config = tmp_path / "server" / "lungscreen.toml"
+    with orthanc.running():
+        _upload(orthanc, studies["prior"])
+        with open(server_config, "a") as config:
+            config.write(f'prior_source = "ORTHANC@127.0.0.1:{orthanc.dicom_port}"\nprior_timeout_s = 300\n')
+        with server.running():
+            storescu(sorted(studies["current"].iterdir()), server.port)
+            job = server.wait_for_state(current_uid, ("reported", "delivered"), timeout=600)["details"]
+    assert job["prior_study_uid"] == prior_uid, job.get("comparison")
+    assert job["comparison"]["status"] == "compared" and job["comparison"]["interval_days"] == 400
+    assert job["findings"], "the test model reports blobs on LIDC-IDRI-0001"
+    assert all(f["change"] in ("new", "stable", "growing", "shrinking") for f in job["findings"])
+    assert all(f["category"]["rule"] for f in job["findings"])
+    # The retrieved prior is in the store for analysis, but never became a job, an SR or a billing entry.
+    assert any((server.data_dir / "priors" / prior_uid).iterdir())
+    with server.running():
+        assert server.study(prior_uid) is None
+        billing = subprocess.run([sys.executable, "-m", "lungscreen.server.cli", "billing", "export", "--format", "json",
+                                  "--data-dir", str(server.data_dir)], capture_output=True, text=True, check=True)
+        assert [e["study_uid"] for e in json.loads(billing.stdout)] == [current_uid]
+        # A year later, with the PACS gone: the prior is the study LungScreen analysed itself.
+        storescu(sorted(studies["next"].iterdir()), server.port)
+        follow_up = server.wait_for_state(next_uid, ("reported", "delivered"), timeout=600)["details"]
+    assert follow_up["prior_study_uid"] == current_uid and follow_up["comparison"]["interval_days"] == 365
+    before = {f["tracking_uid"]: f for f in job["findings"]}
+    for finding in follow_up["findings"]:  # the same scan again: every nodule matched, under its tracking UID
+        assert finding["change"] != "new" and finding["tracking_uid"] in before
+        assert finding["tracking_id"] == before[finding["tracking_uid"]]["tracking_id"]
+    assert len(follow_up["findings"]) == len(job["findings"])

@@ -22,6 +22,7 @@ from lungscreen.errors import DeliveryError, LungScreenError
 from lungscreen.dicom_io.send import Destination, send_file
 from lungscreen.dicom_io.store import InstanceStore
 from lungscreen.models.card import load_card
+from lungscreen.models.remote import InferenceServerUnavailable, RemoteModelMismatch, TritonRunner
 from lungscreen.findings import exam_lung_rads
 from lungscreen import __version__
 from lungscreen.server.billing import BillingLedger, ExtensionEntry
@@ -37,6 +38,8 @@ from lungscreen.server.tls import destination_tls, listener_tls
 from lungscreen.server.workers import AnalysisPool, ReportUIDs
 
 log = logging.getLogger(__name__)
+
+MAX_INFERENCE_BACKOFF_S = 60.0  # longest pause before studies try the inference server again
 
 
 def api_token(data_dir: Path) -> str:
@@ -55,6 +58,11 @@ class LungScreenServer:
         self.ledger = BillingLedger(self.db)
         self.reports = InstanceStore(settings.reports_dir)
         self.card = load_card(settings.model)  # fail at start-up on a bad model, not on the first study
+        self.inference_degraded: str | None = None  # why remote inference is not working now
+        self._inference_retry_at = 0.0
+        self._inference_backoff_s = 0.0
+        if settings.inference_server:
+            self._check_inference_server()
         self.analysis = AnalysisPool(settings)
         self.receivers = ReceiverPool(
             settings, self._count_ingest, log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel())
@@ -113,6 +121,9 @@ class LungScreenServer:
         while not self._stop.is_set():
             try:
                 self.jobs.queue_quiet_studies(self.settings.idle_seconds)
+                if time.time() < self._inference_retry_at:
+                    self._stop.wait(0.1)
+                    continue  # studies wait for the inference server; see process()
                 for study_uid in self.jobs.queued():
                     with self._in_flight_lock:
                         # The queue stays in SQLite; the pool only ever holds what it can run.
@@ -148,6 +159,9 @@ class LungScreenServer:
                 paths, uids=uids, run=run,
                 predecessor=previous if previous and previous.exists() else None,
             )
+        except (InferenceServerUnavailable, RemoteModelMismatch) as exc:
+            self._inference_server_down(study_uid, run, exc)
+            return
         except LungScreenError as exc:
             details = {"rejected_series": [r.__dict__ for r in getattr(exc, "rejected", ())]}
             self.jobs.finish(study_uid, FAILED, reason=str(exc), details=details)
@@ -158,6 +172,40 @@ class LungScreenServer:
             log.exception("job %s run %d: internal error", study_uid, run)
             return
         self._complete(study_uid, run, result, time.perf_counter() - started)
+
+    # --- remote inference (Triton) ---------------------------------------------------------
+    def _check_inference_server(self) -> None:
+        """At start-up: a server serving another model or version is refused (the node does not
+        start); one that is down only degrades the node until it answers."""
+        runner = TritonRunner(self.settings.inference_server, self.card, timeout_s=self.settings.inference_timeout_s)
+        try:
+            runner.verify()
+        except InferenceServerUnavailable as exc:
+            self.inference_degraded = str(exc)
+            log.warning("inference server not available at start-up (%s): %s",
+                        self.settings.inference_server_unavailable, exc)
+
+    def _inference_server_down(self, study_uid: str, run: int, exc: LungScreenError) -> None:
+        """Policy "wait": the study goes back to the queue unchanged and every study waits,
+        with a growing pause, until the inference server answers again."""
+        self.jobs.release(study_uid, reason=f"waiting for the inference server: {exc}")
+        self.inference_degraded = str(exc)
+        base = self.settings.retry_base_delay_s
+        self._inference_backoff_s = min(MAX_INFERENCE_BACKOFF_S, max(base, 2 * self._inference_backoff_s))
+        self._inference_retry_at = time.time() + self._inference_backoff_s
+        self.metrics.remote_unavailable.inc()
+        log.warning("job %s run %d waits %.1f s for the inference server: %s",
+                    study_uid, run, self._inference_backoff_s, exc)
+
+    def _record_inference(self, inference: dict) -> None:
+        if not self.settings.inference_server:
+            return
+        if inference.get("where") == "remote":
+            self.inference_degraded = None
+            self._inference_backoff_s = 0.0
+        elif inference.get("fallback_reason"):
+            self.inference_degraded = f"running locally: {inference['fallback_reason']}"
+        self.metrics.record_inference(inference)
 
     def _complete(self, study_uid: str, run: int, result: AnalysisResult, seconds: float) -> None:
         results = [("sr", result.sr)] + ([("gsps", result.gsps)] if result.gsps is not None else [])
@@ -186,6 +234,7 @@ class LungScreenServer:
         for stage, value in result.timings.items():
             self.metrics.stage_seconds.labels(stage).observe(value)
         self.metrics.stage_seconds.labels("total").observe(seconds)
+        self._record_inference(result.inference)
         log.info(
             "job %s run %d %s: %d finding(s) from %d candidate(s) in %.2f s",
             study_uid, run, state, len(result.findings), result.candidates, seconds,
@@ -249,4 +298,5 @@ def job_details(result: AnalysisResult, sr_path: Path) -> dict:
         "gsps_sop_uid": str(result.gsps.SOPInstanceUID) if result.gsps is not None else None,
         "sr_path": str(sr_path),
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+        "inference": result.inference,
     }

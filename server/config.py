@@ -46,6 +46,11 @@ class Settings:
     model: Path = DEFAULT_MODEL_CARD
     operating_point: str | None = None  # None: the model card's default
     providers: tuple[str, ...] = ()  # ONNX Runtime providers; empty = best available
+    inference_server: str | None = None  # grpc://HOST:PORT: the network runs on this Triton server
+    # Triton down or slow: "wait" (the study stays queued, retried with backoff) or "local"
+    # (this node's ONNX Runtime session runs it, and the SR and job record say so)
+    inference_server_unavailable: str = "wait"
+    inference_timeout_s: float = 120.0  # one request to the inference server (it is sent again on timeout)
     workers: int = 1  # studies analysed at once, each in its own worker process
     analysis_timeout_s: float = 600.0  # a run taking longer is stopped and the study fails
     send_timeout_s: float = 30.0
@@ -70,6 +75,10 @@ class Settings:
             raise ValueError("idle_seconds must be at least 0.2")
         if self.ingest_sync not in ("association", "instance"):
             raise ValueError(f"ingest_sync must be 'association' or 'instance': {self.ingest_sync!r}")
+        if self.inference_server_unavailable not in ("wait", "local"):
+            raise ValueError(f"inference_server_unavailable must be 'wait' or 'local': {self.inference_server_unavailable!r}")
+        if self.inference_server is not None and not self.inference_server.startswith("grpc://"):
+            raise ValueError(f"inference_server must be grpc://HOST:PORT: {self.inference_server!r}")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
         if self.receivers < 0:

@@ -46,6 +46,10 @@ def _handler_for(server_app):
                 receivers = server_app.receivers.running
                 if not receivers:
                     return self._json(503, {"status": "no DICOM receiver process is running", "dicom_receivers": 0})
+                if server_app.inference_degraded:
+                    # Studies are still received and kept; their analysis waits (or runs locally).
+                    return self._json(200, {"status": "degraded", "reason": server_app.inference_degraded,
+                                            "dicom_receivers": receivers})
                 return self._json(200, {"status": "ok", "dicom_receivers": receivers})
             if path == "/metrics":
                 return self._send(200, server_app.metrics.render(), "text/plain; version=0.0.4")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -73,6 +73,7 @@ class AnalysisResult:
     accession_number: str
     main_exam_item: tuple[str, str, str]
     timings: dict[str, float] = field(default_factory=dict)
+    inference: dict = field(default_factory=dict)  # where the network ran (models.detector.InferenceSite)
 
 
 @contextmanager
@@ -121,7 +122,7 @@ def analyze_study(
     with _timed(timings, "preprocess"):
         image = detector.preprocess(volume.voxels, volume.affine)
     with _timed(timings, "inference"):
-        output = detector.infer(image)
+        output, site = detector.infer_with_site(image)
     with _timed(timings, "postprocess"):
         candidates = to_source_candidates(detector.decode(output), image, volume.affine)
         point = detector.card.operating_point(analyzer.operating_point)
@@ -136,12 +137,13 @@ def analyze_study(
         )
     with _timed(timings, "report"):
         header = selected.headers[0]
+        algorithm = replace(analyzer.algorithm, inference_site=site.description)
         evidence = _evidence_in_slice_order(selected.headers, volume)
         sr = build_sr(
             evidence,
             volume,
             report,
-            algorithm=analyzer.algorithm,
+            algorithm=algorithm,
             billing=analyzer.billing,
             series_instance_uid=sr_series_uid,
             sop_instance_uid=sr_sop_uid,
@@ -151,7 +153,7 @@ def analyze_study(
         gsps = None
         if analyzer.presentation_state:
             gsps = build_gsps(
-                evidence, volume, report, algorithm=analyzer.algorithm, sop_instance_uid=gsps_sop_uid,
+                evidence, volume, report, algorithm=algorithm, sop_instance_uid=gsps_sop_uid,
                 instance_number=instance_number,
             )
     return AnalysisResult(
@@ -166,6 +168,7 @@ def analyze_study(
         accession_number=str(header.get("AccessionNumber", "") or ""),
         main_exam_item=main_exam_procedure(header, analyzer.billing),
         timings=timings,
+        inference=site.as_dict(),
     )
 
 

@@ -172,6 +172,7 @@ class TritonRunner:
                 output = result.as_numpy(self._output_name)
                 if output is None or output.shape[0] != batch.shape[0]:
                     raise ModelError(f"inference server returned no usable {self._output_name!r} tensor")
+                output = np.array(output)  # a writable copy: the response's buffer is read-only
                 with self._lock:
                     c = self._calls
                     self._calls = RemoteCall(c.requests + 1, c.bytes_sent + batch.nbytes,

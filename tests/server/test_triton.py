@@ -16,12 +16,15 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from google.protobuf import text_format
 
 from lungscreen.models.card import BLOB_FILTER_CARD, DEFAULT_MODEL_CARD, ModelCard, load_card
-from lungscreen.models.remote import triton_version
+from lungscreen.models.remote import (
+    REQUEST_ATTEMPTS, InferenceServerUnavailable, RemoteModelMismatch, TritonRunner, triton_version,
+)
 from lungscreen.server.config import Settings
 from lungscreen.server.pipeline import analyze_study
 from lungscreen.server.triton import (
@@ -196,6 +199,27 @@ def test_a_repository_whose_version_differs_from_the_card_is_refused(tmp_path, t
     assert done.returncode == 2
     assert "no ready lungscreen-nodulenet version 1002000 (model card 1.2.0)" in done.stderr
     assert "lungscreen-nodulenet 1002001 (READY)" in done.stderr
+
+
+@needs_triton
+def test_other_weights_under_the_same_name_and_version_are_refused(triton):
+    """A card naming the served model and version, but other weights (another ONNX file)."""
+    raw = json.loads(BLOB_FILTER_CARD.read_text())
+    impostor = ModelCard(path=load_card(DEFAULT_MODEL_CARD).path, raw=dict(raw, onnx_file="model.onnx"))
+    with pytest.raises(RemoteModelMismatch, match="lungscreen_onnx_sha256=.* differs from model card"):
+        TritonRunner(triton.grpc_url, impostor).verify()
+
+
+@needs_triton
+def test_a_request_past_its_deadline_is_sent_again_then_reported_unavailable(triton):
+    runner = TritonRunner(triton.grpc_url, BLOB, timeout_s=0.001)  # no answer comes that fast
+    with pytest.raises(InferenceServerUnavailable, match=f"failed {REQUEST_ATTEMPTS} attempts"):
+        runner(np.zeros((1, 1, 64, 64, 64), np.float32))
+    calls = runner.take_calls()
+    assert (calls.requests, calls.retries) == (0, REQUEST_ATTEMPTS)
+    runner.timeout_s = 60.0
+    assert runner(np.zeros((1, 1, 64, 64, 64), np.float32)).shape == (1, 6, 64, 64, 64)
+    assert runner.take_calls().requests == 1
 
 
 # --- faults (these stop the shared server: keep them last) --------------------------------------

@@ -231,8 +231,10 @@ def test_triton_killed_mid_study_with_wait_ends_in_one_sr_once_it_is_back(tmp_pa
     study = phantom_study(tmp_path / "study", spheres=SPHERES)
     node = remote_node(tmp_path / "node", triton, retry_base_delay_s=0.5)
     with node.running():
-        triton.kill()  # SIGKILL, as a crash
         storescu(list(study.paths), node.port)
+        # SIGKILL, as a crash, with the study received and in its quiet period (0.5 s): a kill
+        # timed into the one short request would make the test depend on the machine's speed.
+        triton.kill()
 
         def waiting():
             job = node.study(study.study_instance_uid)

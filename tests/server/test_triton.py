@@ -222,6 +222,23 @@ def test_a_request_past_its_deadline_is_sent_again_then_reported_unavailable(tri
     assert runner.take_calls().requests == 1
 
 
+@needs_triton
+def test_sliding_windows_go_four_to_a_request_and_match_local_inference(triton):
+    """A patch smaller than the image: 8 windows (2 per axis) in 2 requests, blended as locally."""
+    import torch
+
+    from lungscreen.models.detector import Detector
+    from lungscreen.models.preprocess import PreprocessedImage
+
+    raw = json.loads(BLOB_FILTER_CARD.read_text())
+    small = ModelCard(path=BLOB.path, raw=dict(raw, inference=dict(raw["inference"], patch_size=[32, 32, 32])))
+    image = PreprocessedImage(torch.from_numpy(np.random.default_rng(0).random((1, 48, 48, 48), np.float32)), np.eye(4))
+    local = Detector(small).infer(image)
+    remote, site = Detector(small, remote=TritonRunner(triton.grpc_url, small)).infer_with_site(image)
+    assert (site.where, site.requests, site.bytes_sent) == ("remote", 2, 8 * 32**3 * 4)
+    np.testing.assert_allclose(remote, local, atol=1e-5)
+
+
 # --- faults (these stop the shared server: keep them last) --------------------------------------
 
 

@@ -40,6 +40,8 @@ from lungscreen.server.workers import AnalysisPool, ReportUIDs
 log = logging.getLogger(__name__)
 
 MAX_INFERENCE_BACKOFF_S = 60.0  # longest pause before studies try the inference server again
+INFERENCE_PROBE_INTERVAL_S = 5.0  # while degraded, /healthz asks the inference server again this often
+INFERENCE_PROBE_TIMEOUT_S = 5.0
 
 
 def api_token(data_dir: Path) -> str:
@@ -61,6 +63,8 @@ class LungScreenServer:
         self.inference_degraded: str | None = None  # why remote inference is not working now
         self._inference_retry_at = 0.0
         self._inference_backoff_s = 0.0
+        self._inference_probed_at = 0.0
+        self._inference_probe: TritonRunner | None = None
         if settings.inference_server:
             self._check_inference_server()
         self.analysis = AnalysisPool(settings)
@@ -177,13 +181,33 @@ class LungScreenServer:
     def _check_inference_server(self) -> None:
         """At start-up: a server serving another model or version is refused (the node does not
         start); one that is down only degrades the node until it answers."""
-        runner = TritonRunner(self.settings.inference_server, self.card, timeout_s=self.settings.inference_timeout_s)
+        self._inference_probe = TritonRunner(self.settings.inference_server, self.card,
+                                             timeout_s=INFERENCE_PROBE_TIMEOUT_S)
         try:
-            runner.verify()
+            self._inference_probe.verify()
         except InferenceServerUnavailable as exc:
             self.inference_degraded = str(exc)
             log.warning("inference server not available at start-up (%s): %s",
                         self.settings.inference_server_unavailable, exc)
+
+    def inference_problem(self) -> str | None:
+        """Why remote inference is not working now; None when it works or is not configured.
+        While degraded, the inference server is asked again (at most every
+        ``INFERENCE_PROBE_INTERVAL_S``), so health recovers, and waiting studies resume, as soon
+        as it answers with the right model, not only when the next study tries."""
+        if self.inference_degraded is None or time.time() - self._inference_probed_at < INFERENCE_PROBE_INTERVAL_S:
+            return self.inference_degraded
+        self._inference_probed_at = time.time()
+        try:
+            self._inference_probe.verify()
+        except (InferenceServerUnavailable, RemoteModelMismatch) as exc:
+            self.inference_degraded = str(exc)
+            return self.inference_degraded
+        log.info("inference server %s answers again", self.settings.inference_server)
+        self.inference_degraded = None
+        self._inference_backoff_s = 0.0
+        self._inference_retry_at = 0.0
+        return None
 
     def _inference_server_down(self, study_uid: str, run: int, exc: LungScreenError) -> None:
         """Policy "wait": the study goes back to the queue unchanged and every study waits,

@@ -89,7 +89,8 @@ class InferenceSite:
 
 
 class Detector:
-    """One model card, one ONNX Runtime session, reused across studies (thread-safe run).
+    """One model card, one ONNX Runtime session, reused across studies (thread-safe run; with
+    ``remote``, one study at a time, as each analysis worker process runs, so that its counts are per study).
 
     With ``remote`` (a :class:`models.remote.TritonRunner`) the network runs on Triton instead;
     when Triton is unavailable, ``unavailable="wait"`` raises :class:`InferenceServerUnavailable`
@@ -145,8 +146,8 @@ class Detector:
         self.remote.take_calls()  # count this study's requests only
         try:
             output = self._infer(image, self.remote, self.remote.windows_per_request)
-        except (InferenceServerUnavailable, ModelError) as exc:
-            if self.unavailable != "local" or not _remote_fault(exc):
+        except (InferenceServerUnavailable, RemoteModelMismatch) as exc:  # down, slow, or another model now
+            if self.unavailable != "local":
                 raise
             log.warning("inference server unavailable, running locally instead: %s", exc)
             calls = self.remote.take_calls()
@@ -202,11 +203,6 @@ class Detector:
         image = self.preprocess(voxels, affine_lps)
         raw = self.decode(self.infer(image))
         return to_source_candidates(raw, image, affine_lps), image
-
-
-def _remote_fault(exc: Exception) -> bool:
-    """Triton down, slow, or serving another model now: the local session can stand in."""
-    return isinstance(exc, (InferenceServerUnavailable, RemoteModelMismatch))
 
 
 def to_source_candidates(

@@ -247,6 +247,9 @@ class AlgorithmIdentity:
         Observer UID (121012, DCM). Change it whenever the model changes (IHE AIR).
     institution:
         Institution Name of the SR, when known.
+    inference_site:
+        Where the network ran for this report (this node's ONNX Runtime, or a named Triton
+        Inference Server), added to the Contribution Description.
     """
 
     manufacturer: str
@@ -255,6 +258,7 @@ class AlgorithmIdentity:
     model_version: str
     device_uid: str
     institution: str | None = None
+    inference_site: str | None = None
 
     def __post_init__(self) -> None:
         _check_long_string("manufacturer", self.manufacturer)
@@ -732,7 +736,9 @@ def _algorithm_equipment(algorithm: AlgorithmIdentity) -> hd.ContributingEquipme
         institution_name=algorithm.institution,
         contribution_description=(
             f"Lung nodule detection by {algorithm.model_name} {algorithm.model_version} "
-            f"(LungScreen {algorithm.software_version}). {RESEARCH_USE_NOTICE}"
+            f"(LungScreen {algorithm.software_version})"
+            + (f", network run by {algorithm.inference_site}" if algorithm.inference_site else "")
+            + f". {RESEARCH_USE_NOTICE}"
         ),
     )
     equipment.DeviceUID = algorithm.device_uid

@@ -8,6 +8,7 @@ then CUDA, then the CPU, which is always there.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -17,10 +18,11 @@ from monai.inferers import sliding_window_inference
 
 from lungscreen.models.card import ModelCard
 from lungscreen.models.decoding import decode
-from lungscreen.errors import ModelError
+from lungscreen.errors import LungScreenError, ModelError
 from lungscreen.findings import Candidate, ModelCandidate
 from lungscreen.models.lungs import distance_outside_mm, lung_mask_xyz
 from lungscreen.models.preprocess import PreprocessedImage, bounding_box, build_transform, crop_to_box, hu_of, preprocess
+from lungscreen.models.remote import InferenceServerUnavailable, RemoteModelMismatch, TritonRunner
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +69,48 @@ def inference_box(hu: np.ndarray, lungs: np.ndarray | None, card: ModelCard) -> 
     return bounding_box(region, CROP_MARGIN_MM, spacing, tuple(spec.get("size_divisible_by", (1, 1, 1))))
 
 
-class Detector:
-    """One model card, one ONNX Runtime session, reused across studies (thread-safe run)."""
+UNAVAILABLE_POLICIES = ("wait", "local")
 
-    def __init__(self, card: ModelCard, *, providers: list[str] | None = None, intra_op_threads: int = 0) -> None:
+
+@dataclass(frozen=True)
+class InferenceSite:
+    """Where a study's network ran, and what crossed the wire when it ran remotely."""
+
+    where: str  # "local" (ONNX Runtime in this process) or "remote" (Triton)
+    description: str
+    fallback_reason: str | None = None  # why a remote run fell back to the local session
+    requests: int = 0
+    bytes_sent: int = 0
+    remote_seconds: float = 0.0
+    retries: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Detector:
+    """One model card, one ONNX Runtime session, reused across studies (thread-safe run; with
+    ``remote``, one study at a time, as each analysis worker process runs, so that its counts are per study).
+
+    With ``remote`` (a :class:`models.remote.TritonRunner`) the network runs on Triton instead;
+    when Triton is unavailable, ``unavailable="wait"`` raises :class:`InferenceServerUnavailable`
+    (the study is retried later) and ``"local"`` runs the local session and says so.
+    """
+
+    def __init__(
+        self,
+        card: ModelCard,
+        *,
+        providers: list[str] | None = None,
+        intra_op_threads: int = 0,
+        remote: TritonRunner | None = None,
+        unavailable: str = "wait",
+    ) -> None:
+        if unavailable not in UNAVAILABLE_POLICIES:
+            raise ValueError(f"unavailable must be one of {UNAVAILABLE_POLICIES}, not {unavailable!r}")
         self.card = card
+        self.remote = remote
+        self.unavailable = unavailable
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads  # 0 = ONNX Runtime's default (all cores)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -97,10 +136,39 @@ class Detector:
 
     def infer(self, image: PreprocessedImage) -> np.ndarray:
         """Run the network; whole volume in one pass when it fits the patch, else sliding window."""
+        return self.infer_with_site(image)[0]
+
+    def infer_with_site(self, image: PreprocessedImage) -> tuple[np.ndarray, InferenceSite]:
+        """:meth:`infer`, and where it ran."""
+        local = InferenceSite("local", f"ONNX Runtime on this node ({', '.join(self.providers)})")
+        if self.remote is None:
+            return self._infer(image, self._run_locally, 1), local
+        self.remote.take_calls()  # count this study's requests only
+        try:
+            output = self._infer(image, self.remote, self.remote.windows_per_request)
+        except (InferenceServerUnavailable, RemoteModelMismatch) as exc:  # down, slow, or another model now
+            if self.unavailable != "local":
+                raise
+            log.warning("inference server unavailable, running locally instead: %s", exc)
+            calls = self.remote.take_calls()
+            site = InferenceSite("local", f"{local.description}, the inference server being unavailable",
+                                 fallback_reason=str(exc), retries=calls.retries)
+            return self._infer(image, self._run_locally, 1), site
+        calls = self.remote.take_calls()
+        return output, InferenceSite(
+            "remote", self.remote.description, requests=calls.requests, bytes_sent=calls.bytes_sent,
+            remote_seconds=round(calls.seconds, 4), retries=calls.retries,
+        )
+
+    def _run_locally(self, batch: np.ndarray) -> np.ndarray:
+        (out,) = self.session.run(None, {self.card.inference["input_name"]: batch})
+        return out
+
+    def _infer(self, image: PreprocessedImage, runner, windows_per_request: int) -> np.ndarray:
+        """The network on ``image`` through ``runner`` (a batch of inputs in, outputs out)."""
         spec = self.card.inference
         patch = tuple(spec["patch_size"])
         tensor = image.tensor[None]  # (1, 1, X, Y, Z)
-        input_name = spec["input_name"]
         divisible = spec.get("size_divisible_by")
         if divisible:
             # Zero-pad at the end (voxel indices unchanged) so that every window starts on the
@@ -111,14 +179,17 @@ class Detector:
         patch = tuple(min(p, s) for p, s in zip(patch, tensor.shape[2:]))
 
         def run(batch: torch.Tensor) -> torch.Tensor:
-            (out,) = self.session.run(None, {input_name: batch.numpy()})
-            return torch.from_numpy(out)
+            return torch.from_numpy(runner(batch.numpy()))
 
         try:
             if all(s <= p for s, p in zip(tensor.shape[2:], patch)):
                 return run(tensor)[0].numpy()
             with torch.no_grad():
-                out = sliding_window_inference(tensor, patch, 1, run, overlap=spec["overlap"], mode="gaussian")
+                out = sliding_window_inference(
+                    tensor, patch, windows_per_request, run, overlap=spec["overlap"], mode="gaussian"
+                )
+        except LungScreenError:
+            raise
         except Exception as exc:
             raise ModelError(f"inference failed: {exc}") from exc
         return out[0].numpy()

@@ -51,4 +51,5 @@ fi
 # The browser tests (tests/viewer) need Chromium, Playwright and the prebuilt OHIF viewer.
 if ((want_test)); then
     scripts/install_viewer.sh
+    scripts/install_triton.sh  # the bundled tritonserver for tests/server/test_triton.py
 fi

@@ -17,6 +17,8 @@
     lungscreen feedback export [--format csv|json] [--out FILE]
     lungscreen feedback report [--period month|week|all] [--target FM_PER_SCAN] [--json]
     lungscreen feedback apply-operating-point (--threshold P | --proposed) --by NAME --evidence TEXT
+    lungscreen triton export OUT_DIR [--model-card PATH] [--backend onnxruntime|python]
+    lungscreen triton serve --repository DIR [--grpc-port N] [--http-port N] [--metrics-port N]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from lungscreen.models.monai_bundle import add_cli as add_model_cli
 from lungscreen.training.evaluate_cli import add_cli as add_evaluate_cli
 from lungscreen.server.config import Settings, load_settings
 from lungscreen.server.logs import configure_logging
+from lungscreen.server.triton import add_cli as add_triton_cli
 
 log = logging.getLogger("lungscreen")
 
@@ -43,7 +46,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
         key: getattr(args, key, None)
         for key in ("ae_title", "host", "port", "data_dir", "allow_ae", "destination", "idle_seconds", "http_port",
-                    "model", "operating_point", "workers", "receivers")
+                    "model", "operating_point", "workers", "receivers", "inference_server")
     }
     return load_settings(args.config, **overrides)
 
@@ -103,6 +106,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         "exam_lung_rads": exam_lung_rads(result.report.findings),
         "rejected_series": [r.__dict__ for r in result.rejected_series],
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+        "inference": result.inference,
         "intended_use": analyzer.detector.card.intended_use,
         "findings": list(result.findings),
         **comparison_summary(result.report, analyzer.rule_set),
@@ -309,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", type=Path)
         p.add_argument("--model", type=Path, help="model card (JSON) or its folder")
 
+    def inference_server(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--inference-server", metavar="grpc://HOST:PORT",
+                       help="run the network on this Triton Inference Server instead of locally")
+
     serve = sub.add_parser("serve", help="run the DICOM listener, the analysis workers and the HTTP endpoint")
     common(serve)
     serve.add_argument("--ae-title")
@@ -321,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--operating-point")
     serve.add_argument("--workers", type=int)
     serve.add_argument("--receivers", type=int, help="DICOM receiver processes (default: one per CPU core, at most 4)")
+    inference_server(serve)
     serve.set_defaults(func=cmd_serve)
 
     analyze = sub.add_parser("analyze", help="run the pipeline on a folder of DICOM files, offline")
@@ -329,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", type=Path, required=True)
     analyze.add_argument("--operating-point")
     analyze.add_argument("--prior", type=Path, help="folder of the same patient's earlier CT: a follow-up report")
+    inference_server(analyze)
     analyze.set_defaults(func=cmd_analyze)
 
     jobs = sub.add_parser("jobs", help="list jobs and their states")
@@ -398,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_cli(sub)
     add_bench_cli(sub)
     add_followup_cli(sub)
+    add_triton_cli(sub)
     return parser
 
 

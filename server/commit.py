@@ -82,5 +82,6 @@ def job_details(result: AnalysisResult, sr_path: Path) -> dict:
         "gsps_sop_uid": str(result.gsps.SOPInstanceUID) if result.gsps is not None else None,
         "sr_path": str(sr_path),
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+        "inference": result.inference,
         **comparison_summary(report),
     }

@@ -87,6 +87,12 @@ class Settings:
     model: Path = DEFAULT_MODEL_CARD
     operating_point: str | None = None  # None: the model card's default
     providers: tuple[str, ...] = ()  # ONNX Runtime providers; empty = best available
+    inference_server: str | None = None  # grpc://HOST:PORT: the network runs on this Triton server
+    # Triton down or slow: "wait" (the study stays queued, retried with backoff) or "local"
+    # (this node's ONNX Runtime session runs it, and the SR and job record say so)
+    inference_server_unavailable: Literal["wait", "local"] = "wait"
+    # one request to the inference server (it is sent again on timeout)
+    inference_timeout_s: Annotated[float, Range(1, 3600)] = 120.0
     workers: Annotated[int, Range(1, 64)] = 1  # studies analysed at once, each in its own worker process
     analysis_timeout_s: Annotated[float, Range(1)] = 600.0  # a run taking longer is stopped and the study fails
     # On stop (SIGTERM), a running analysis gets this long to finish; then it is handed back to
@@ -133,6 +139,8 @@ class Settings:
             check_outline_categories(self.outline_categories)
         except ValueError as exc:
             raise SettingError("outline_categories", str(exc)) from None
+        if self.inference_server is not None and not self.inference_server.startswith("grpc://"):
+            raise SettingError("inference_server", f"must be grpc://HOST:PORT, got {self.inference_server!r}")
 
     @property
     def receiver_processes(self) -> int:

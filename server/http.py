@@ -61,6 +61,11 @@ def _handler_for(server_app, sessions: ReviewSessions):
                 receivers = server_app.receivers.running
                 if not receivers:
                     return self._json(503, {"status": "no DICOM receiver process is running", "dicom_receivers": 0})
+                problem = server_app.inference_problem()
+                if problem:
+                    # Studies are still received and kept; their analysis waits (or runs locally).
+                    return self._json(200, {"status": "degraded", "reason": problem,
+                                            "dicom_receivers": receivers})
                 return self._json(200, {"status": "ok", "dicom_receivers": receivers})
             if path == "/metrics":
                 return self._send(200, server_app.metrics.render(), "text/plain; version=0.0.4")

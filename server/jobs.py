@@ -187,6 +187,19 @@ class JobStore:
                    WHERE study_uid = ? AND state = 'processing'""",
                 (time.time(), study_uid),
             )
+    def release(self, study_uid: str, reason: str) -> str:
+        """Undo a claim whose run could not start its work (the inference server was
+        unavailable): processing -> queued (receiving when new instances came meanwhile), with
+        the run count as before, so the retried run has the same number and report UIDs."""
+        now = time.time()
+        with self.db.transaction() as c:
+            c.execute(
+                """UPDATE jobs SET state = CASE WHEN rerun_requested THEN 'receiving' ELSE 'queued' END,
+                   rerun_requested = 0, runs = runs - 1, started_at = NULL, reason = ?, updated_at = ?
+                   WHERE study_uid = ? AND state = 'processing'""",
+                (reason, now, study_uid),
+            )
+            return c.execute("SELECT state FROM jobs WHERE study_uid = ?", (study_uid,)).fetchone()["state"]
 
     def mark_delivered(self, study_uid: str) -> None:
         with self.db.transaction() as c:

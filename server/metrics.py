@@ -1,5 +1,5 @@
 """Prometheus metrics: per-stage latency histograms, instance counters, jobs and deliveries by state,
-DICOM receivers and their open associations."""
+DICOM receivers and their open associations, and remote inference on a Triton server."""
 
 from __future__ import annotations
 
@@ -56,6 +56,41 @@ class Metrics:
             _StateCountCollector("lungscreen_deliveries", "Reports to destinations by state", outbox.count_by_state)
         )
         self.registry.register(_ReceiverCollector(receivers))
+        # Remote inference (Triton): per study, what went over the wire and how it went.
+        self.remote_seconds = Histogram(
+            "lungscreen_remote_inference_seconds", "Time in requests to the inference server, per study",
+            buckets=STAGE_BUCKETS, registry=self.registry,
+        )
+        self.remote_requests = Counter(
+            "lungscreen_remote_inference_requests", "Inference requests answered by the inference server",
+            registry=self.registry,
+        )
+        self.remote_bytes_sent = Counter(
+            "lungscreen_remote_inference_bytes_sent", "Bytes of input tensors sent to the inference server",
+            registry=self.registry,
+        )
+        self.remote_retries = Counter(
+            "lungscreen_remote_inference_retries", "Inference requests sent again after a timeout or lost connection",
+            registry=self.registry,
+        )
+        self.remote_fallbacks = Counter(
+            "lungscreen_remote_inference_fallbacks", "Studies run locally because the inference server was unavailable",
+            registry=self.registry,
+        )
+        self.remote_unavailable = Counter(
+            "lungscreen_remote_inference_unavailable", "Study runs put back in the queue to wait for the inference server",
+            registry=self.registry,
+        )
+
+    def record_inference(self, inference: dict) -> None:
+        """Count one study's inference (a ``models.detector.InferenceSite`` as a dict)."""
+        self.remote_retries.inc(inference.get("retries", 0))
+        if inference.get("where") == "remote":
+            self.remote_seconds.observe(inference.get("remote_seconds", 0.0))
+            self.remote_requests.inc(inference.get("requests", 0))
+            self.remote_bytes_sent.inc(inference.get("bytes_sent", 0))
+        elif inference.get("fallback_reason"):
+            self.remote_fallbacks.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

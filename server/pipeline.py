@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -87,6 +87,7 @@ class AnalysisResult:
     timings: dict[str, float] = field(default_factory=dict)
     study_date: str = ""  # DICOM DA of the analysed study ("" when the CT has none)
     alignment_image: AlignmentImage | None = None  # with Analyzer.keep_alignment_image or a prior
+    inference: dict = field(default_factory=dict)  # where the network ran (models.detector.InferenceSite)
 
 
 @contextmanager
@@ -154,7 +155,7 @@ def analyze_study(
     with _timed(timings, "preprocess"):
         image = detector.preprocess(volume.voxels, volume.affine)
     with _timed(timings, "inference"):
-        output = detector.infer(image)
+        output, site = detector.infer_with_site(image)
     with _timed(timings, "postprocess"):
         candidates = to_source_candidates(detector.decode(output), image, volume.affine)
         point, point_source = _operating_point(analyzer)
@@ -186,12 +187,13 @@ def analyze_study(
             operating_point_source=point_source,
             comparison=comparison,
         )
+        algorithm = replace(analyzer.algorithm, inference_site=site.description)
         evidence = _evidence_in_slice_order(selected.headers, volume)
         sr = build_sr(
             evidence,
             volume,
             report,
-            algorithm=analyzer.algorithm,
+            algorithm=algorithm,
             billing=analyzer.billing,
             series_instance_uid=sr_series_uid,
             sop_instance_uid=sr_sop_uid,
@@ -202,7 +204,7 @@ def analyze_study(
         gsps = None
         if analyzer.presentation_state:
             gsps = build_gsps(
-                evidence, volume, report, algorithm=analyzer.algorithm, sop_instance_uid=gsps_sop_uid,
+                evidence, volume, report, algorithm=algorithm, sop_instance_uid=gsps_sop_uid,
                 instance_number=instance_number, outline_categories=analyzer.outline_categories,
             )
     return AnalysisResult(
@@ -219,6 +221,7 @@ def analyze_study(
         timings=timings,
         study_date=study_date,
         alignment_image=image,
+        inference=site.as_dict(),
     )
 
 

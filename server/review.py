@@ -198,6 +198,7 @@ def render_study(
         f"<tr><th>Processing</th><td>{_when(job.get('started_at'))} – {_when(job.get('finished_at'))} "
         f"({_seconds(job.get('started_at'), job.get('finished_at'))})</td></tr>"
         f"<tr><th>Model</th><td>{_e(details.get('model'))}</td></tr>"
+        f"<tr><th>Inference</th><td id=\"inference\">{_e((details.get('inference') or {}).get('description'))}</td></tr>"
         f"<tr><th>Operating point</th><td>{_e(details.get('operating_point'))} "
         f"(score threshold {_e(details.get('score_threshold'))})</td></tr>"
         f"<tr><th>Analysed series</th><td>{_e(details.get('series_uid'))}</td></tr>"

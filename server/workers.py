@@ -27,6 +27,7 @@ from lungscreen.dicom_io.select import SelectionRules
 from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes
 from lungscreen.models.card import load_card
 from lungscreen.models.detector import Detector
+from lungscreen.models.remote import TritonRunner
 from lungscreen.models.rules import ClinicalRules
 from lungscreen import __version__
 from lungscreen.server.config import Settings, installation_value
@@ -59,8 +60,12 @@ def build_analyzer(settings: Settings) -> Analyzer:
     from lungscreen.findings import RuleSet
 
     card = load_card(settings.model)
+    remote = None
+    if settings.inference_server:
+        remote = TritonRunner(settings.inference_server, card, timeout_s=settings.inference_timeout_s)
     return Analyzer(
-        detector=Detector(card, providers=list(settings.providers) or None),
+        detector=Detector(card, providers=list(settings.providers) or None, remote=remote,
+                          unavailable=settings.inference_server_unavailable),
         algorithm=AlgorithmIdentity(
             manufacturer="LungScreen project",
             model_name=card.name,

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 from pydicom import Dataset
 
 from lungscreen.errors import NotEligible, VolumeError
@@ -24,11 +23,10 @@ from lungscreen.dicom_io.select import SelectionRules, SeriesRejection, choose_s
 from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes, build_sr, main_exam_procedure
 from lungscreen.dicom_io.study import index_study
 from lungscreen.dicom_io.volume import Volume, read_series_volume
-from lungscreen.models.calibrate import calibrate
 from lungscreen.models.detector import Detector, to_source_candidates
-from lungscreen.findings import Candidate, Finding, NoduleReport
-from lungscreen.models.measure import nodule_type, sphere_volume_mm3
-from lungscreen.models.rules import ClinicalRules, apply_rules
+from lungscreen.findings import Finding, NoduleReport
+from lungscreen.models.postprocess import postprocess
+from lungscreen.models.rules import ClinicalRules
 
 STAGES = ("assemble", "select", "volume", "preprocess", "inference", "postprocess", "report")
 
@@ -125,7 +123,10 @@ def analyze_study(
     with _timed(timings, "postprocess"):
         candidates = to_source_candidates(detector.decode(output), image, volume.affine)
         point = detector.card.operating_point(analyzer.operating_point)
-        findings, suppressed = apply_rules(_measure(candidates, volume, detector), point.threshold, analyzer.rules)
+        findings, suppressed = postprocess(
+            candidates, volume.voxels, volume.affine, detector.card.calibration, point.threshold, analyzer.rules,
+            detector.second_stage,
+        )
         report = NoduleReport(
             findings=findings,
             operating_point=point.name,
@@ -167,27 +168,6 @@ def analyze_study(
         main_exam_item=main_exam_procedure(header, analyzer.billing),
         timings=timings,
     )
-
-
-def _measure(candidates: list[Candidate], volume: Volume, detector: Detector) -> list[Finding]:
-    """Calibrated probability, type and volume of each candidate inside the volume."""
-    shape = np.array(volume.voxels.shape)
-    inside = [c for c in candidates if np.all(np.array(c.center_kji) >= -0.5) and np.all(np.array(c.center_kji) <= shape - 0.5)]
-    probabilities = calibrate([c.score for c in inside], detector.card.calibration)
-    return [
-        Finding(
-            center_kji=c.center_kji,
-            center_lps_mm=tuple(float(v) for v in volume.index_to_lps(c.center_kji)),
-            diameter_mm=c.diameter_mm,
-            volume_mm3=sphere_volume_mm3(c.diameter_mm),
-            probability=float(p),
-            nodule_type=nodule_type(volume.voxels, c.center_kji, c.diameter_mm, volume.spacing),
-            lung_rads="",
-            actionable=False,
-            outside_lungs_mm=c.outside_lungs_mm,
-        )
-        for c, p in zip(inside, probabilities)
-    ]
 
 
 def _evidence_in_slice_order(headers, volume: Volume) -> list[Dataset]:

@@ -5,7 +5,8 @@ Each real scan in ``shared/data`` comes with what its readers marked (:mod:`trai
 * LIDC-IDRI-0001 (a LUNA16 scan): LUNA16's target (annotations.csv) and irrelevant findings
   (annotations_excluded.csv), or, with ``--lidc-xml``, the same derived from its LIDC XML;
 * pyradiomics lung1: its labelled nodule; a finding elsewhere is false;
-* Lung_Dx-A0001: its tumour (boxes); a finding elsewhere is false;
+* Lung_Dx-A0001: its tumour (boxes, a 6-9 cm mass); a finding elsewhere is false; a mass is outside
+  the detector's 3-30 mm range, so it is counted apart from the nodule targets;
 * the TotalSegmentator contrast chest CT: no nodules; every finding is false.
 
 A report's finding is a **hit** (on a target), **irrelevant** (on another reader mark; neither hit
@@ -47,6 +48,8 @@ LUNG1_LABEL = SHARED_DATA / "pyradiomics_lung" / "lung1_label.nrrd"
 CONTRAST_CT = SHARED_DATA / "totalsegmentator" / "example_ct_chest_cta_1.5mm.nii.gz"
 LUNG_DX = SHARED_DATA / "lung_pet_ct_dx"
 HIT, IRRELEVANT, FALSE = "hit", "irrelevant", "false"
+# The detector's intended range is 3-30 mm nodules (model card); a larger labelled lesion is a mass.
+MAX_NODULE_DIAMETER_MM = 30.0
 
 
 def lidc_0001(from_xml: bool = False) -> Scan:
@@ -112,20 +115,26 @@ def classify(centres_lps: np.ndarray, targets: Sequence[Nodule], irrelevant: Seq
 class ReportScore:
     """One scan's report at one operating point, scored against its reads."""
 
-    targets: int
+    targets: int  # labelled nodules within the detector's intended range (<= 30 mm)
     targets_found: int
     outlines: int  # findings reported (each is outlined in the SR and GSPS)
     false_outlines: int
     actionable_false: int
     irrelevant_outlines: int
+    masses: int = 0  # labelled lesions over 30 mm (a mass, outside the intended 3-30 mm range)
+    masses_found: int = 0
 
 
 def score_findings(findings: Sequence[Finding], targets: Sequence[Nodule], irrelevant: Sequence[Nodule]) -> ReportScore:
+    """A finding on a mass is on a labelled lesion, so not false; a mass missed is counted apart."""
     labels = classify(np.array([f.center_lps_mm for f in findings]), targets, irrelevant)
     found = {i for kind, i in labels if kind == HIT}
+    nodules = [i for i, t in enumerate(targets) if t.diameter_mm <= MAX_NODULE_DIAMETER_MM]
     return ReportScore(
-        targets=len(targets),
-        targets_found=len(found),
+        targets=len(nodules),
+        targets_found=len(found & set(nodules)),
+        masses=len(targets) - len(nodules),
+        masses_found=len(found - set(nodules)),
         outlines=len(findings),
         false_outlines=sum(kind == FALSE for kind, _ in labels),
         actionable_false=sum(kind == FALSE and f.actionable for f, (kind, _) in zip(findings, labels)),

@@ -188,8 +188,9 @@ def headline_metrics(result: dict) -> list[dict]:
                         rows.append({"name": f"{point}: {key}", "value": figures[point][key], "dataset": real_dataset(scan, res)})
             for point in result["operating_points"]:
                 for key in ("false_outlines_per_scan", "actionable_false_per_scan"):
-                    rows.append({"name": f"{point}: {key}", "value": round(res["total"][point][key], 4),
-                                 "dataset": f"{res['dataset']}: {', '.join(res['per_scan'])}"})  # fmt: skip
+                    note = f"; {LIDC_NOTE.replace('this', 'the')}" if any(n.startswith("LIDC") for n in res["per_scan"]) else ""
+                rows.append({"name": f"{point}: {key}", "value": round(res["total"][point][key], 4),
+                             "dataset": f"{res['dataset']}: {', '.join(res['per_scan'])}{note}"})  # fmt: skip
     if "timing_300_slices_s" in result:
         rows.append({"name": "seconds per 300-slice CT (Detector.detect)", "value": round(result["timing_300_slices_s"], 2),
                      "dataset": result["timing_dataset"]})  # fmt: skip

@@ -128,3 +128,23 @@ def test_lidc_0001_xml_reads_agree_with_luna16(shared_data: Path, lidc_series_di
     assert reads.targets[0].diameter_mm == pytest.approx(luna.targets[0].diameter_mm, abs=1.0)
     # LUNA16's excluded list holds the 22 point marks and the target's own 3 reader outlines.
     assert len(reads.irrelevant) == 22 and len(luna.irrelevant) == 25
+
+
+def test_lidc_folder_of_a_luna16_scan_takes_luna16_lists(shared_data: Path) -> None:
+    from lungscreen.training.real_eval import read_lidc_folder
+
+    (scan,) = list(read_lidc_folder(shared_data / "lidc_idri" / "LIDC-IDRI-0001"))
+    assert len(scan.nodules) == 1 and scan.nodules[0].diameter_mm == pytest.approx(23.35, abs=0.01)
+    assert len(scan.irrelevant) == 25
+
+
+def test_lung_dx_tumour_boxes_make_one_mass_on_soft_tissue(shared_data: Path) -> None:
+    from lungscreen.training.real_eval import MAX_NODULE_DIAMETER_MM, REAL_SCANS
+
+    scan = REAL_SCANS["Lung_Dx-A0001"]()
+    (lesion,) = scan.nodules
+    assert lesion.diameter_mm > MAX_NODULE_DIAMETER_MM  # a mass: counted apart from the nodule targets
+    k, j, i = np.round(scan.lps_to_index(lesion.center_lps_mm)).astype(int)
+    assert -100 < scan.voxels[k, j, i] < 150, "the boxes' centre lies on the tumour's soft tissue"
+    score = score_findings([finding(lesion.center_lps_mm)], scan.nodules, ())
+    assert (score.targets, score.masses, score.masses_found, score.false_outlines) == (0, 1, 1, 0)

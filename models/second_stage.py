@@ -105,7 +105,10 @@ class SecondStage:
         logits = []
         for start in range(0, len(centres), self.batch_size):
             batch = crops_lps(voxels, affine, centres[start : start + self.batch_size])
-            (out,) = self.session.run(None, {INPUT_NAME: batch})
+            try:
+                (out,) = self.session.run(None, {INPUT_NAME: batch})
+            except Exception as exc:  # ONNX Runtime raises its own exception types
+                raise ModelError(f"second stage failed: {exc}") from exc
             logits.append(out[:, 0, 0])
         maps = np.concatenate(logits).reshape(len(centres), per, CROP, CROP)
         return np.array([

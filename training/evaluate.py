@@ -43,7 +43,6 @@ from lungscreen.training.evaluate_cli import add_arguments
 from lungscreen.training.froc_plot import draw_froc
 from lungscreen.training.inference import ScanDetections, detect_scan
 from lungscreen.training.metrics import (
-    SIZE_BANDS_MM,
     ScanMatches,
     at_threshold,
     bootstrap_ci,

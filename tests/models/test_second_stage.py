@@ -68,3 +68,32 @@ def test_postprocess_vetoes_a_false_candidate_and_keeps_the_nodule_and_a_mass(li
     # Without a second stage the same call reports both and counts no veto.
     findings, suppressed = postprocess([nodule, lung], lidc.voxels, lidc.affine, IDENTITY, 0.3, ClinicalRules(), None)
     assert len(findings) == 2 and SUPPRESSED_SECOND_STAGE not in suppressed
+
+
+def test_the_default_card_ships_the_second_stage_with_its_licence() -> None:
+    from lungscreen.models.detector import Detector
+
+    card = load_card(DEFAULT_MODEL_CARD)
+    section = card.raw["second_stage"]
+    licence = (card.path.parent / section["licence_file"]).read_text()
+    assert section["licence"].startswith("MIT") and "MIT License" in licence and "Andre Stochniol" in licence
+    assert "LUNA16" in section["training_data"]
+    detector = Detector(card, intra_op_threads=1)
+    assert detector.second_stage is not None and detector.second_stage.rule == VetoRule(**section["rule"])
+
+
+def test_a_second_stage_rule_with_an_unknown_field_is_refused() -> None:
+    from lungscreen.errors import ModelError
+    from lungscreen.models.card import validate_card
+
+    raw = dict(load_card(DEFAULT_MODEL_CARD).raw)
+    raw["second_stage"] = dict(raw["second_stage"], rule={"min_logit": 0.0, "exempt_diameter_mm": 30.0, "exempt_probability": 0.5, "x": 1})
+    with pytest.raises(ModelError, match="second_stage/rule"):
+        validate_card(raw)
+
+
+def test_a_missing_second_stage_model_is_a_model_error(tmp_path: Path) -> None:
+    from lungscreen.errors import ModelError
+
+    with pytest.raises(ModelError, match="does not exist"):
+        SecondStage(tmp_path / "absent.onnx", VetoRule(0.0, 30.0, 0.5))

@@ -46,4 +46,5 @@ fi
 # The browser tests (tests/viewer) need Chromium, Playwright and the prebuilt OHIF viewer.
 if ((want_test)); then
     scripts/install_viewer.sh
+    scripts/fetch_lidc_annotations.sh
 fi

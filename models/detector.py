@@ -21,6 +21,7 @@ from lungscreen.models.decoding import decode
 from lungscreen.errors import LungScreenError, ModelError
 from lungscreen.findings import Candidate, ModelCandidate
 from lungscreen.models.lungs import distance_outside_mm, lung_mask_xyz
+from lungscreen.models.second_stage import SecondStage
 from lungscreen.models.preprocess import PreprocessedImage, bounding_box, build_transform, crop_to_box, hu_of, preprocess
 from lungscreen.models.remote import InferenceServerUnavailable, RemoteModelMismatch, TritonRunner
 
@@ -123,6 +124,11 @@ class Detector:
         self.providers = self.session.get_providers()
         self.transform = build_transform(card.preprocessing)
         self._spacing = np.asarray(card.preprocessing["spacing_mm"], dtype=np.float64)
+        section = card.raw.get("second_stage")
+        # The card's second stage (models/second_stage.py), None when it has none.
+        self.second_stage = (
+            SecondStage.from_card_section(card.path, section, intra_op_threads) if section else None
+        )
         log.info("model %s %s loaded, providers %s", card.name, card.version, self.providers)
 
     def preprocess(self, voxels: np.ndarray, affine_lps: np.ndarray) -> PreprocessedImage:

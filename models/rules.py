@@ -111,6 +111,16 @@ def apply_rules(
     return tuple(kept), suppressed
 
 
+def reportable(finding: Finding, threshold: float, rules: ClinicalRules) -> bool:
+    """Whether ``finding`` passes the operating point, the lung-proximity and the size rules
+    (everything but the findings cap): the findings a second stage has to look at."""
+    return (
+        finding.probability >= threshold
+        and not _outside_lungs(finding, rules)
+        and finding.diameter_mm >= rules.min_reported_diameter_mm
+    )
+
+
 def _outside_lungs(finding: Finding, rules: ClinicalRules) -> bool:
     limit, outside = rules.max_outside_lungs_mm, finding.outside_lungs_mm
     return limit is not None and outside is not None and outside > limit

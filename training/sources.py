@@ -42,7 +42,7 @@ def synthetic_scan(seed: int, n_nodules: int | tuple[int, int] = (0, 4)) -> Scan
     n_xy = int(rng.uniform(*FOV_RANGE_MM) / pixel)
     n_z = int(rng.uniform(*Z_EXTENT_RANGE_MM) / step)
     ct = make_chest_ct(seed, shape=(n_z, n_xy, n_xy), spacing=(step, pixel, pixel), n_nodules=n_nodules)
-    nodules = tuple(Nodule(n.center_lps_mm, n.diameter_mm) for n in ct.nodules)
+    nodules = tuple(Nodule(n.center_lps_mm, n.diameter_mm, f"{n.nodule_type} {n.location}") for n in ct.nodules)
     return Scan(f"synthetic-{seed}", ct.hu, axial_affine(ct.spacing, ct.origin_lps), nodules)
 
 

@@ -5,7 +5,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from scipy.spatial.transform import Rotation
 
 from lungscreen.findings import (
     Assessment, ChangeLabel, ComparisonStatus, Finding, NoduleType, PriorMeasurement, PriorNodule, RuleSet,

@@ -71,9 +71,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from lungscreen.findings import exam_lung_rads
     from lungscreen.server.workers import build_analyzer
-    from lungscreen.server.pipeline import analyze_study
+    from lungscreen.server.pipeline import analyze_study, comparison_summary
     from lungscreen.server.preflight import check_settings
-    from lungscreen.server.pipeline import comparison_summary
     from lungscreen.server.priors import prior_from_result
 
     settings = check_settings(_settings(args)).settings  # a bad setting is named before the model loads

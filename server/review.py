@@ -262,7 +262,7 @@ def render_study(
     rejected = details.get("rejected_series") or []
     if rejected:
         rows = "".join(
-            f"<tr><td>{_e(r.get('series_uid') if isinstance(r, Mapping) else r)}</td>"
+            f"<tr><td>{_e(_series_name(r) if isinstance(r, Mapping) else r)}</td>"
             f"<td>{_e(r.get('reason') if isinstance(r, Mapping) else '')}</td></tr>"
             for r in rejected
         )
@@ -271,6 +271,12 @@ def render_study(
             f"</thead><tbody>{rows}</tbody></table>"
         )
     return _page(f"Study {uid}", "".join(parts))
+
+
+def _series_name(rejection: Mapping) -> str:
+    """A refused series as the job record keeps it (dicom_io.select.SeriesRejection): its
+    description, else its UID."""
+    return rejection.get("series_description") or rejection.get("series_instance_uid") or ""
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

@@ -61,7 +61,11 @@ def _job(**changes) -> dict:
         "finished_at": 1_700_000_021.5,
         "details": {
             "series_uid": "1.2.3",
-            "rejected_series": [{"series_uid": "1.2.9", "reason": "localizer"}],
+            "rejected_series": [
+                {"series_instance_uid": "1.2.9", "series_description": "", "code": "localizer", "reason": "localizer"},
+                {"series_instance_uid": "1.2.10", "series_description": "Topogram 0.6 T20s", "code": "localizer",
+                 "reason": "localizer (scout) by its SeriesDescription"},
+            ],
             "operating_point": "screening",
             "score_threshold": 0.35,
             "model": "blob-filter 1.0",
@@ -130,6 +134,9 @@ class TestRenderStudy:
                          "localizer", "detect", "4.50", "blob-filter 1.0"):
             assert expected in text, expected
         assert re.search(r"<td>min_diameter_mm</td><td class=\"num\">4</td>", page)
+        # A refused series is named by its description, else its UID (the job record's keys).
+        assert "<td>1.2.9</td><td>localizer</td>" in page
+        assert "<td>Topogram 0.6 T20s</td><td>localizer (scout) by its SeriesDescription</td>" in page
         assert 'src="1.2.826.0.1.3680043.8.498.1/key/1.png"' in page
         assert 'src="1.2.826.0.1.3680043.8.498.1/key/2.png"' in page
         assert (

@@ -190,7 +190,7 @@ class LungScreenServer:
                 prior=search.prior, no_prior=search.no_prior,
             )
         except AnalysisInterrupted:
-            self.jobs.hand_back(study_uid)
+            self.jobs.hand_back(study_uid, reason="handed back when the server stopped")
             log.info("job %s run %d handed back to the queue (server stopping)", study_uid, run)
             return
         except (InferenceServerUnavailable, RemoteModelMismatch) as exc:
@@ -243,7 +243,7 @@ class LungScreenServer:
     def _inference_server_down(self, study_uid: str, run: int, exc: LungScreenError) -> None:
         """Policy "wait": the study goes back to the queue unchanged and every study waits,
         with a growing pause, until the inference server answers again."""
-        self.jobs.release(study_uid, reason=f"waiting for the inference server: {exc}")
+        self.jobs.hand_back(study_uid, reason=f"waiting for the inference server: {exc}")
         self.inference_degraded = str(exc)
         base = self.settings.retry_base_delay_s
         self._inference_backoff_s = min(MAX_INFERENCE_BACKOFF_S, max(base, 2 * self._inference_backoff_s))

@@ -177,29 +177,18 @@ class JobStore:
             )
             return c.execute("SELECT state FROM jobs WHERE study_uid = ?", (study_uid,)).fetchone()["state"]
 
-    def hand_back(self, study_uid: str) -> None:
-        """A run the server stopped before it ended (shutting down) goes back to the queue as
-        if never claimed: same run number next time, and not counted as an interruption."""
-        with self.db.transaction() as c:
-            c.execute(
-                """UPDATE jobs SET state = CASE WHEN rerun_requested THEN 'receiving' ELSE 'queued' END,
-                   rerun_requested = 0, runs = runs - 1, started_at = NULL, updated_at = ?
-                   WHERE study_uid = ? AND state = 'processing'""",
-                (time.time(), study_uid),
-            )
-    def release(self, study_uid: str, reason: str) -> str:
-        """Undo a claim whose run could not start its work (the inference server was
-        unavailable): processing -> queued (receiving when new instances came meanwhile), with
-        the run count as before, so the retried run has the same number and report UIDs."""
-        now = time.time()
+    def hand_back(self, study_uid: str, reason: str) -> None:
+        """A claimed run that did not do its work goes back to the queue as if never claimed
+        (receiving when new instances came meanwhile): the same run number and report UIDs next
+        time, and not counted as an interruption. ``reason`` says why the study waits (the
+        server is stopping, the inference server is unavailable)."""
         with self.db.transaction() as c:
             c.execute(
                 """UPDATE jobs SET state = CASE WHEN rerun_requested THEN 'receiving' ELSE 'queued' END,
                    rerun_requested = 0, runs = runs - 1, started_at = NULL, reason = ?, updated_at = ?
                    WHERE study_uid = ? AND state = 'processing'""",
-                (reason, now, study_uid),
+                (reason, time.time(), study_uid),
             )
-            return c.execute("SELECT state FROM jobs WHERE study_uid = ?", (study_uid,)).fetchone()["state"]
 
     def mark_delivered(self, study_uid: str) -> None:
         with self.db.transaction() as c:

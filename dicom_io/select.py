@@ -93,7 +93,10 @@ class SelectionRules:
     """
 
     min_slices: int = 30
-    max_slice_thickness_mm: float = 3.0
+    # 5 mm: routine chest CT in many hospitals is reconstructed at 5 mm only, and a refusal gives
+    # the radiologist nothing; thinner series rank first, and a screening site that keeps ACR's
+    # 2.5 mm protocol limit sets it here.
+    max_slice_thickness_mm: float = 5.0
     min_slice_thickness_mm: float = 0.4
     require_axial: bool = True
     axial_tolerance_deg: float = 15.0

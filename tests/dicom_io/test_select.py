@@ -26,7 +26,6 @@ AXIAL = [1, 0, 0, 0, 1, 0]
 CORONAL = [1, 0, 0, 0, 0, -1]
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 SOFT, SHARP = KernelFamily.SOFT, KernelFamily.SHARP
-WIDE = SelectionRules(max_slice_thickness_mm=6.0)  # a site that accepts Lung_Dx-A0001's 5 mm slices
 
 
 def _candidate(
@@ -148,9 +147,10 @@ def test_the_real_scans_as_stored_are_eligible(lidc_paths, lung_dx) -> None:
     )
     for paths in lung_dx.values():
         philips = _series(paths)
-        assert choose_series([philips], WIDE).selected is philips
-        (rejection,) = choose_series([philips]).rejected  # 5 mm: too thick for the default limit of 3 mm
-        assert (rejection.code, rejection.reason) == (RejectionCode.TOO_THICK, "slice thickness 5.0 mm > 3.0 mm")
+        assert choose_series([philips]).selected is philips  # 5 mm: within the default limit
+        # A screening site that keeps ACR's 2.5 mm protocol limit refuses it, and says why.
+        (rejection,) = choose_series([philips], SelectionRules(max_slice_thickness_mm=2.5)).rejected
+        assert (rejection.code, rejection.reason) == (RejectionCode.TOO_THICK, "slice thickness 5.0 mm > 2.5 mm")
 
 
 # What real scanners and archives send for an axial reconstruction: every one must be eligible.
@@ -370,7 +370,7 @@ def test_the_model_cards_kernel_picks_between_reconstructions(siemens_study, pre
 @pytest.mark.parametrize(("preferred", "kernel"), [(SOFT, "B"), (SHARP, "L"), (None, "L")])
 def test_lung_dx_philips_kernels_b_and_l(lung_dx, preferred, kernel) -> None:
     series = {name: _series(paths) for name, paths in lung_dx.items()}
-    choice = choose_series([series["L"], series["B"]], WIDE, preferred_kernel=preferred)
+    choice = choose_series([series["L"], series["B"]], preferred_kernel=preferred)
     assert choice.selected is series[kernel]
     assert [r.code for r in choice.rejected] == [RejectionCode.NOT_CHOSEN]
     assert f"kernel {kernel} ({'soft' if kernel == 'B' else 'sharp'}" in choice.why_selected
@@ -421,7 +421,7 @@ def test_a_localizer_hidden_among_axial_images_rejects_the_series() -> None:
     ("candidate_args", "code", "reason"),
     [
         ({"step": 0.3}, RejectionCode.TOO_THIN, "slice thickness 0.3 mm < 0.4 mm"),
-        ({"step": 5.0}, RejectionCode.TOO_THICK, "slice thickness 5.0 mm > 3.0 mm"),
+        ({"step": 7.5}, RejectionCode.TOO_THICK, "slice thickness 7.5 mm > 5.0 mm"),
         ({"count": 1, "image_type": ["ORIGINAL", "PRIMARY", "AXIAL"]}, RejectionCode.TOO_FEW_SLICES,
          "too few slices: 1 < 30"),
     ],
@@ -456,10 +456,10 @@ def test_slightly_oblique_series_is_axial_within_tolerance() -> None:
 
 def test_thickness_is_measured_from_positions_not_slice_thickness() -> None:
     nominally_thick = _candidate(step=1.25, slice_thickness=5.0)
-    nominally_thin = _candidate(step=5.0, slice_thickness=1.0)
+    nominally_thin = _candidate(step=7.5, slice_thickness=1.0)
 
     assert choose_series([nominally_thick]).selected is nominally_thick
-    assert _sole_rejection(nominally_thin).reason == "slice thickness 5.0 mm > 3.0 mm"
+    assert _sole_rejection(nominally_thin).reason == "slice thickness 7.5 mm > 5.0 mm"
 
 
 def test_the_geometry_is_validated_once_per_series() -> None:
@@ -524,10 +524,10 @@ def test_thinnest_then_most_slices_then_lowest_series_number() -> None:
 
 def test_no_eligible_series_selects_nothing() -> None:
     assert choose_series([]) == SeriesChoice(None, ())
-    choice = choose_series([_candidate(step=5.0), _candidate(modality="PT")])
+    choice = choose_series([_candidate(step=7.5), _candidate(modality="PT")])
     assert choice.selected is None
     assert [(r.code, r.reason) for r in choice.rejected] == [
-        (RejectionCode.TOO_THICK, "slice thickness 5.0 mm > 3.0 mm"), (RejectionCode.NOT_CT, "modality PT, not CT")]
+        (RejectionCode.TOO_THICK, "slice thickness 7.5 mm > 5.0 mm"), (RejectionCode.NOT_CT, "modality PT, not CT")]
 
 
 def test_a_rejection_code_is_typed() -> None:
@@ -551,7 +551,7 @@ def test_rules_from_site_configuration() -> None:
     ("mapping", "message"),
     [
         ({"max_thickness": 6}, r"unknown series selection rule\(s\) \['max_thickness'\]"),
-        ({"min_slice_thickness_mm": 4.0}, r"0 < min <= max"),
+        ({"min_slice_thickness_mm": 6.0}, r"0 < min <= max"),
         ({"min_slices": "30"}, r"min_slices must be an integer"),
         ({"max_slice_thickness_mm": True}, r"max_slice_thickness_mm must be a finite number"),
         ({"require_axial": "yes"}, r"require_axial must be true or false"),

@@ -130,16 +130,21 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_export(text: str, out: Path | None) -> None:
+    """An export to the file ``out``, or to standard output."""
+    if out:
+        Path(out).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
 def cmd_billing_export(args: argparse.Namespace) -> int:
     from lungscreen.server.billing import BillingLedger
     from lungscreen.server.db import Database
 
     settings = _settings(args)
     text = BillingLedger(Database(settings.db_path)).export(args.format)
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        sys.stdout.write(text)
+    _write_export(text, args.out)
     return 0
 
 
@@ -235,10 +240,7 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
         text = buffer.getvalue()
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        sys.stdout.write(text)
+    _write_export(text, args.out)
     return 0
 
 

@@ -88,37 +88,37 @@ def test_flags_are_checked_as_the_file_is():
     assert load_settings().receiver_processes == min(4, len(os.sched_getaffinity(0)))
 
 
-class PriorSource(enum.Enum):
+class ArchiveSource(enum.Enum):
     NONE = "none"
     PACS = "pacs"
 
 
 @dataclass(frozen=True)
-class WithTriton(Settings):
+class WithLaterFields(Settings):
     """Settings as other engineers extend them: the fields only, no checking code."""
 
-    inference_server: Annotated[str, Range(1)] | None = None
-    inference_timeout_s: Annotated[float, Range(0.1, 60)] = 5.0
-    prior_source: PriorSource = PriorSource.NONE
+    archive_server: Annotated[str, Range(1)] | None = None
+    archive_timeout_s: Annotated[float, Range(0.1, 60)] = 5.0
+    archive_source: ArchiveSource = ArchiveSource.NONE
     outline_colours: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 def test_a_field_added_later_is_checked_from_its_annotation():
-    """Engineers add settings (an inference server, prior studies...): the annotation and its
+    """Engineers add settings (an archive, its source, colours...): the annotation and its
     bounds are all the checking they need to write."""
 
-    assert WithTriton(inference_server="localhost:8001").inference_timeout_s == 5.0
-    assert WithTriton(prior_source="pacs", outline_colours={"4B": [255, 0, 0]}).outline_colours == {"4B": (255, 0, 0)}
-    shown = settings_toml(WithTriton(prior_source="pacs"))
-    assert 'prior_source = "pacs"\n' in shown and "# inference_server is not set\n" in shown
-    with pytest.raises(SettingError, match="setting 'prior_source': must be one of 'none', 'pacs', got 'ris'"):
-        WithTriton(prior_source="ris")
+    assert WithLaterFields(archive_server="localhost:8001").archive_timeout_s == 5.0
+    assert WithLaterFields(archive_source="pacs", outline_colours={"4B": [255, 0, 0]}).outline_colours == {"4B": (255, 0, 0)}
+    shown = settings_toml(WithLaterFields(archive_source="pacs"))
+    assert 'archive_source = "pacs"\n' in shown and "# archive_server is not set\n" in shown
+    with pytest.raises(SettingError, match="setting 'archive_source': must be one of 'none', 'pacs', got 'ris'"):
+        WithLaterFields(archive_source="ris")
     with pytest.raises(SettingError, match=r"setting 'outline_colours': key '4B': expected a list of 3 items"):
-        WithTriton(outline_colours={"4B": [255, 0]})
-    with pytest.raises(SettingError, match="setting 'inference_timeout_s': value must be at most 60"):
-        WithTriton(inference_timeout_s=61)
-    with pytest.raises(SettingError, match="setting 'inference_server': expected a string, got 8001"):
-        WithTriton(inference_server=8001)
+        WithLaterFields(outline_colours={"4B": [255, 0]})
+    with pytest.raises(SettingError, match="setting 'archive_timeout_s': value must be at most 60"):
+        WithLaterFields(archive_timeout_s=61)
+    with pytest.raises(SettingError, match="setting 'archive_server': expected a string, got 8001"):
+        WithLaterFields(archive_server=8001)
 
 
 def test_certificate_and_key_go_together():

@@ -2,7 +2,9 @@
 
 The pair is made from the real LIDC-IDRI-0001: the prior is the same scan without its 23 mm
 LUNA16 nodule, the patient rotated by a few degrees and shifted by a few mm, 400 days earlier.
-So that nodule is new, and every other finding is the same anatomy (matched, same tracking UID).
+So that nodule is new, and every other finding is the same anatomy (matched, same tracking UID):
+a 9 mm nodule painted into the lung of both scans makes sure there is one (the second stage
+leaves no other finding on this scan at the default operating point).
 """
 
 import json
@@ -12,7 +14,8 @@ import pydicom
 import pytest
 
 from lungscreen.benchmarks.followup import (
-    LUNA16_NODULE_LPS, LUNA16_NODULE_MM, remove_nodule, rigid_prior, rigid_transform, write_study,
+    LUNA16_NODULE_LPS, LUNA16_NODULE_MM, _lung_spots, paint_nodule, remove_nodule, rigid_prior, rigid_transform,
+    write_study,
 )
 from lungscreen.server.cli import main
 from lidc_reports import validate_sr
@@ -26,8 +29,11 @@ def pair(tmp_path_factory, lidc_series_dir):
     root = tmp_path_factory.mktemp("followup")
     series = index_study(sorted(lidc_series_dir.glob("*.dcm"))).series[0]
     volume = read_series_volume(series.paths, headers=series.headers, frames=series.frames)
-    current = write_study(volume.voxels, volume.affine, root / "current", "20260115")
-    without = volume.voxels.copy()
+    (stable_spot,) = _lung_spots(volume.voxels, volume.affine, 1, LUNA16_NODULE_LPS)
+    with_stable = volume.voxels.astype(np.float32)
+    paint_nodule(with_stable, volume.affine, stable_spot, 9.0)
+    current = write_study(with_stable, volume.affine, root / "current", "20260115")
+    without = with_stable.copy()
     remove_nodule(without, volume.affine, LUNA16_NODULE_LPS, LUNA16_NODULE_MM, np.random.default_rng(1))
     moved_hu, moved_affine = rigid_prior(without, volume.affine, rigid_transform((-4.0, 2.0, -2.0), (-10.0, 7.0, -5.0), (0, 0, -175)))
     prior = write_study(moved_hu, moved_affine, root / "prior", "20241211")

@@ -8,7 +8,7 @@ import pytest
 
 from lungscreen.dicom_io.sr_reading import finding_tracking_uids
 from lungscreen.dicom_io.uids import is_valid_uid
-from lungscreen.models.card import BLOB_FILTER_CARD
+from lungscreen.models.card import BLOB_FILTER_CARD, DEFAULT_MODEL_CARD, load_card
 from lungscreen.server.config import load_settings
 from lungscreen.server.db import Database
 from lungscreen.server.feedback import (
@@ -388,7 +388,8 @@ def test_a_viewer_sr_sent_over_dicom_gives_accepted_rejected_and_missed_and_neve
 # --- the site's figures ---------------------------------------------------------------------
 
 OCT, NOV = 1759708800.0, 1762387200.0  # 2025-10-06 and 2025-11-06, 00:00 UTC
-MODEL = "lungscreen-nodulenet 1.2.0"  # the default model, as job details name it
+_DEFAULT_CARD = load_card(DEFAULT_MODEL_CARD)
+MODEL = f"{_DEFAULT_CARD.name} {_DEFAULT_CARD.version}"  # the default model, as job details name it
 
 
 def seeded_history(db_path) -> FeedbackStore:

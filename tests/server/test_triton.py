@@ -61,15 +61,15 @@ def test_onnxruntime_repository_is_a_valid_triton_model_config(tmp_path):
     model_dir = export_repository(card, tmp_path, backend="onnxruntime")
     config = parse_config((model_dir / "config.pbtxt").read_text())
     assert (config.name, config.platform) == ("lungscreen-nodulenet", "onnxruntime_onnx")
-    assert list(config.version_policy.specific.versions) == [1002000] == [triton_version(card.version)]
+    assert list(config.version_policy.specific.versions) == [triton_version(card.version)]
     assert config.max_batch_size >= 4 and config.HasField("dynamic_batching")
     assert [(g.kind, g.count) for g in config.instance_group] == [(pb.ModelInstanceGroup.KIND_GPU, 1)]
     (trt,) = config.optimization.execution_accelerators.gpu_execution_accelerator
     assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP32"  # the card does not allow fp16
     assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("image", pb.TYPE_FP32, [1, -1, -1, -1])]
     assert [(o.name, list(o.dims)) for o in config.output] == [("output", [5, -1, -1, -1])]
-    assert config.parameters["lungscreen_card_version"].string_value == "1.2.0"
-    assert (model_dir / "1002000" / "model.onnx").read_bytes() == card.onnx_path.read_bytes()
+    assert config.parameters["lungscreen_card_version"].string_value == card.version
+    assert (model_dir / str(triton_version(card.version)) / "model.onnx").read_bytes() == card.onnx_path.read_bytes()
     assert json.loads((model_dir / "model_card.json").read_text()) == card.raw  # the card travels with it
 
 
@@ -91,16 +91,19 @@ def test_fp16_only_where_the_card_allows_it_and_the_python_form(tmp_path):
 
 # --- one Triton server for the rest of the module ----------------------------------------------
 
+_major, _minor, _patch = load_card(DEFAULT_MODEL_CARD).version.split(".")
+NEWER_VERSION = f"{_major}.{_minor}.{int(_patch) + 1}"  # what the shared server serves under the default name
+
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory):
     """The bundled server with the test model (python backend), and the detector under a card
-    whose version differs from the repository's (1.2.0 served as 1.2.1)."""
+    whose version differs from the repository's (the default card's version served one patch later)."""
     if TRITON_ENV is None:
         pytest.skip(f"bundled Triton server not installed: {NO_TRITON}")
     root = tmp_path_factory.mktemp("triton")
     export_repository(BLOB, root / "repository", backend="python")
-    newer = dict(json.loads(DEFAULT_MODEL_CARD.read_text()), version="1.2.1")
+    newer = dict(json.loads(DEFAULT_MODEL_CARD.read_text()), version=NEWER_VERSION)
     export_repository(ModelCard(path=load_card(DEFAULT_MODEL_CARD).path, raw=newer), root / "repository",
                       backend="python")
     server = TritonServer(root / "repository", TritonPorts(free_port(), free_port(), free_port()), env=TRITON_ENV,
@@ -191,14 +194,15 @@ def test_two_nodes_share_one_triton_and_each_reports_its_own_study(tmp_path, tri
 
 @needs_triton
 def test_a_repository_whose_version_differs_from_the_card_is_refused(tmp_path, triton):
-    """The repository serves lungscreen-nodulenet 1.2.1 (1002001); the node's card is 1.2.0."""
+    """The repository serves the default card's model one patch later; the node's card is the default."""
     args = [sys.executable, "-m", "lungscreen.server.cli", "serve", "--data-dir", str(tmp_path / "data"),
             "--port", str(free_port()), "--http-port", "0", "--model", str(DEFAULT_MODEL_CARD),
             "--inference-server", triton.grpc_url]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 2
-    assert "no ready lungscreen-nodulenet version 1002000 (model card 1.2.0)" in done.stderr
-    assert "lungscreen-nodulenet 1002001 (READY)" in done.stderr
+    card = load_card(DEFAULT_MODEL_CARD)
+    assert f"no ready lungscreen-nodulenet version {triton_version(card.version)} (model card {card.version})" in done.stderr
+    assert f"lungscreen-nodulenet {triton_version(NEWER_VERSION)} (READY)" in done.stderr
 
 
 @needs_triton

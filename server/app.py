@@ -263,7 +263,6 @@ class LungScreenServer:
         self.metrics.record_inference(inference)
 
     def _complete(self, study_uid: str, run: int, result, seconds: float) -> None:
-        self._record_inference(result.inference)
         state = self.committer.commit(study_uid, run, result)
         for stage, value in result.timings.items():
             self.metrics.stage_seconds.labels(stage).observe(value)

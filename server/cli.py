@@ -71,7 +71,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from lungscreen.findings import exam_lung_rads
     from lungscreen.server.workers import build_analyzer
-    from lungscreen.server.pipeline import analyze_study, comparison_summary
+    from lungscreen.server.pipeline import PriorImages, analyze_study, comparison_summary
     from lungscreen.server.preflight import check_settings
     from lungscreen.server.priors import prior_from_result
 
@@ -79,16 +79,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     paths = [p for p in Path(args.dicom_dir).rglob("*") if p.is_file()]
     analyzer = build_analyzer(settings)
     out = Path(args.out)
-    prior = None
+    prior, prior_images = None, None
     if args.prior is not None:
         # The prior is analysed like the current study; its SR goes to OUT_DIR/prior so that
         # both timepoints can be read with the same tracking UIDs.
         prior_paths = [p for p in Path(args.prior).rglob("*") if p.is_file()]
         prior_result = analyze_study(prior_paths, replace(analyzer, keep_alignment_image=True))
         prior = prior_from_result(prior_result)
+        prior_images = PriorImages(tuple(prior_paths), prior_result.series_uid)  # referenced by the SR
         (out / "prior").mkdir(parents=True, exist_ok=True)
         prior_result.sr.save_as(out / "prior" / "report_sr.dcm", enforce_file_format=True)
-    result = analyze_study(paths, analyzer, prior=prior)
+    result = analyze_study(paths, analyzer, prior=prior, prior_images=prior_images)
     out.mkdir(parents=True, exist_ok=True)
     result.sr.save_as(out / "report_sr.dcm", enforce_file_format=True)
     if result.gsps is not None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from lungscreen.benchmarks.followup import (
@@ -25,7 +26,7 @@ from lungscreen.models.longitudinal import PriorStudyNodules
 from lungscreen.models.registration import AlignmentImage
 from lungscreen.server.config import Settings
 from lungscreen.server.db import Database
-from lungscreen.server.priors import PriorFinder, PriorHistory
+from lungscreen.server.priors import PriorFinder, PriorHistory, nearest_image
 from tests.peers import LungScreen, Orthanc, needs_binary, needs_netns, storescu
 
 PATIENT = "FOLLOWUP-EVAL-1"  # what benchmarks.followup.write_study writes
@@ -70,6 +71,31 @@ def test_a_failing_history_leaves_a_baseline_report_instead_of_failing_the_study
     identity, search = finder.search(sorted(lidc_series_dir.glob("*.dcm"))[:1])
     assert identity is not None and search.prior is None
     assert search.no_prior.status is ComparisonStatus.PRIOR_UNAVAILABLE and "ProgrammingError" in search.no_prior.reason
+
+
+def test_the_prior_key_image_is_the_stored_slice_through_the_prior_nodule(lidc_series_dir):
+    import pydicom
+
+    paths = sorted(lidc_series_dir.glob("*.dcm"))
+    header = pydicom.dcmread(paths[40], stop_before_pixels=True)
+    position = np.asarray(header.ImagePositionPatient, dtype=float)
+    inside = position + np.array([200.0, 150.0, 0.4])  # in the slice's pixels, 0.4 mm off its plane
+    found = nearest_image(paths, tuple(inside))
+    assert found.path == paths[40] and found.frame_number is None and found.distance_mm == pytest.approx(0.4, abs=0.01)
+    assert nearest_image(paths, tuple(position + np.array([-50.0, 0.0, 0.0]))) is None  # beside every image
+    assert nearest_image(paths, tuple(inside), series_uid="2.25.1").path == paths[40]  # another series only ranks later
+
+
+def request(url: str) -> tuple[int, bytes, str]:
+    """GET ``url``: status, body, content type (an HTTP error's too)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.status, response.read(), response.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers.get("Content-Type", "")
 
 
 def _never(paths, timeout_s):
@@ -191,3 +217,33 @@ def test_follow_up_end_to_end_prior_from_the_pacs_then_from_the_history(tmp_path
         assert finding["change"] != "new" and finding["tracking_uid"] in before
         assert finding["tracking_id"] == before[finding["tracking_uid"]]["tracking_id"]
     assert len(follow_up["findings"]) == len(job["findings"])
+    # Each SR references the prior's images it was compared with, from the PACS's copy or the node's own.
+    for study_uid, details, prior_study, prior_folder in (
+            (current_uid, job, prior_uid, studies["prior"]), (next_uid, follow_up, current_uid, studies["current"])):
+        sr = next(pydicom.dcmread(p) for p in (server.data_dir / "reports" / study_uid).rglob("*")
+                  if p.is_file() and pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == details["sr_sop_uid"])
+        (other_study,) = sr.PertinentOtherEvidenceSequence
+        assert other_study.StudyInstanceUID == prior_study and len(other_study.ReferencedSeriesSequence) == 1
+        assert len(other_study.ReferencedSeriesSequence[0].ReferencedSOPSequence) == len(list(prior_folder.iterdir()))
+    with server.running():  # the review page: each matched nodule's prior and current key images side by side
+        base = f"http://127.0.0.1:{server.http_port}"
+        status, page, _ = request(f"{base}/review/{next_uid}")
+        assert status == 200 and 'id="prior-and-current"' in page.decode()
+        for number, finding in enumerate(follow_up["findings"], start=1):
+            assert f'src="{next_uid}/prior/{number}.png"' in page.decode()
+            assert f'src="{next_uid}/key/{number}.png"' in page.decode()
+            status, png, kind = request(f"{base}/review/{next_uid}/prior/{number}.png")
+            assert status == 200 and kind == "image/png" and png.startswith(b"\x89PNG")
+        # The current study compared with the retrieved prior, whose images are under data/priors.
+        status, page, _ = request(f"{base}/review/{current_uid}")
+        matched = [n for n, f in enumerate(job["findings"], start=1) if f["prior"]]
+        assert status == 200 and all(f'src="{current_uid}/prior/{n}.png"' in page.decode() for n in matched)
+        for number in matched:
+            assert request(f"{base}/review/{current_uid}/prior/{number}.png")[1].startswith(b"\x89PNG")
+        # Without the prior's images on the node, the page says so and the image route answers 410.
+        import shutil
+        shutil.rmtree(server.data_dir / "priors" / prior_uid)
+        page = request(f"{base}/review/{current_uid}")[1].decode()
+        assert all(f'src="{current_uid}/prior/{n}.png"' not in page for n in matched)
+        assert (not matched) or "are not on this node" in page
+        assert all(request(f"{base}/review/{current_uid}/prior/{n}.png")[0] == 410 for n in matched)

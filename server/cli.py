@@ -152,12 +152,15 @@ def cmd_billing_export(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     from lungscreen.dicom_io.store import InstanceStore
     from lungscreen.server.db import Database
-    from lungscreen.server.retention import purge_feedback, purge_images
+    from lungscreen.server.priors import retrieved_priors_dir
+    from lungscreen.server.retention import purge_feedback, purge_images, purge_retrieved_priors
 
     settings = _settings(args)
     db = Database(settings.db_path)
     purged = purge_images(db, InstanceStore(settings.images_dir), args.older_than * 86400)
     print(f"purged the images of {len(purged)} stud{'y' if len(purged) == 1 else 'ies'}; reports and billing kept")
+    priors = purge_retrieved_priors(retrieved_priors_dir(settings), db, args.older_than * 86400)
+    print(f"purged the images of {len(priors)} retrieved prior stud{'y' if len(priors) == 1 else 'ies'}; their findings kept")
     if args.feedback_older_than is not None:
         removed = purge_feedback(db, args.feedback_older_than * 86400)
         print(f"purged {removed} verdict record(s) older than {args.feedback_older_than:g} days")

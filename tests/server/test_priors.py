@@ -86,6 +86,38 @@ def test_the_prior_key_image_is_the_stored_slice_through_the_prior_nodule(lidc_s
     assert nearest_image(paths, tuple(inside), series_uid="2.25.1").path == paths[40]  # another series only ranks later
 
 
+def test_purge_removes_retrieved_priors_past_retention_and_keeps_their_findings(tmp_path, lidc_series_dir):
+    import os
+    import shutil
+    import time
+
+    settings = Settings(data_dir=tmp_path)
+    db = Database(settings.db_path)
+    history = PriorHistory(db)
+    day = 86400.0
+    folders = {}
+    for uid in ("1.2.10", "1.2.11", "1.2.12", "1.2.13"):  # two analysed (old, recent), two never analysed (old, recent)
+        folders[uid] = tmp_path / "priors" / uid
+        folders[uid].mkdir(parents=True)
+        for path in sorted(lidc_series_dir.glob("*.dcm"))[:2]:
+            shutil.copy(path, folders[uid])
+    key = patient_key("P1", "HOSP")
+    history.record(key, PriorStudyNodules("1.2.10", "20240110", nodules(6.0)), retrieved=True)
+    history.record(key, PriorStudyNodules("1.2.11", "20250110", nodules(6.0)), retrieved=True)
+    with db.transaction() as c:
+        c.execute("UPDATE prior_studies SET created_at = ? WHERE study_uid = '1.2.10'", (time.time() - 40 * day,))
+    old = time.time() - 40 * day
+    for path in [folders["1.2.12"], *folders["1.2.12"].iterdir()]:
+        os.utime(path, (old, old))
+    db.close()
+    purge = subprocess.run([sys.executable, "-m", "lungscreen.server.cli", "purge", "--older-than", "30", "--data-dir", str(tmp_path)],
+                           capture_output=True, text=True, check=True)
+    assert "purged the images of 2 retrieved prior studies" in purge.stdout
+    assert {p.name for p in (tmp_path / "priors").iterdir()} == {"1.2.11", "1.2.13"}
+    kept = PriorHistory(Database(settings.db_path)).latest(key, "20260101", "20230101", exclude_study_uid="1.2.99")
+    assert kept.study_uid == "1.2.11" and PriorHistory(Database(settings.db_path)).nodule("1.2.10", "2.25.1") is not None
+
+
 def request(url: str) -> tuple[int, bytes, str]:
     """GET ``url``: status, body, content type (an HTTP error's too)."""
     import urllib.error

@@ -118,6 +118,27 @@ def test_purge_removes_retrieved_priors_past_retention_and_keeps_their_findings(
     assert kept.study_uid == "1.2.11" and PriorHistory(Database(settings.db_path)).nodule("1.2.10", "2.25.1") is not None
 
 
+def test_the_study_page_shows_each_matched_nodule_beside_its_prior_or_says_the_prior_images_are_gone():
+    from lungscreen.server.review import render_study
+
+    prior = {"study_uid": "1.2.3", "study_date": "20250110", "diameter_mm": 6.0, "volume_mm3": 110.0, "interval_days": 370}
+    findings = [
+        {"center_lps_mm": [1.0, 2.0, 3.0], "diameter_mm": 9.0, "probability": 0.9, "lung_rads": "4A", "change": "growing",
+         "prior": prior, "volume_doubling_time_days": 123.4, "outlined": False},
+        {"center_lps_mm": [9.0, 2.0, 3.0], "diameter_mm": 7.0, "probability": 0.8, "lung_rads": "3", "change": "new", "prior": None},
+    ]
+    job = {"study_uid": "1.2.9", "state": "reported", "details": {"findings": findings}}
+    here = render_study(job, ohif_url=None, priors_on_node={"1.2.3"})
+    section = here[here.index('id="prior-and-current"'):]
+    assert 'src="1.2.9/prior/1.png"' in section and 'src="1.2.9/key/1.png"' in section  # listed ones too
+    assert "1.2.9/prior/2.png" not in here and 'id="comparison-2"' not in here  # a new nodule has no prior
+    assert all(text in section for text in (">growing<", ">6.0<", ">9.0<", ">370<", ">123<"))
+    gone = render_study(job, ohif_url=None, priors_on_node=())
+    assert "/prior/1.png" not in gone and "The prior study's images (1.2.3) are not on this node" in gone
+    baseline = render_study({**job, "details": {"findings": [findings[1]]}}, ohif_url=None)
+    assert "prior-and-current" not in baseline
+
+
 def request(url: str) -> tuple[int, bytes, str]:
     """GET ``url``: status, body, content type (an HTTP error's too)."""
     import urllib.error

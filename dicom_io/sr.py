@@ -745,6 +745,18 @@ def _algorithm_equipment(algorithm: AlgorithmIdentity) -> hd.ContributingEquipme
     return equipment
 
 
+def _check_prior_evidence(prior_evidence: Sequence[Dataset], report: NoduleReport) -> None:
+    """Prior evidence only of the study the findings were compared with."""
+    if not prior_evidence:
+        return
+    comparison = report.comparison
+    if comparison is None or comparison.status is not ComparisonStatus.COMPARED:
+        raise ReportError("prior evidence given for a report that was not compared with a prior")
+    studies = {str(h.get("StudyInstanceUID", "")) for h in prior_evidence}
+    if studies != {comparison.prior_study_uid}:
+        raise ReportError(f"prior evidence from study {sorted(studies)}, not the prior compared with ({comparison.prior_study_uid})")
+
+
 def build_sr(
     evidence: Sequence[Dataset],
     volume: Volume,
@@ -758,6 +770,7 @@ def build_sr(
     series_number: int = 9001,
     predecessor: Dataset | None = None,
     outline_categories: Sequence[str] = DEFAULT_OUTLINE_CATEGORIES,
+    prior_evidence: Sequence[Dataset] = (),
 ) -> hd.sr.ComprehensiveSR:
     """The TID 1500 Imaging Measurement Report of ``report`` on the CT series of ``volume``.
 
@@ -787,6 +800,11 @@ def build_sr(
     outline_categories:
         Suggested Lung-RADS categories whose findings get an image region (outlined); the
         others are listed without one (see :mod:`lungscreen.dicom_io.outline`).
+    prior_evidence:
+        Headers of the prior study's images the comparison used (``report.comparison`` must be
+        a comparison with that study). Being of another study, highdicom lists them in the
+        Pertinent Other Evidence Sequence (PS3.3 C.17.2.3), beside the report's TEXT row
+        naming the prior.
 
     Raises
     ------
@@ -795,8 +813,9 @@ def build_sr(
     ReportError
         When the report cannot be built from the evidence: no evidence, evidence from another
         study or series than the volume, a finding centre outside the volume, a predecessor from
-        another study, a report made by another model than ``algorithm`` names, or CT headers
-        that highdicom refuses as evidence (an unknown character set, for one).
+        another study, a report made by another model than ``algorithm`` names, prior evidence
+        of another study than the one compared with, or CT headers that highdicom refuses as
+        evidence (an unknown character set, for one).
     """
     if not isinstance(algorithm, AlgorithmIdentity):
         raise TypeError(f"algorithm must be an AlgorithmIdentity, got {type(algorithm).__name__}")
@@ -813,6 +832,7 @@ def build_sr(
             f"predecessor SR {predecessor.get('SOPInstanceUID')} belongs to study "
             f"{predecessor.get('StudyInstanceUID')}, not to {volume.study_instance_uid}"
         )
+    _check_prior_evidence(prior_evidence, report)
     sop_instance_uid = sop_instance_uid or generate_uid()
     series_instance_uid = series_instance_uid or generate_uid(
         entropy_srcs=[volume.study_instance_uid, algorithm.device_uid, "LungScreen SR series"]
@@ -868,7 +888,7 @@ def build_sr(
     )
     try:
         sr = hd.sr.ComprehensiveSR(
-            evidence=[first, *evidence[1:]],
+            evidence=[first, *evidence[1:], *prior_evidence],
             content=content,
             series_instance_uid=series_instance_uid,
             series_number=series_number,

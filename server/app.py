@@ -187,7 +187,7 @@ class LungScreenServer:
             result = self.analysis.analyze(
                 paths, uids=uids, run=run,
                 predecessor=previous if previous and previous.exists() else None,
-                prior=search.prior, no_prior=search.no_prior,
+                prior=search.prior, no_prior=search.no_prior, prior_images=search.images,
             )
         except AnalysisInterrupted:
             self.jobs.hand_back(study_uid, reason="handed back when the server stopped")

@@ -71,7 +71,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from lungscreen.findings import exam_lung_rads
     from lungscreen.server.workers import build_analyzer
-    from lungscreen.server.pipeline import analyze_study, comparison_summary
+    from lungscreen.server.pipeline import PriorImages, analyze_study, comparison_summary
     from lungscreen.server.preflight import check_settings
     from lungscreen.server.priors import prior_from_result
 
@@ -79,16 +79,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     paths = [p for p in Path(args.dicom_dir).rglob("*") if p.is_file()]
     analyzer = build_analyzer(settings)
     out = Path(args.out)
-    prior = None
+    prior, prior_images = None, None
     if args.prior is not None:
         # The prior is analysed like the current study; its SR goes to OUT_DIR/prior so that
         # both timepoints can be read with the same tracking UIDs.
         prior_paths = [p for p in Path(args.prior).rglob("*") if p.is_file()]
         prior_result = analyze_study(prior_paths, replace(analyzer, keep_alignment_image=True))
         prior = prior_from_result(prior_result)
+        prior_images = PriorImages(tuple(prior_paths), prior_result.series_uid)  # referenced by the SR
         (out / "prior").mkdir(parents=True, exist_ok=True)
         prior_result.sr.save_as(out / "prior" / "report_sr.dcm", enforce_file_format=True)
-    result = analyze_study(paths, analyzer, prior=prior)
+    result = analyze_study(paths, analyzer, prior=prior, prior_images=prior_images)
     out.mkdir(parents=True, exist_ok=True)
     result.sr.save_as(out / "report_sr.dcm", enforce_file_format=True)
     if result.gsps is not None:
@@ -151,12 +152,15 @@ def cmd_billing_export(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     from lungscreen.dicom_io.store import InstanceStore
     from lungscreen.server.db import Database
-    from lungscreen.server.retention import purge_feedback, purge_images
+    from lungscreen.server.priors import retrieved_priors_dir
+    from lungscreen.server.retention import purge_feedback, purge_images, purge_retrieved_priors
 
     settings = _settings(args)
     db = Database(settings.db_path)
     purged = purge_images(db, InstanceStore(settings.images_dir), args.older_than * 86400)
     print(f"purged the images of {len(purged)} stud{'y' if len(purged) == 1 else 'ies'}; reports and billing kept")
+    priors = purge_retrieved_priors(retrieved_priors_dir(settings), db, args.older_than * 86400)
+    print(f"purged the images of {len(priors)} retrieved prior stud{'y' if len(priors) == 1 else 'ies'}; their findings kept")
     if args.feedback_older_than is not None:
         removed = purge_feedback(db, args.feedback_older_than * 86400)
         print(f"purged {removed} verdict record(s) older than {args.feedback_older_than:g} days")

@@ -24,13 +24,14 @@ from urllib.parse import parse_qs, quote, urlparse
 
 from lungscreen.dicom_io.uids import is_valid_uid
 from lungscreen.server.feedback import REVIEW_PAGE, FeedbackError, StudyResult
+from lungscreen.server.priors import nearest_image, prior_image_paths, prior_images
 from lungscreen.server.review import (
     render_feedback, render_key_image, render_sign_in, render_site_figures, render_study, render_study_list,
 )
 from lungscreen.server.site_figures import propose_operating_points, site_figures
 from lungscreen.server.reviewers import ReviewSessions
 
-KEY_IMAGE = re.compile(r"^/review/([0-9.]+)/key/([0-9]{1,3})\.png$")
+KEY_IMAGE = re.compile(r"^/review/([0-9.]+)/(key|prior)/([0-9]{1,3})\.png$")
 RERUN = re.compile(r"^/studies/([0-9.]+)/rerun$")
 VERDICT_POST = re.compile(r"^/review/([0-9.]+)/(verdict|missed)$")
 SESSION_COOKIE = "lungscreen_review"
@@ -123,20 +124,43 @@ def _handler_for(server_app, sessions: ReviewSessions):
             job = server_app.jobs.get(study_uid) if is_valid_uid(study_uid) else None
             if job is None:
                 return self._json(404, {"error": "no such study"})
+            findings = job.details.get("findings", [])
             if not key:
                 page = render_study(
-                    job.as_dict(), ohif_url=server_app.settings.ohif_url, feedback=self._feedback_section(job)
+                    job.as_dict(), ohif_url=server_app.settings.ohif_url, feedback=self._feedback_section(job),
+                    priors_on_node=self._priors_on_node(findings),
                 )
                 return self._send(200, page.encode(), "text/html; charset=utf-8")
-            findings = job.details.get("findings", [])
-            number = int(key.group(2))
+            number = int(key.group(3))
             if not 1 <= number <= len(findings):
                 return self._json(404, {"error": "no such finding"})
             finding = findings[number - 1]
+            if key.group(2) == "prior":
+                return self._prior_key_image(finding)
             ct_path = server_app.jobs.instance_path(finding["sop_instance_uid"])
             if ct_path is None or not ct_path.exists():
                 return self._json(410, {"error": "the image is no longer stored (purged)"})
             png = render_key_image(ct_path, finding, frame_number=finding.get("frame_number"), number=number)
+            return self._send(200, png, "image/png")
+
+        def _priors_on_node(self, findings) -> set[str]:
+            studies = {f["prior"]["study_uid"] for f in findings if isinstance(f.get("prior"), dict)}
+            return {uid for uid in studies if prior_image_paths(server_app.settings, server_app.db, uid)}
+
+        def _prior_key_image(self, finding):
+            """The prior study's image at the matched prior nodule's centre, outlined at its prior size."""
+            prior = finding.get("prior")
+            if not isinstance(prior, dict):
+                return self._json(404, {"error": "this finding has no prior"})
+            nodule = server_app.priors.history.nodule(prior["study_uid"], finding.get("tracking_uid") or "")
+            images = prior_images(server_app.settings, server_app.db, prior["study_uid"])
+            if nodule is None or images is None:
+                return self._json(410, {"error": "the prior study's images are not on this node"})
+            image = nearest_image(list(images.paths), nodule.center_lps_mm, images.series_uid)
+            if image is None:
+                return self._json(410, {"error": "no stored image of the prior covers the nodule"})
+            png = render_key_image(image.path, {"center_lps_mm": nodule.center_lps_mm, "diameter_mm": nodule.diameter_mm},
+                                   frame_number=image.frame_number)
             return self._send(200, png, "image/png")
 
         # --- verdicts (server/feedback.py, server/reviewers.py) -------------------------------

@@ -85,6 +85,15 @@ class AnalysisResult:
     inference: dict = field(default_factory=dict)  # where the network ran (models.detector.InferenceSite)
 
 
+@dataclass(frozen=True)
+class PriorImages:
+    """The prior study's files still on this node, for the SR's evidence: the files, and the
+    series its analysis used when known (``None``: the same series selection picks it again)."""
+
+    paths: tuple[Path, ...]
+    series_uid: str | None = None
+
+
 @contextmanager
 def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -105,11 +114,13 @@ def analyze_study(
     predecessor: Dataset | None = None,
     prior: PriorStudyNodules | None = None,
     no_prior: Comparison | None = None,
+    prior_images: PriorImages | None = None,
 ) -> AnalysisResult:
     """Run every stage on a study's files; raise a :class:`LungScreenError` with a clear reason.
 
     With ``prior`` the findings are compared with the prior study's (follow-up); ``no_prior``
-    says why there is none when one was looked for (the report then says so).
+    says why there is none when one was looked for (the report then says so); ``prior_images``,
+    the prior's files on this node, are referenced as the SR's evidence of the comparison.
     """
     timings: dict[str, float] = {}
     with _timed(timings, "assemble"):
@@ -187,6 +198,9 @@ def analyze_study(
         )
         algorithm = replace(analyzer.algorithm, inference_site=site.description)
         evidence = _evidence_in_slice_order(selected.headers, volume)
+        prior_evidence = []
+        if comparison is not None and comparison.status is ComparisonStatus.COMPARED and prior_images is not None:
+            prior_evidence = _prior_evidence(prior_images, comparison.prior_study_uid, analyzer, preferred_kernel)
         sr = build_sr(
             evidence,
             volume,
@@ -198,6 +212,7 @@ def analyze_study(
             instance_number=instance_number,
             predecessor=predecessor,
             outline_categories=analyzer.outline_categories,
+            prior_evidence=prior_evidence,
         )
         gsps = None
         if analyzer.presentation_state:
@@ -231,6 +246,21 @@ def _operating_point(analyzer: Analyzer) -> tuple[OperatingPoint, str]:
     if site is not None and site.model == f"{card.name} {card.version}":
         return OperatingPoint(name=site.name, threshold=site.threshold, description=site.evidence), site.provenance
     return card.operating_point(analyzer.operating_point), ""
+
+
+def _prior_evidence(
+    images: PriorImages, prior_study_uid: str | None, analyzer: Analyzer, preferred_kernel: KernelFamily | None,
+) -> list[Dataset]:
+    """Headers of the prior series the comparison used: the series its analysis recorded, else
+    the one the same series selection chooses (the prior was analysed with it); none when the
+    prior's files are unreadable or of another study."""
+    index = index_study(images.paths)
+    series = next((s for s in index.series if s.series_instance_uid == images.series_uid), None)
+    if series is None:
+        series = choose_series(index.series, analyzer.selection, preferred_kernel=preferred_kernel).selected
+    if series is None:
+        return []
+    return [h for h in series.headers if str(h.get("StudyInstanceUID", "")) == prior_study_uid]
 
 
 def _evidence_in_slice_order(headers, volume: Volume) -> list[Dataset]:

@@ -23,17 +23,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pydicom.errors
 
 from lungscreen.dicom_io.query import PriorRetrievalError, StudyIdentity, find_ct_studies, retrieve_study, study_identity
 from lungscreen.dicom_io.send import Destination
+from lungscreen.dicom_io.volume import CT_SOP_CLASSES, frame_headers
 from lungscreen.errors import LungScreenError
 from lungscreen.findings import Comparison, ComparisonStatus, NoduleType, PriorNodule
 from lungscreen.models.longitudinal import PriorStudyNodules
 from lungscreen.models.registration import AlignmentImage
 from lungscreen.server.config import Settings
 from lungscreen.server.db import Database
-from lungscreen.server.pipeline import AnalysisResult
+from lungscreen.server.pipeline import AnalysisResult, PriorImages
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,86 @@ class PriorHistory:
         image = None if row["alignment_image"] is None else AlignmentImage.from_bytes(row["alignment_image"])
         return PriorStudyNodules(row["study_uid"], row["study_date"], _nodules_from_json(row["nodules"]), image)
 
+    def nodule(self, study_uid: str, tracking_uid: str) -> PriorNodule | None:
+        """The nodule of study ``study_uid`` tracked under ``tracking_uid`` (its centre on that study)."""
+        rows = self.db.query("SELECT nodules FROM prior_studies WHERE study_uid = ?", (study_uid,))
+        if not rows:
+            return None
+        return next((n for n in _nodules_from_json(rows[0]["nodules"]) if n.tracking_uid == tracking_uid), None)
+
+
+# --- The prior's images on this node (review page, SR evidence) ------------------------------------
+
+
+def retrieved_priors_dir(settings: Settings) -> Path:
+    """Where priors retrieved from ``prior_source`` are kept, one folder per study (``data/priors/<study>``)."""
+    return settings.data_dir / "priors"
+
+
+def retrieved_prior_dir(settings: Settings, study_uid: str) -> Path:
+    return retrieved_priors_dir(settings) / study_uid
+
+
+def prior_image_paths(settings: Settings, db: Database, study_uid: str) -> list[Path]:
+    """The files of study ``study_uid`` still on this node: the images LungScreen received and
+    analysed itself (until purged), else those retrieved as a prior; empty when neither is left."""
+    rows = db.query("SELECT path FROM instances WHERE study_uid = ? ORDER BY path", (study_uid,))
+    received = [Path(r["path"]) for r in rows if Path(r["path"]).exists()]
+    if received:
+        return received
+    folder = retrieved_prior_dir(settings, study_uid)
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def prior_images(settings: Settings, db: Database, study_uid: str) -> PriorImages | None:
+    """Study ``study_uid``'s files on this node with the series its analysis used (when it was a
+    job of this node); ``None`` when none are left."""
+    paths = prior_image_paths(settings, db, study_uid)
+    if not paths:
+        return None
+    rows = db.query("SELECT json_extract(details, '$.series_uid') AS series_uid FROM jobs WHERE study_uid = ?", (study_uid,))
+    return PriorImages(tuple(paths), rows[0]["series_uid"] if rows else None)
+
+
+@dataclass(frozen=True)
+class NearestImage:
+    """The CT image (frame of a multi-frame instance) whose plane lies nearest a point."""
+
+    path: Path
+    frame_number: int | None
+    distance_mm: float
+
+
+def nearest_image(paths: list[Path], center_lps_mm: tuple[float, ...], series_uid: str | None = None) -> NearestImage | None:
+    """The CT image among ``paths`` whose plane is nearest ``center_lps_mm`` and whose pixels
+    cover it, preferring series ``series_uid`` (the series the prior's analysis used) when given;
+    ``None`` when no image covers the point. Headers only are read."""
+    point = np.asarray(center_lps_mm, dtype=float)
+    best: tuple[tuple[bool, float], NearestImage] | None = None
+    for path in paths:
+        try:
+            dataset = pydicom.dcmread(path, stop_before_pixels=True)
+            if dataset.get("SOPClassUID") not in CT_SOP_CLASSES:
+                continue
+            frames = frame_headers(dataset)
+        except (OSError, LungScreenError, pydicom.errors.InvalidDicomError):
+            continue  # a file that is no CT image is no key image
+        other_series = series_uid is not None and str(dataset.get("SeriesInstanceUID", "")) != series_uid
+        for frame in frames:
+            if None in (frame.image_position, frame.image_orientation, frame.pixel_spacing, frame.rows, frame.columns):
+                continue
+            rows_dir, columns_dir = np.asarray(frame.image_orientation[:3]), np.asarray(frame.image_orientation[3:])
+            offset = point - np.asarray(frame.image_position)
+            column = float(offset @ rows_dir) / frame.pixel_spacing[1]
+            row = float(offset @ columns_dir) / frame.pixel_spacing[0]
+            if not (-0.5 <= column < frame.columns - 0.5 and -0.5 <= row < frame.rows - 0.5):
+                continue
+            distance = float(abs(offset @ np.cross(rows_dir, columns_dir)))
+            rank = (other_series, distance)
+            if best is None or rank < best[0]:
+                best = (rank, NearestImage(path, frame.frame_number, distance))
+    return None if best is None else best[1]
+
 
 # --- Finding the prior: history first, then the PACS ----------------------------------------------
 
@@ -128,6 +211,7 @@ class PriorSearch:
 
     prior: PriorStudyNodules | None
     no_prior: Comparison | None  # set when prior is None
+    images: PriorImages | None = None  # the prior's files on this node (for the SR's evidence), if any
 
 
 class PriorFinder:
@@ -144,7 +228,6 @@ class PriorFinder:
         self.history = history
         self.analyze_prior = analyze_prior
         self.source = None if settings.prior_source is None else Destination.parse(settings.prior_source)
-        self.store = settings.data_dir / "priors"
 
     def search(self, paths: list[Path]) -> tuple[StudyIdentity | None, PriorSearch]:
         """The study's identity (from its first readable CT header) and its prior, or why there is none."""
@@ -178,7 +261,7 @@ class PriorFinder:
         earliest = _days_before(identity.study_date, self.settings.prior_lookback_days)
         known = self.history.latest(identity.patient_key, identity.study_date, earliest, identity.study_uid)
         if known is not None:
-            return PriorSearch(known, None)
+            return PriorSearch(known, None, prior_images(self.settings, self.history.db, known.study_uid))
         if self.source is None:
             return PriorSearch(None, Comparison(ComparisonStatus.NO_PRIOR, reason=(
                 f"no earlier study of this patient analysed within {self.settings.prior_lookback_days} days; no prior_source")))
@@ -221,7 +304,7 @@ class PriorFinder:
             return PriorSearch(None, Comparison(ComparisonStatus.NO_PRIOR, reason=(
                 f"no earlier CT of this patient within {self.settings.prior_lookback_days} days in {self.source}")))
         latest = found[0]
-        folder = self.store / latest.study_uid
+        folder = retrieved_prior_dir(self.settings, latest.study_uid)
         paths = retrieve_study(self.source, latest.study_uid, folder, calling_ae=calling, timeout_s=min(60.0, remaining()),
                                cancel=cancel)
         log.info("study %s: prior %s retrieved from %s (%d instances)", identity.study_uid, latest.study_uid, self.source, len(paths))
@@ -230,4 +313,4 @@ class PriorFinder:
         result = self.analyze_prior(paths, remaining())
         prior = prior_from_result(result)
         self.history.record(identity.patient_key, prior, retrieved=True)
-        return PriorSearch(prior, None)
+        return PriorSearch(prior, None, PriorImages(tuple(paths), result.series_uid))

@@ -1,6 +1,7 @@
 """Retention: image data older than the site's retention period is removed.
 
-Only the received CT images go. The reports (SR, GSPS) this server produced, the job
+Only the CT images go: those received, and priors retrieved from the PACS for a follow-up
+comparison (``data/priors/<study>``, :mod:`server.priors`). The reports (SR, GSPS) this server produced, the job
 history and the billing ledger stay, since they are the record of what was reported and
 billed. Only studies at rest (reported, delivered or failed) are purged. Viewer SRs received
 for a study (``server/feedback.py``) are stored with its images and go with them.
@@ -43,6 +44,29 @@ def purge_images(db: Database, images: InstanceStore, older_than_s: float, *, no
         shutil.rmtree(images.study_dir(study_uid), ignore_errors=True)
         purged.append(study_uid)
         log.info("purged the images of study %s", study_uid)
+    return purged
+
+
+def purge_retrieved_priors(priors_dir: Path, db: Database, older_than_s: float, *, now: float | None = None) -> list[str]:
+    """Delete the images of priors retrieved more than ``older_than_s`` ago; return their studies.
+
+    A prior's age is when it was analysed (its ``prior_studies`` row), else, for one whose
+    analysis never finished, when its newest file was written. Its ``prior_studies`` row (the
+    nodules and the coarse alignment image, no pixels of the CT) stays: later follow-ups still
+    compare with it; the review page then says the prior's images are not on this node.
+    """
+    cutoff = (time.time() if now is None else now) - older_than_s
+    if not priors_dir.is_dir():
+        return []
+    analysed = {r["study_uid"]: r["created_at"] for r in db.query("SELECT study_uid, created_at FROM prior_studies")}
+    purged = []
+    for folder in sorted(p for p in priors_dir.iterdir() if p.is_dir()):
+        files = [p for p in folder.iterdir() if p.is_file()]
+        written = max((p.stat().st_mtime for p in files), default=folder.stat().st_mtime)
+        if analysed.get(folder.name, written) < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
+            purged.append(folder.name)
+            log.info("purged the retrieved prior images of study %s", folder.name)
     return purged
 
 

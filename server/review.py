@@ -12,7 +12,7 @@ import html
 import io
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -171,6 +171,8 @@ def render_study(
     *,
     ohif_url: str | None,
     key_image_href: str | None = "{study_uid}/key/{number}.png",
+    prior_image_href: str = "{study_uid}/prior/{number}.png",
+    priors_on_node: Collection[str] = (),
     feedback: str = "",
 ) -> str:
     """HTML page of one study: state, findings table, operating point, suppressed candidates,
@@ -183,6 +185,12 @@ def render_study(
     ``number`` (``None``: no key images). ``ohif_url`` is the OHIF root (``None``: no link); the
     link opens the SR view when ``details["sr_series_uid"]`` is set. ``feedback`` (HTML from
     :func:`render_feedback`) goes below the findings.
+
+    A follow-up (findings with a ``prior``) gets a "Prior and current" section: per matched
+    nodule its change, prior size, interval and doubling time beside the current key image and,
+    when the prior study is in ``priors_on_node`` (its images are still on this node), the
+    prior's key image at the prior nodule's position (``prior_image_href``, formatted like
+    ``key_image_href``); otherwise a line saying the prior's images are not on this node.
     """
     details = job.get("details") or {}
     uid = str(job.get("study_uid", ""))
@@ -236,6 +244,8 @@ def render_study(
                 + "</figcaption></figure>"
             )
         parts.append("<h2>Key images</h2><div id=\"key-images\">" + "".join(figures) + "</div>")
+    if key_image_href and any(finding.get("prior") for finding in findings):
+        parts.append(_prior_and_current(uid, findings, key_image_href, prior_image_href, priors_on_node))
 
     suppressed = details.get("suppressed") or {}
     if suppressed or "candidates" in details:
@@ -271,6 +281,47 @@ def render_study(
             f"</thead><tbody>{rows}</tbody></table>"
         )
     return _page(f"Study {uid}", "".join(parts))
+
+
+def _prior_and_current(
+    uid: str, findings: Sequence[Mapping[str, Any]], key_image_href: str, prior_image_href: str,
+    priors_on_node: Collection[str],
+) -> str:
+    """Each matched nodule's prior and current key images side by side, with what changed.
+
+    Listed nodules too: a stable nodule the SR only lists is what a follow-up is read for."""
+    quoted = quote(uid, safe="")
+    rows = []
+    for number, finding in enumerate(findings, start=1):
+        prior = finding.get("prior")
+        if not isinstance(prior, Mapping):
+            continue
+        current = (
+            f"<figure><img src=\"{_e(key_image_href.format(study_uid=quoted, number=number))}\" width=\"384\" "
+            f"height=\"384\" alt=\"Current key image of nodule {number}\"><figcaption>Current</figcaption></figure>"
+        )
+        if prior.get("study_uid") in priors_on_node:
+            before = (
+                f"<figure><img class=\"prior-key-image\" src=\"{_e(prior_image_href.format(study_uid=quoted, number=number))}\""
+                f" width=\"384\" height=\"384\" alt=\"Prior key image of nodule {number}\">"
+                f"<figcaption>Prior {_e(prior.get('study_date'))}</figcaption></figure>"
+            )
+        else:
+            before = (
+                f"<p class=\"prior-not-here\">The prior study's images ({_e(prior.get('study_uid'))}) are not on this node"
+                " (purged, or only its findings were kept).</p>"
+            )
+        facts = (
+            f"<table class=\"change\"><tbody><tr><th>Change</th><td>{_e(finding.get('change'))}</td></tr>"
+            f"<tr><th>Now (mm)</th><td class=\"num\">{_number(finding.get('diameter_mm'), 1)}</td></tr>"
+            f"<tr><th>Prior (mm)</th><td class=\"num\">{_number(prior.get('diameter_mm'), 1)}</td></tr>"
+            f"<tr><th>Prior volume (mm³)</th><td class=\"num\">{_number(prior.get('volume_mm3'), 0)}</td></tr>"
+            f"<tr><th>Interval (days)</th><td class=\"num\">{_e(prior.get('interval_days'))}</td></tr>"
+            f"<tr><th>Volume doubling time (days)</th><td class=\"num\">"
+            f"{_number(finding.get('volume_doubling_time_days'), 0)}</td></tr></tbody></table>"
+        )
+        rows.append(f"<div class=\"comparison\" id=\"comparison-{number}\"><h3>Nodule {number}</h3>{before}{current}{facts}</div>")
+    return "<h2>Prior and current</h2><div id=\"prior-and-current\">" + "".join(rows) + "</div>"
 
 
 def _series_name(rejection: Mapping) -> str:

@@ -143,7 +143,9 @@ def _warm_up() -> list[str]:
     return _ready_analyzer().detector.providers
 
 
-def _analyze(paths: list[Path], uids: ReportUIDs, run: int, predecessor: Path | None, prior=None, no_prior=None) -> AnalysisResult:
+def _analyze(
+    paths: list[Path], uids: ReportUIDs, run: int, predecessor: Path | None, prior=None, no_prior=None, prior_images=None,
+) -> AnalysisResult:
     previous = dcmread(predecessor, stop_before_pixels=True) if predecessor else None
     ready = _ready_analyzer()
     card = ready.detector.card
@@ -151,7 +153,7 @@ def _analyze(paths: list[Path], uids: ReportUIDs, run: int, predecessor: Path | 
     analyzer = replace(ready, site_operating_point=_feedback.applied_operating_point(f"{card.name} {card.version}"))
     return analyze_study(
         paths, analyzer, sr_series_uid=uids.sr_series, sr_sop_uid=uids.sr, gsps_sop_uid=uids.gsps,
-        instance_number=run, predecessor=previous, prior=prior, no_prior=no_prior,
+        instance_number=run, predecessor=previous, prior=prior, no_prior=no_prior, prior_images=prior_images,
     )
 
 
@@ -203,13 +205,13 @@ class AnalysisPool:
 
     def analyze(
         self, paths: list[Path], *, uids: ReportUIDs, run: int, predecessor: Path | None, prior=None, no_prior=None,
-        timeout_s: float | None = None,
+        prior_images=None, timeout_s: float | None = None,
     ) -> AnalysisResult:
         with self._lock:
             executor = self._executor
         timeout_s = self.settings.analysis_timeout_s if timeout_s is None else timeout_s
         try:
-            future = executor.submit(_analyze, paths, uids, run, predecessor, prior, no_prior)
+            future = executor.submit(_analyze, paths, uids, run, predecessor, prior, no_prior, prior_images)
             return future.result(timeout=timeout_s)
         except BrokenProcessPool:
             if self._interrupted:

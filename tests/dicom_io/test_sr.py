@@ -647,3 +647,16 @@ class TestBuildSRRejects:
         arguments = dict(algorithm=algorithm(), billing=BILLING) | changes
         with pytest.raises(error, match=match):
             build_sr(lidc_headers, lidc_volume, _report(()), **arguments)
+
+
+def test_prior_evidence_is_refused_unless_the_report_was_compared_with_that_study(lidc_headers, lidc_volume, findings):
+    from lungscreen.findings import Comparison, ComparisonStatus
+
+    prior_header = copy.deepcopy(lidc_headers[0])
+    prior_header.StudyInstanceUID, prior_header.SeriesInstanceUID, prior_header.SOPInstanceUID = "2.25.7", "2.25.8", "2.25.9"
+    baseline = _report(findings)
+    with pytest.raises(ReportError, match="not compared with a prior"):
+        build_sr(lidc_headers, lidc_volume, baseline, algorithm=algorithm(), billing=BILLING, prior_evidence=[prior_header])
+    other = replace(baseline, comparison=Comparison(ComparisonStatus.COMPARED, prior_study_uid="2.25.1", prior_study_date="20241211"))
+    with pytest.raises(ReportError, match="not the prior compared with"):
+        build_sr(lidc_headers, lidc_volume, other, algorithm=algorithm(), billing=BILLING, prior_evidence=[prior_header])

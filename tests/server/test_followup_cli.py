@@ -98,6 +98,22 @@ def test_the_two_reports_track_each_nodule_under_one_uid_and_the_follow_up_sr_is
     validate_sr(out / "report_sr.dcm")  # dciodvfy and PixelMed: no error
 
 
+def test_the_follow_up_sr_references_the_prior_images_it_compared_with_as_other_evidence(pair):
+    """PS3.3 C.17.2.3: evidence outside the current study goes in the Pertinent Other Evidence Sequence."""
+    out, prior_header = pair
+    sr = pydicom.dcmread(out / "report_sr.dcm")
+    prior_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in (out.parent / "prior").iterdir()}
+    (other_study,) = sr.PertinentOtherEvidenceSequence
+    assert other_study.StudyInstanceUID == prior_header.StudyInstanceUID
+    (series,) = other_study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == prior_header.SeriesInstanceUID
+    assert {i.ReferencedSOPInstanceUID for i in series.ReferencedSOPSequence} == prior_uids
+    assert [s.StudyInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence] == [sr.StudyInstanceUID]
+    prior_sr = pydicom.dcmread(out / "prior" / "report_sr.dcm")
+    assert "PertinentOtherEvidenceSequence" not in prior_sr  # a baseline references no other study
+    validate_sr(out / "report_sr.dcm")  # dciodvfy and PixelMed: no error
+
+
 def _groups(sr):
     for item in sr.ContentSequence:
         if item.ConceptNameCodeSequence[0].CodeValue == "126010":  # Imaging Measurements

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from lungscreen.benchmarks.followup import (
@@ -25,7 +26,7 @@ from lungscreen.models.longitudinal import PriorStudyNodules
 from lungscreen.models.registration import AlignmentImage
 from lungscreen.server.config import Settings
 from lungscreen.server.db import Database
-from lungscreen.server.priors import PriorFinder, PriorHistory
+from lungscreen.server.priors import PriorFinder, PriorHistory, nearest_image
 from tests.peers import LungScreen, Orthanc, needs_binary, needs_netns, storescu
 
 PATIENT = "FOLLOWUP-EVAL-1"  # what benchmarks.followup.write_study writes
@@ -70,6 +71,84 @@ def test_a_failing_history_leaves_a_baseline_report_instead_of_failing_the_study
     identity, search = finder.search(sorted(lidc_series_dir.glob("*.dcm"))[:1])
     assert identity is not None and search.prior is None
     assert search.no_prior.status is ComparisonStatus.PRIOR_UNAVAILABLE and "ProgrammingError" in search.no_prior.reason
+
+
+def test_the_prior_key_image_is_the_stored_slice_through_the_prior_nodule(lidc_series_dir):
+    import pydicom
+
+    paths = sorted(lidc_series_dir.glob("*.dcm"))
+    header = pydicom.dcmread(paths[40], stop_before_pixels=True)
+    position = np.asarray(header.ImagePositionPatient, dtype=float)
+    inside = position + np.array([200.0, 150.0, 0.4])  # in the slice's pixels, 0.4 mm off its plane
+    found = nearest_image(paths, tuple(inside))
+    assert found.path == paths[40] and found.frame_number is None and found.distance_mm == pytest.approx(0.4, abs=0.01)
+    assert nearest_image(paths, tuple(position + np.array([-50.0, 0.0, 0.0]))) is None  # beside every image
+    assert nearest_image(paths, tuple(inside), series_uid="2.25.1").path == paths[40]  # another series only ranks later
+
+
+def test_purge_removes_retrieved_priors_past_retention_and_keeps_their_findings(tmp_path, lidc_series_dir):
+    import os
+    import shutil
+    import time
+
+    settings = Settings(data_dir=tmp_path)
+    db = Database(settings.db_path)
+    history = PriorHistory(db)
+    day = 86400.0
+    folders = {}
+    for uid in ("1.2.10", "1.2.11", "1.2.12", "1.2.13"):  # two analysed (old, recent), two never analysed (old, recent)
+        folders[uid] = tmp_path / "priors" / uid
+        folders[uid].mkdir(parents=True)
+        for path in sorted(lidc_series_dir.glob("*.dcm"))[:2]:
+            shutil.copy(path, folders[uid])
+    key = patient_key("P1", "HOSP")
+    history.record(key, PriorStudyNodules("1.2.10", "20240110", nodules(6.0)), retrieved=True)
+    history.record(key, PriorStudyNodules("1.2.11", "20250110", nodules(6.0)), retrieved=True)
+    with db.transaction() as c:
+        c.execute("UPDATE prior_studies SET created_at = ? WHERE study_uid = '1.2.10'", (time.time() - 40 * day,))
+    old = time.time() - 40 * day
+    for path in [folders["1.2.12"], *folders["1.2.12"].iterdir()]:
+        os.utime(path, (old, old))
+    db.close()
+    purge = subprocess.run([sys.executable, "-m", "lungscreen.server.cli", "purge", "--older-than", "30", "--data-dir", str(tmp_path)],
+                           capture_output=True, text=True, check=True)
+    assert "purged the images of 2 retrieved prior studies" in purge.stdout
+    assert {p.name for p in (tmp_path / "priors").iterdir()} == {"1.2.11", "1.2.13"}
+    kept = PriorHistory(Database(settings.db_path)).latest(key, "20260101", "20230101", exclude_study_uid="1.2.99")
+    assert kept.study_uid == "1.2.11" and PriorHistory(Database(settings.db_path)).nodule("1.2.10", "2.25.1") is not None
+
+
+def test_the_study_page_shows_each_matched_nodule_beside_its_prior_or_says_the_prior_images_are_gone():
+    from lungscreen.server.review import render_study
+
+    prior = {"study_uid": "1.2.3", "study_date": "20250110", "diameter_mm": 6.0, "volume_mm3": 110.0, "interval_days": 370}
+    findings = [
+        {"center_lps_mm": [1.0, 2.0, 3.0], "diameter_mm": 9.0, "probability": 0.9, "lung_rads": "4A", "change": "growing",
+         "prior": prior, "volume_doubling_time_days": 123.4, "outlined": False},
+        {"center_lps_mm": [9.0, 2.0, 3.0], "diameter_mm": 7.0, "probability": 0.8, "lung_rads": "3", "change": "new", "prior": None},
+    ]
+    job = {"study_uid": "1.2.9", "state": "reported", "details": {"findings": findings}}
+    here = render_study(job, ohif_url=None, priors_on_node={"1.2.3"})
+    section = here[here.index('id="prior-and-current"'):]
+    assert 'src="1.2.9/prior/1.png"' in section and 'src="1.2.9/key/1.png"' in section  # listed ones too
+    assert "1.2.9/prior/2.png" not in here and 'id="comparison-2"' not in here  # a new nodule has no prior
+    assert all(text in section for text in (">growing<", ">6.0<", ">9.0<", ">370<", ">123<"))
+    gone = render_study(job, ohif_url=None, priors_on_node=())
+    assert "/prior/1.png" not in gone and "The prior study's images (1.2.3) are not on this node" in gone
+    baseline = render_study({**job, "details": {"findings": [findings[1]]}}, ohif_url=None)
+    assert "prior-and-current" not in baseline
+
+
+def request(url: str) -> tuple[int, bytes, str]:
+    """GET ``url``: status, body, content type (an HTTP error's too)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.status, response.read(), response.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers.get("Content-Type", "")
 
 
 def _never(paths, timeout_s):
@@ -191,3 +270,33 @@ def test_follow_up_end_to_end_prior_from_the_pacs_then_from_the_history(tmp_path
         assert finding["change"] != "new" and finding["tracking_uid"] in before
         assert finding["tracking_id"] == before[finding["tracking_uid"]]["tracking_id"]
     assert len(follow_up["findings"]) == len(job["findings"])
+    # Each SR references the prior's images it was compared with, from the PACS's copy or the node's own.
+    for study_uid, details, prior_study, prior_folder in (
+            (current_uid, job, prior_uid, studies["prior"]), (next_uid, follow_up, current_uid, studies["current"])):
+        sr = next(pydicom.dcmread(p) for p in (server.data_dir / "reports" / study_uid).rglob("*")
+                  if p.is_file() and pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == details["sr_sop_uid"])
+        (other_study,) = sr.PertinentOtherEvidenceSequence
+        assert other_study.StudyInstanceUID == prior_study and len(other_study.ReferencedSeriesSequence) == 1
+        assert len(other_study.ReferencedSeriesSequence[0].ReferencedSOPSequence) == len(list(prior_folder.iterdir()))
+    with server.running():  # the review page: each matched nodule's prior and current key images side by side
+        base = f"http://127.0.0.1:{server.http_port}"
+        status, page, _ = request(f"{base}/review/{next_uid}")
+        assert status == 200 and 'id="prior-and-current"' in page.decode()
+        for number, finding in enumerate(follow_up["findings"], start=1):
+            assert f'src="{next_uid}/prior/{number}.png"' in page.decode()
+            assert f'src="{next_uid}/key/{number}.png"' in page.decode()
+            status, png, kind = request(f"{base}/review/{next_uid}/prior/{number}.png")
+            assert status == 200 and kind == "image/png" and png.startswith(b"\x89PNG")
+        # The current study compared with the retrieved prior, whose images are under data/priors.
+        status, page, _ = request(f"{base}/review/{current_uid}")
+        matched = [n for n, f in enumerate(job["findings"], start=1) if f["prior"]]
+        assert status == 200 and all(f'src="{current_uid}/prior/{n}.png"' in page.decode() for n in matched)
+        for number in matched:
+            assert request(f"{base}/review/{current_uid}/prior/{number}.png")[1].startswith(b"\x89PNG")
+        # Without the prior's images on the node, the page says so and the image route answers 410.
+        import shutil
+        shutil.rmtree(server.data_dir / "priors" / prior_uid)
+        page = request(f"{base}/review/{current_uid}")[1].decode()
+        assert all(f'src="{current_uid}/prior/{n}.png"' not in page for n in matched)
+        assert (not matched) or "are not on this node" in page
+        assert all(request(f"{base}/review/{current_uid}/prior/{n}.png")[0] == 410 for n in matched)

@@ -18,6 +18,7 @@ from lungscreen.dicom_io.assessment import (
 )
 from lungscreen.errors import ReportError
 from lidc_reports import dciodvfy, pixelmed_sr
+from peers import needs_netns
 from test_feedback import analysed  # noqa: F401  (module fixture: a phantom study analysed by the real pipeline)
 
 UTC = datetime.timezone.utc
@@ -107,3 +108,103 @@ def test_bad_arguments_are_refused_with_clear_errors(analysed):  # noqa: F811
     ct_like.Modality = "CT"
     with pytest.raises(ReportError, match="not an SR"):
         build_assessment(ct_like, [good], reviewer="Dr Wang", **build)
+
+
+def received_assessments(folder) -> list:
+    from lungscreen.dicom_io.assessment import SERIES_DESCRIPTION
+
+    found = [pydicom.dcmread(p) for p in sorted(folder.glob("SR*"))]
+    return sorted((d for d in found if d.get("SeriesDescription") == SERIES_DESCRIPTION), key=lambda d: d.InstanceNumber)
+
+
+@pytest.mark.slow
+@needs_netns
+def test_review_page_verdicts_reach_the_destination_as_an_assessment_and_coming_back_are_ignored(tmp_path):
+    """Signed in on the review page of a running server, a reviewer's verdicts end at a real
+    DICOM destination (dcmtk storescp) as an assessment SR of the study that references the AI
+    SR, tracks each outlined finding and names the reviewer; sent back, it is no viewer SR."""
+    from lungscreen.server.db import Database
+    from lungscreen.server.feedback import FeedbackStore
+    from lungscreen.server.reviewers import hash_secret
+    from peers import LungScreen, free_port, storescp, storescu, wait_until
+    from test_feedback import REVIEWER, SECRET, csrf_token, http, reported_study, sign_in
+
+    dest_port = free_port()
+    received = tmp_path / "received"
+    config = tmp_path / "lungscreen.toml"
+    config.write_text(f'min_free_mb = 16\n[reviewers]\n"{REVIEWER}" = "{hash_secret(SECRET)}"\n')
+    with storescp(received, dest_port, "DEST", log_path=tmp_path / "storescp.log"):
+        server = LungScreen(tmp_path / "server", destinations=[f"DEST@127.0.0.1:{dest_port}"], idle_seconds=0.5,
+                            extra_args=["--config", str(config)])
+        with server.running():
+            uid, job = reported_study(server, tmp_path)
+            job = server.wait_for_state(uid, ("delivered",), timeout=60)
+            findings = job["details"]["findings"]
+            outlined = [f["tracking_uid"] for f in findings if f["outlined"]]
+            listed = [f["tracking_uid"] for f in findings if not f["outlined"]]
+            assert len(outlined) == 2 and len(listed) == 1, findings
+            cookie = sign_in(server)
+            token = csrf_token(http(server, "GET", f"/review/{uid}", cookie=cookie)[2])
+            votes = ((outlined[0], "accepted"), (outlined[1], "rejected"), (listed[0], "rejected"))
+            for tracking_uid, verdict in votes:
+                status, _, _ = http(server, "POST", f"/review/{uid}/verdict",
+                                    {"tracking_uid": tracking_uid, "verdict": verdict, "csrf_token": token}, cookie=cookie)
+                assert status == 303
+            # One document per recorded verdict on an outlined finding, each with all of the
+            # reviewer's current verdicts; the verdict on the listed finding (no measurement
+            # group in the AI SR to track) is kept in the store only, so it makes none.
+            try:
+                documents = wait_until(lambda: d if len(d := received_assessments(received)) >= 2 else None, 30,
+                                       what="two assessments at storescp")
+            except TimeoutError as exc:
+                raise AssertionError(f"{exc}\nlog:\n{server.log()[-4000:]}") from None
+            assert len(documents) == 2, [d.SOPInstanceUID for d in documents]
+            latest = documents[-1]
+            assert latest.StudyInstanceUID == uid and latest.InstanceNumber == 2
+            evidence = latest.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+            assert [e.ReferencedSOPInstanceUID for e in evidence.ReferencedSOPSequence] == [job["details"]["sr_sop_uid"]]
+            assert person_observer(latest) == REVIEWER
+            verdicts = groups(latest)
+            assert {u: v["verdict"] for u, v in verdicts.items()} == {
+                outlined[0]: ACCEPTED_CODE.value, outlined[1]: REJECTED_CODE.value}
+            assert {v["identifier"] for v in verdicts.values()} == {"Nodule 1 assessment", "Nodule 2 assessment"}
+            assert all(v["at"].startswith(datetime.datetime.now(UTC).strftime("%Y%m%d")) for v in verdicts.values())
+            assert list(groups(documents[0])) == [outlined[0]]
+            dciodvfy(next(p for p in received.glob("SR*") if pydicom.dcmread(p).SOPInstanceUID == latest.SOPInstanceUID))
+
+            # A PACS forwarding it back: LungScreen knows it as its own (loop guard), no verdicts.
+            back = next(p for p in received.glob("SR*") if pydicom.dcmread(p).SOPInstanceUID == latest.SOPInstanceUID)
+            storescu([back], server.port)
+            wait_until(lambda: "1 other object(s) ignored" in server.log(), 20, what="the association's log line")
+            store = FeedbackStore(Database(server.data_dir / "lungscreen.sqlite"))
+            assert latest.SOPInstanceUID not in {r.sop_uid for r in store.viewer_reports()}
+            assert server.study(uid)["runs"] == 1
+
+
+@pytest.mark.slow
+def test_with_send_assessments_off_a_verdict_queues_nothing(tmp_path):
+    """``send_assessments = false``: the verdict is recorded, no assessment is queued (the
+    destination is configured, so only the setting holds it back; the POST queues synchronously,
+    so the outbox right after it answers says all)."""
+    from lungscreen.server.db import Database
+    from lungscreen.server.feedback import FeedbackStore
+    from lungscreen.server.reviewers import hash_secret
+    from peers import LungScreen, free_port
+    from test_feedback import REVIEWER, SECRET, csrf_token, http, reported_study, sign_in
+
+    config = tmp_path / "lungscreen.toml"
+    config.write_text(f'min_free_mb = 16\nsend_assessments = false\n[reviewers]\n"{REVIEWER}" = "{hash_secret(SECRET)}"\n')
+    unreachable = f"DEST@127.0.0.1:{free_port()}"  # nothing listens: deliveries wait for retries
+    server = LungScreen(tmp_path / "server", destinations=[unreachable], idle_seconds=0.5, extra_args=["--config", str(config)])
+    with server.running():
+        uid, job = reported_study(server, tmp_path)
+        outlined = [f["tracking_uid"] for f in job["details"]["findings"] if f["outlined"]]
+        cookie = sign_in(server)
+        token = csrf_token(http(server, "GET", f"/review/{uid}", cookie=cookie)[2])
+        status, _, _ = http(server, "POST", f"/review/{uid}/verdict",
+                            {"tracking_uid": outlined[0], "verdict": "accepted", "csrf_token": token}, cookie=cookie)
+        assert status == 303
+        db = Database(server.data_dir / "lungscreen.sqlite")
+        assert [v.verdict for v in FeedbackStore(db).verdicts(uid)] == ["accepted"]
+        queued = {r["report_sop_uid"] for r in db.query("SELECT report_sop_uid FROM outbox WHERE study_uid = ?", (uid,))}
+        assert queued == {job["details"]["sr_sop_uid"], job["details"]["gsps_sop_uid"]}

@@ -1,11 +1,13 @@
 """A radiologist's verdicts on LungScreen's findings as a DICOM SR, sent back next to the AI SR.
 
-What IHE AIRA ("AI Result Assessment", IHE Radiology, Trial Implementation) asks for could not
-be read here: its supplement and any DICOM template it defines were not among the sources
-searched (see the report of the change that added this module). What is known of it: it
-records whether a clinician accepted, rejected or modified each AI result, who did and when,
-in a DICOM SR of the same study that refers to the assessed AI result. This module therefore
-writes the closest encoding PS3.16 supports today, and says so in the document:
+IHE AIRA ("AI Result Assessment", IHE Radiology Technical Framework Supplement, Trial
+Implementation, published 2025-06-12: https://www.ihe.net/uploadedFiles/Documents/Radiology/IHE_RAD_Suppl_AIRA.pdf)
+could not be read when this was written: neither the supplement nor the DICOM template it
+defines was among the sources available, so its codes and template are not used here. What is
+known of it from secondary sources: an Assessment Creator records whether a clinician accepted,
+rejected or modified (supplemented) each AI result, who and when, as a DICOM SR of the study
+that refers to the assessed AI result. This module writes the closest encoding PS3.16 has, and
+says so in the document; when the AIRA template is at hand, check this against it:
 
 * Comprehensive SR (PS3.3 A.35.3), root template TID 1500 "Imaging Measurement Report", in the
   study of the AI SR, in a series of its own ("LungScreen AI result assessment").

@@ -113,6 +113,7 @@ class Settings:
     clinical_rules: dict[str, Any] = field(default_factory=dict)  # see models.rules.ClinicalRules
     series_selection: dict[str, Any] = field(default_factory=dict)  # see dicom_io.select.SelectionRules
     reviewers: dict[str, str] = field(default_factory=dict)  # name -> secret hash (`lungscreen reviewer add NAME`)
+    send_assessments: bool = True  # review-page verdicts go to the destinations as an assessment SR (server/assessments.py)
     target_false_marks_per_scan: float = 1.0  # the site's target, for the operating point proposed from verdicts
     # Follow-up screening (server/priors.py): the rule set (lungscreen.findings.RuleSet), where the prior comes from
     rule_set: Literal["lung-rads-2022", "c-lung-rads", "fleischner-2017"] = "lung-rads-2022"

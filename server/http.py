@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, urlparse
 
 from lungscreen.dicom_io.uids import is_valid_uid
+from lungscreen.server.assessments import queue_assessment
 from lungscreen.server.feedback import REVIEW_PAGE, FeedbackError, StudyResult
 from lungscreen.server.priors import nearest_image, prior_image_paths, prior_images
 from lungscreen.server.review import (
@@ -199,6 +200,17 @@ def _handler_for(server_app, sessions: ReviewSessions):
             fields = parse_qs(self.rfile.read(length).decode("utf-8", "replace"), keep_blank_values=True)
             return {name: values[0] for name, values in fields.items()}
 
+        def _send_assessment(self, study_uid: str, reviewer: str) -> None:
+            """Queue the reviewer's assessment SR; the verdict stays recorded if that fails."""
+            try:
+                queue_assessment(
+                    study_uid, reviewer, feedback=server_app.feedback, jobs=server_app.jobs, outbox=server_app.outbox,
+                    reports=server_app.committer.reports, destinations=server_app.committer.destinations,
+                    institution=server_app.settings.institution,
+                )
+            except Exception as exc:  # one study's unreadable AI SR never breaks the review page
+                log.warning("the assessment of study %s was not queued: %s: %s", study_uid, type(exc).__name__, exc)
+
         def _feedback_section(self, job) -> str:
             session = sessions.session(self._session_id())
             feedback = server_app.feedback
@@ -261,6 +273,8 @@ def _handler_for(server_app, sessions: ReviewSessions):
             except (FeedbackError, KeyError, ValueError) as exc:
                 return self._json(400, {"error": str(exc) if isinstance(exc, FeedbackError) else "a field is missing or not a number"})
             log.info("a %s was recorded on the review page for study %s", match.group(2), job.study_uid)
+            if match.group(2) == "verdict" and server_app.settings.send_assessments:
+                self._send_assessment(job.study_uid, session.reviewer)
             return self._redirect(f"/review/{quote(job.study_uid, safe='')}#feedback")
 
     return Handler

@@ -91,7 +91,11 @@ class IngestSink:
         return None
 
     def is_own_instance(self, sop_uid: str) -> bool:
-        return self.jobs.is_report(sop_uid)
+        """Our SRs and GSPS are reports of their study; an assessment SR (server/assessments.py)
+        is known by its outbox rows: everything we send has one."""
+        return self.jobs.is_report(sop_uid) or bool(
+            self.jobs.db.query("SELECT 1 FROM outbox WHERE report_sop_uid = ? LIMIT 1", (sop_uid,))
+        )
 
     def instance_stored(self, instance: ReceivedInstance) -> None:
         if instance.sop_class_uid in MEASUREMENT_REPORT_CLASSES:  # a viewer's SR: verdicts, never an analysis

@@ -2,8 +2,8 @@
 
 The retry and dead-letter policy is the outbox's (:class:`server.outbox.RetryPolicy`): a
 transient failure is tried again after a backoff, a permanent rejection or the last allowed
-try makes the item dead. Here: a dead item fails its job with the reason (the report never
-reached that destination), and the job is ``delivered`` once every item of the study is sent.
+try makes the item dead. Here: a dead report (SR, GSPS) fails its job with the reason (the report
+never reached that destination), and the job is ``delivered`` once every item of the study is sent.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class Courier:
             log.warning("delivery of %s to %s failed (%s): %s", item.report_sop_uid, destination, state, exc)
             if state == "dead":
                 self.jobs.mark_delivery_failed(
-                    item.study_uid, f"delivery to {destination} dead-lettered after {item.attempts + 1} attempt(s): {exc}"
+                    item.study_uid, item.report_sop_uid,
+                    f"delivery to {destination} dead-lettered after {item.attempts + 1} attempt(s): {exc}",
                 )
             return state
         self.outbox.mark_sent(item)

@@ -197,11 +197,14 @@ class JobStore:
                 (time.time(), study_uid),
             )
 
-    def mark_delivery_failed(self, study_uid: str, reason: str) -> None:
+    def mark_delivery_failed(self, study_uid: str, report_sop_uid: str, reason: str) -> None:
+        """A report of the study (its SR or GSPS) never reached a destination: the job fails with
+        ``reason``. Anything else sent for the study (a radiologist's assessment) does not fail it."""
         with self.db.transaction() as c:
             c.execute(
-                "UPDATE jobs SET state = 'failed', reason = ?, updated_at = ? WHERE study_uid = ? AND state = 'reported'",
-                (reason, time.time(), study_uid),
+                """UPDATE jobs SET state = 'failed', reason = ?, updated_at = ? WHERE study_uid = ? AND state = 'reported'
+                   AND EXISTS (SELECT 1 FROM reports WHERE sop_uid = ? AND study_uid = jobs.study_uid)""",
+                (reason, time.time(), study_uid, report_sop_uid),
             )
 
     def request_rerun(self, study_uid: str) -> bool:

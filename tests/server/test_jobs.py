@@ -245,3 +245,17 @@ def test_pipeline_errors_survive_the_trip_from_a_worker_process():
     copy = pickle.loads(pickle.dumps(error))
     assert str(copy) == str(error) and copy.rejected == error.rejected
     assert str(pickle.loads(pickle.dumps(VolumeError("gap")))) == "gap"
+
+
+def test_a_dead_report_fails_its_job_but_a_dead_assessment_does_not(db, tmp_path):
+    jobs = JobStore(db)
+    receive(jobs)
+    jobs.queue_quiet_studies(0.5, now=1e9)
+    run = jobs.claim("1.2.3")
+    jobs.record_report("1.2.3.900", "1.2.3", run, tmp_path / "sr.dcm")
+    jobs.finish("1.2.3", REPORTED)
+    # A radiologist's assessment sent for the study (not one of its reports) never got through.
+    jobs.mark_delivery_failed("1.2.3", "1.2.3.901", "delivery to PACS@host:104 dead-lettered")
+    assert jobs.get("1.2.3").state == REPORTED
+    jobs.mark_delivery_failed("1.2.3", "1.2.3.900", "delivery to PACS@host:104 dead-lettered")
+    assert (jobs.get("1.2.3").state, jobs.get("1.2.3").reason) == (FAILED, "delivery to PACS@host:104 dead-lettered")

@@ -18,7 +18,7 @@ from pathlib import Path
 from lungscreen import __version__
 from lungscreen.dicom_io.store import InstanceStore
 from lungscreen.errors import LungScreenError
-from lungscreen.models.remote import InferenceServerUnavailable, RemoteModelMismatch, TritonRunner
+from lungscreen.models.remote import InferenceServerUnavailable, RemoteModelMismatch
 from lungscreen.server.billing import BillingLedger
 from lungscreen.server.commit import ReportCommitter
 from lungscreen.server.config import Settings, installation_value
@@ -33,15 +33,11 @@ from lungscreen.server.pipeline import NoEligibleSeries
 from lungscreen.server.preflight import check_settings
 from lungscreen.server.priors import PriorFinder, PriorHistory
 from lungscreen.server.receivers import ReceiverPool
+from lungscreen.server.remote_inference import InferenceServerWatch
 from lungscreen.server.tls import destination_tls
 from lungscreen.server.workers import AnalysisInterrupted, AnalysisPool, ReportUIDs, installation_uid
 
 log = logging.getLogger(__name__)
-
-MAX_INFERENCE_BACKOFF_S = 60.0  # longest pause before studies try the inference server again
-INFERENCE_PROBE_INTERVAL_S = 5.0  # while degraded, /healthz asks the inference server again this often
-INFERENCE_PROBE_TIMEOUT_S = 5.0
-
 
 def api_token(data_dir: Path) -> str:
     """The HTTP bearer token of this installation, made once and readable by its owner only."""
@@ -72,13 +68,12 @@ class LungScreenServer:
         )
         self.feedback = FeedbackStore(self.db)
         self.device_uid = installation_uid(settings.data_dir)  # viewer SRs this installation made are no verdicts
-        self.inference_degraded: str | None = None  # why remote inference is not working now
-        self._inference_retry_at = 0.0
-        self._inference_backoff_s = 0.0
-        self._inference_probed_at = 0.0
-        self._inference_probe: TritonRunner | None = None
+        self.remote_inference: InferenceServerWatch | None = None
         if settings.inference_server:
-            self._check_inference_server()
+            self.remote_inference = InferenceServerWatch(
+                settings.inference_server, self.card, retry_base_delay_s=settings.retry_base_delay_s
+            )
+            self.remote_inference.check_at_start()
         self.analysis = AnalysisPool(settings)
         self.priors = PriorFinder(settings, PriorHistory(self.db), self.analysis.analyze_prior)
         self.receivers = ReceiverPool(
@@ -148,9 +143,9 @@ class LungScreenServer:
         while not self._stop.is_set():
             try:
                 self.jobs.queue_quiet_studies(self.settings.idle_seconds)
-                if time.time() < self._inference_retry_at:
+                if self.remote_inference is not None and self.remote_inference.waiting():
                     self._stop.wait(0.1)
-                    continue  # studies wait for the inference server; see process()
+                    continue  # studies wait for the inference server (server/remote_inference.py)
                 for study_uid in self.jobs.queued():
                     with self._in_flight_lock:
                         # The queue stays in SQLite; the pool only ever holds what it can run.
@@ -193,8 +188,11 @@ class LungScreenServer:
             self.jobs.hand_back(study_uid, reason="handed back when the server stopped")
             log.info("job %s run %d handed back to the queue (server stopping)", study_uid, run)
             return
-        except (InferenceServerUnavailable, RemoteModelMismatch) as exc:
-            self._inference_server_down(study_uid, run, exc)
+        except (InferenceServerUnavailable, RemoteModelMismatch) as exc:  # policy "wait"
+            self.jobs.hand_back(study_uid, reason=f"waiting for the inference server: {exc}")
+            pause = self.remote_inference.went_down(exc)
+            self.metrics.remote_unavailable.inc()
+            log.warning("job %s run %d waits %.1f s for the inference server: %s", study_uid, run, pause, exc)
             return
         except LungScreenError as exc:
             details = {"rejected_series": [r.__dict__ for r in getattr(exc, "rejected", ())]}
@@ -208,58 +206,14 @@ class LungScreenServer:
         self._complete(study_uid, run, result, time.perf_counter() - started)
         self.priors.remember(identity, result)
 
-    # --- remote inference (Triton) ---------------------------------------------------------
-    def _check_inference_server(self) -> None:
-        """At start-up: a server serving another model or version is refused (the node does not
-        start); one that is down only degrades the node until it answers."""
-        self._inference_probe = TritonRunner(self.settings.inference_server, self.card,
-                                             timeout_s=INFERENCE_PROBE_TIMEOUT_S)
-        try:
-            self._inference_probe.verify()
-        except InferenceServerUnavailable as exc:
-            self.inference_degraded = str(exc)
-            log.warning("inference server not available at start-up (%s): %s",
-                        self.settings.inference_server_unavailable, exc)
-
     def inference_problem(self) -> str | None:
-        """Why remote inference is not working now; None when it works or is not configured.
-        While degraded, the inference server is asked again (at most every
-        ``INFERENCE_PROBE_INTERVAL_S``), so health recovers, and waiting studies resume, as soon
-        as it answers with the right model, not only when the next study tries."""
-        if self.inference_degraded is None or time.time() - self._inference_probed_at < INFERENCE_PROBE_INTERVAL_S:
-            return self.inference_degraded
-        self._inference_probed_at = time.time()
-        try:
-            self._inference_probe.verify()
-        except (InferenceServerUnavailable, RemoteModelMismatch) as exc:
-            self.inference_degraded = str(exc)
-            return self.inference_degraded
-        log.info("inference server %s answers again", self.settings.inference_server)
-        self.inference_degraded = None
-        self._inference_backoff_s = 0.0
-        self._inference_retry_at = 0.0
-        return None
-
-    def _inference_server_down(self, study_uid: str, run: int, exc: LungScreenError) -> None:
-        """Policy "wait": the study goes back to the queue unchanged and every study waits,
-        with a growing pause, until the inference server answers again."""
-        self.jobs.hand_back(study_uid, reason=f"waiting for the inference server: {exc}")
-        self.inference_degraded = str(exc)
-        base = self.settings.retry_base_delay_s
-        self._inference_backoff_s = min(MAX_INFERENCE_BACKOFF_S, max(base, 2 * self._inference_backoff_s))
-        self._inference_retry_at = time.time() + self._inference_backoff_s
-        self.metrics.remote_unavailable.inc()
-        log.warning("job %s run %d waits %.1f s for the inference server: %s",
-                    study_uid, run, self._inference_backoff_s, exc)
+        """Why remote inference is not working now (``/healthz``); None when it works or is not used."""
+        return None if self.remote_inference is None else self.remote_inference.problem()
 
     def _record_inference(self, inference: dict) -> None:
-        if not self.settings.inference_server:
+        if self.remote_inference is None:
             return
-        if inference.get("where") == "remote":
-            self.inference_degraded = None
-            self._inference_backoff_s = 0.0
-        elif inference.get("fallback_reason"):
-            self.inference_degraded = f"running locally: {inference['fallback_reason']}"
+        self.remote_inference.ran(inference)
         self.metrics.record_inference(inference)
 
     def _complete(self, study_uid: str, run: int, result, seconds: float) -> None:

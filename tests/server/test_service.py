@@ -88,7 +88,9 @@ def test_a_stop_hands_a_running_analysis_back_or_lets_it_finish(tmp_path, lidc_s
     job = JobStore(db).get(study_uid)
     interruptions = db.query("SELECT interruptions FROM jobs WHERE study_uid = ?", (study_uid,))[0][0]
     db.close()
-    assert (job.state, job.runs, job.reason, interruptions) == ("queued", 0, None, 0)
+    # Queued as if never claimed (the next start runs it as run 1), not counted as a crash; the
+    # job says why it waits.
+    assert (job.state, job.runs, job.reason, interruptions) == ("queued", 0, "handed back when the server stopped", 0)
     assert "handed back to the queue (server stopping)" in impatient.log()
     # With grace, a stop during the analysis waits for it: the study is reported, run 1
     patient = LungScreen(tmp_path, idle_seconds=0.5, config={"stop_grace_s": 60})

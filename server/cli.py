@@ -379,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--prefix", type=Path, default=Path("/"), help="root to install under (default /)")
     service.add_argument("--dry-run", action="store_true", help="print what would be written and done; change nothing")
     service.set_defaults(func=cmd_install_service)
+
     reviewer = sub.add_parser("reviewer", help="reviewers who may record verdicts on the review page")
     reviewer_sub = reviewer.add_subparsers(dest="reviewer_command", required=True)
     reviewer_add = reviewer_sub.add_parser("add", help="print the config line of a new reviewer (salted secret hash)")

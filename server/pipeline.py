@@ -1,7 +1,8 @@
 """The analysis pipeline, stage by stage, for one study:
 
-assemble the study -> select the series -> build the volume -> preprocess -> detect ->
-calibrate and apply clinical rules -> report (SR, billing item).
+assemble the study -> select the series (and check the volume shows lungs) -> build the volume
+-> preprocess -> detect -> calibrate, second stage and clinical rules -> compare with the prior
+-> report (SR, GSPS, billing item).
 
 Pure with respect to the server: files in, an :class:`AnalysisResult` out. The server
 (``server/app.py``) and ``lungscreen analyze`` both call :func:`analyze_study`.
@@ -35,6 +36,7 @@ from lungscreen.models.postprocess import postprocess
 from lungscreen.models.registration import AlignmentImage, alignment_image
 from lungscreen.models.rules import ClinicalRules, apply_history
 from lungscreen.server.feedback import OperatingPointDecision
+
 
 class NoEligibleSeries(NotEligible):
     """No series of the study can be analysed; ``rejected`` says why for each."""
@@ -172,14 +174,14 @@ def analyze_study(
         findings = apply_history(findings, analyzer.rule_set)  # baseline categories, each with its rule
     header = selected.headers[0]
     study_date = str(header.get("StudyDate", "") or "")
-    image, comparison = None, no_prior
+    alignment, comparison = None, no_prior
     if analyzer.keep_alignment_image or prior is not None:
         with _timed(timings, "compare"):  # follow-up only: a baseline run keeps its stages
             if analyzer.keep_alignment_image or prior.image is not None:
-                image = alignment_image(volume.voxels, volume.affine)
+                alignment = alignment_image(volume.voxels, volume.affine)
             if prior is not None:
                 try:
-                    findings, comparison = compare_with_prior(findings, image, study_date, prior, analyzer.rule_set)
+                    findings, comparison = compare_with_prior(findings, alignment, study_date, prior, analyzer.rule_set)
                 except ValueError as exc:  # no or inconsistent study dates: a baseline report that says why
                     comparison = Comparison(ComparisonStatus.PRIOR_UNAVAILABLE, prior_study_uid=prior.study_uid, reason=str(exc))
     with _timed(timings, "report"):
@@ -233,7 +235,7 @@ def analyze_study(
         main_exam_item=main_exam_procedure(header, analyzer.billing),
         timings=timings,
         study_date=study_date,
-        alignment_image=image,
+        alignment_image=alignment,
         inference=site.as_dict(),
     )
 

@@ -32,10 +32,11 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+import pydicom.errors
 from pydicom import Dataset
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage, generate_uid
 
-from lungscreen.errors import ReportError, VolumeError
+from lungscreen.errors import LungScreenError, ReportError, VolumeError
 from lungscreen.dicom_io.outline import (
     DEFAULT_OUTLINE_CATEGORIES,
     check_outline_categories,
@@ -44,7 +45,7 @@ from lungscreen.dicom_io.outline import (
     nodule_outline,
 )
 from lungscreen.dicom_io.sr import RESEARCH_USE_NOTICE, AlgorithmIdentity, check_result_arguments, finding_label
-from lungscreen.dicom_io.volume import CT_SOP_CLASSES, Volume, frame_headers
+from lungscreen.dicom_io.volume import CT_SOP_CLASSES, FrameHeader, Volume, frame_headers
 from lungscreen.findings import NoduleReport
 
 __all__ = [
@@ -279,11 +280,53 @@ def key_slice(path: Path, center_lps_mm: Sequence[float], *, frame_number: int |
     pixels = dataset.pixel_array
     stored = pixels[index] if len(frames) > 1 or pixels.ndim == 3 else pixels
     hu = stored.astype(np.float32) * frame.rescale_slope + frame.rescale_intercept
+    column, row, distance = _on_plane(frame, center_lps_mm)
+    row_spacing, column_spacing = frame.pixel_spacing
+    return KeySlice(hu, (column, row), (float(row_spacing), float(column_spacing)), distance)
+
+
+def _on_plane(frame: FrameHeader, point_lps_mm: Sequence[float]) -> tuple[float, float, float]:
+    """(column, row) of ``point_lps_mm`` projected on the frame's image plane, in pixels from the
+    centre of the top left pixel, and its distance from that plane in mm (PS3.3 C.7.6.2.1.1)."""
     row_cosines = np.asarray(frame.image_orientation[:3])  # increasing column index
     column_cosines = np.asarray(frame.image_orientation[3:])  # increasing row index
-    offset = np.asarray(center_lps_mm, dtype=float) - np.asarray(frame.image_position)
+    offset = np.asarray(point_lps_mm, dtype=float) - np.asarray(frame.image_position)
     row_spacing, column_spacing = frame.pixel_spacing
     column = float(offset @ row_cosines) / column_spacing
     row = float(offset @ column_cosines) / row_spacing
-    distance = float(abs(offset @ np.cross(row_cosines, column_cosines)))
-    return KeySlice(hu, (column, row), (float(row_spacing), float(column_spacing)), distance)
+    return column, row, float(abs(offset @ np.cross(row_cosines, column_cosines)))
+
+
+@dataclass(frozen=True)
+class NearestImage:
+    """The CT image (frame of a multi-frame instance) whose plane lies nearest a point."""
+
+    path: Path
+    frame_number: int | None
+    distance_mm: float
+
+
+def nearest_image(paths: list[Path], center_lps_mm: tuple[float, ...], series_uid: str | None = None) -> NearestImage | None:
+    """The CT image among ``paths`` whose plane is nearest ``center_lps_mm`` and whose pixels
+    cover it, preferring series ``series_uid`` (the series the prior's analysis used) when given;
+    ``None`` when no image covers the point. Headers only are read."""
+    best: tuple[tuple[bool, float], NearestImage] | None = None
+    for path in paths:
+        try:
+            dataset = pydicom.dcmread(path, stop_before_pixels=True)
+            if dataset.get("SOPClassUID") not in CT_SOP_CLASSES:
+                continue
+            frames = frame_headers(dataset)
+        except (OSError, LungScreenError, pydicom.errors.InvalidDicomError):
+            continue  # a file that is no CT image is no key image
+        other_series = series_uid is not None and str(dataset.get("SeriesInstanceUID", "")) != series_uid
+        for frame in frames:
+            if None in (frame.image_position, frame.image_orientation, frame.pixel_spacing, frame.rows, frame.columns):
+                continue
+            column, row, distance = _on_plane(frame, center_lps_mm)
+            if not (-0.5 <= column < frame.columns - 0.5 and -0.5 <= row < frame.rows - 0.5):
+                continue
+            rank = (other_series, distance)
+            if best is None or rank < best[0]:
+                best = (rank, NearestImage(path, frame.frame_number, distance))
+    return None if best is None else best[1]

@@ -22,10 +22,11 @@ from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, urlparse
 
+from lungscreen.dicom_io.presentation import nearest_image
 from lungscreen.dicom_io.uids import is_valid_uid
 from lungscreen.server.assessments import queue_assessment
 from lungscreen.server.feedback import REVIEW_PAGE, FeedbackError, StudyResult
-from lungscreen.server.priors import nearest_image, prior_image_paths, prior_images
+from lungscreen.server.priors import prior_image_paths, prior_images
 from lungscreen.server.review import (
     render_feedback, render_key_image, render_sign_in, render_site_figures, render_study, render_study_list,
 )

@@ -23,13 +23,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pydicom.errors
 
 from lungscreen.dicom_io.query import PriorRetrievalError, StudyIdentity, find_ct_studies, retrieve_study, study_identity
 from lungscreen.dicom_io.send import Destination
-from lungscreen.dicom_io.volume import CT_SOP_CLASSES, frame_headers
 from lungscreen.errors import LungScreenError
 from lungscreen.findings import Comparison, ComparisonStatus, NoduleType, PriorNodule
 from lungscreen.models.longitudinal import PriorStudyNodules
@@ -155,46 +153,6 @@ def prior_images(settings: Settings, db: Database, study_uid: str) -> PriorImage
         return None
     rows = db.query("SELECT json_extract(details, '$.series_uid') AS series_uid FROM jobs WHERE study_uid = ?", (study_uid,))
     return PriorImages(tuple(paths), rows[0]["series_uid"] if rows else None)
-
-
-@dataclass(frozen=True)
-class NearestImage:
-    """The CT image (frame of a multi-frame instance) whose plane lies nearest a point."""
-
-    path: Path
-    frame_number: int | None
-    distance_mm: float
-
-
-def nearest_image(paths: list[Path], center_lps_mm: tuple[float, ...], series_uid: str | None = None) -> NearestImage | None:
-    """The CT image among ``paths`` whose plane is nearest ``center_lps_mm`` and whose pixels
-    cover it, preferring series ``series_uid`` (the series the prior's analysis used) when given;
-    ``None`` when no image covers the point. Headers only are read."""
-    point = np.asarray(center_lps_mm, dtype=float)
-    best: tuple[tuple[bool, float], NearestImage] | None = None
-    for path in paths:
-        try:
-            dataset = pydicom.dcmread(path, stop_before_pixels=True)
-            if dataset.get("SOPClassUID") not in CT_SOP_CLASSES:
-                continue
-            frames = frame_headers(dataset)
-        except (OSError, LungScreenError, pydicom.errors.InvalidDicomError):
-            continue  # a file that is no CT image is no key image
-        other_series = series_uid is not None and str(dataset.get("SeriesInstanceUID", "")) != series_uid
-        for frame in frames:
-            if None in (frame.image_position, frame.image_orientation, frame.pixel_spacing, frame.rows, frame.columns):
-                continue
-            rows_dir, columns_dir = np.asarray(frame.image_orientation[:3]), np.asarray(frame.image_orientation[3:])
-            offset = point - np.asarray(frame.image_position)
-            column = float(offset @ rows_dir) / frame.pixel_spacing[1]
-            row = float(offset @ columns_dir) / frame.pixel_spacing[0]
-            if not (-0.5 <= column < frame.columns - 0.5 and -0.5 <= row < frame.rows - 0.5):
-                continue
-            distance = float(abs(offset @ np.cross(rows_dir, columns_dir)))
-            rank = (other_series, distance)
-            if best is None or rank < best[0]:
-                best = (rank, NearestImage(path, frame.frame_number, distance))
-    return None if best is None else best[1]
 
 
 # --- Finding the prior: history first, then the PACS ----------------------------------------------

@@ -20,13 +20,14 @@ import pytest
 from lungscreen.benchmarks.followup import (
     LUNA16_NODULE_LPS, LUNA16_NODULE_MM, remove_nodule, rigid_prior, rigid_transform, write_study,
 )
+from lungscreen.dicom_io.presentation import nearest_image
 from lungscreen.dicom_io.query import StudyIdentity, patient_key, study_identity
 from lungscreen.findings import ComparisonStatus, NoduleType, PriorNodule
 from lungscreen.models.longitudinal import PriorStudyNodules
 from lungscreen.models.registration import AlignmentImage
 from lungscreen.server.config import Settings
 from lungscreen.server.db import Database
-from lungscreen.server.priors import PriorFinder, PriorHistory, nearest_image
+from lungscreen.server.priors import PriorFinder, PriorHistory
 from tests.peers import LungScreen, Orthanc, needs_binary, needs_netns, storescu
 
 PATIENT = "FOLLOWUP-EVAL-1"  # what benchmarks.followup.write_study writes

@@ -231,8 +231,11 @@ def evaluate_pair(pair: FollowUpPair, analyzer, repeat: int = 1) -> PairResult:
     prior_result = analyze_study(sorted(pair.prior_dir.iterdir()), replace(analyzer, keep_alignment_image=True))
     prior = prior_from_result(prior_result)
     out = PairResult(pair.name, pair.synthetic_nodules)
-    for _ in range(repeat):  # the prior already analysed, as in the server: only the current study runs
-        result = analyze_study(sorted(pair.current_dir.iterdir()), analyzer, prior=prior)
+    # As the server runs every study: the prior already analysed, the current one keeping its own
+    # alignment image for its later follow-ups (a stage of every study, not of the comparison).
+    current_analyzer = replace(analyzer, keep_alignment_image=True)
+    for _ in range(repeat):
+        result = analyze_study(sorted(pair.current_dir.iterdir()), current_analyzer, prior=prior)
         out.compare_s.append(result.timings.get("compare", float("nan")))
         out.analysis_s.append(sum(v for k, v in result.timings.items() if k != "compare"))
     out.findings, out.truth_total = len(result.report.findings), len(pair.truth)

@@ -175,15 +175,16 @@ def analyze_study(
     header = selected.headers[0]
     study_date = str(header.get("StudyDate", "") or "")
     alignment, comparison = None, no_prior
-    if analyzer.keep_alignment_image or prior is not None:
+    if analyzer.keep_alignment_image or (prior is not None and prior.image is not None):
+        # The server keeps it with every study, for that study's own later follow-ups.
+        with _timed(timings, "alignment_image"):
+            alignment = alignment_image(volume.voxels, volume.affine)
+    if prior is not None:
         with _timed(timings, "compare"):  # follow-up only: a baseline run keeps its stages
-            if analyzer.keep_alignment_image or prior.image is not None:
-                alignment = alignment_image(volume.voxels, volume.affine)
-            if prior is not None:
-                try:
-                    findings, comparison = compare_with_prior(findings, alignment, study_date, prior, analyzer.rule_set)
-                except ValueError as exc:  # no or inconsistent study dates: a baseline report that says why
-                    comparison = Comparison(ComparisonStatus.PRIOR_UNAVAILABLE, prior_study_uid=prior.study_uid, reason=str(exc))
+            try:
+                findings, comparison = compare_with_prior(findings, alignment, study_date, prior, analyzer.rule_set)
+            except ValueError as exc:  # no or inconsistent study dates: a baseline report that says why
+                comparison = Comparison(ComparisonStatus.PRIOR_UNAVAILABLE, prior_study_uid=prior.study_uid, reason=str(exc))
     with _timed(timings, "report"):
         sr_sop_uid = sr_sop_uid or generate_uid()
         prior_ids = () if prior is None else tuple(n.tracking_id for n in prior.nodules if n.tracking_id)

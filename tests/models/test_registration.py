@@ -60,6 +60,42 @@ def test_a_rotated_and_shifted_prior_is_brought_back_within_3_mm(lidc_alignment_
     assert alignment.residual_mm < 4.0
 
 
+def test_a_prior_scanned_over_a_shorter_range_and_shifted_along_the_table_is_aligned(lidc_alignment_image):
+    """Real priors often cover another range: here 40 mm less at the lung apices and the patient
+    25 mm further along the table, so the lungs' centres of mass disagree by over 15 mm."""
+    current = lidc_alignment_image
+    true = RigidTransform(Rotation.from_euler("xyz", (1.0, -2.0, 2.0), degrees=True).as_matrix(),
+                          np.array([4.0, -3.0, 25.0]), np.array([0.0, 0.0, -175.0]))
+    full = moved(current, true)
+    cut = int(round(40.0 / np.linalg.norm(full.affine[:3, 0])))
+    prior = AlignmentImage(full.hu[:-cut], full.affine)  # k runs foot to head: the top slices dropped
+    alignment = align(prior, current)
+    points = np.array([LUNA16_NODULE_LPS, [-80.0, 0.0, -200.0], [0.0, 50.0, -250.0]])
+    errors = np.linalg.norm(alignment.transform.apply(true.inverse_apply(points)) - points, axis=1)
+    assert alignment.method == "intensity" and errors.max() < 3.0, errors
+    assert alignment.residual_mm < 4.0  # over the range both scans cover
+
+
+def test_a_deeper_breath_leaves_the_nodule_within_the_matching_gate(lidc_alignment_image):
+    """The prior at another inspiration: lungs 5 % longer about the lung bases (an affine, not a
+    rigid, change). The rigid fit cannot undo it, but the nodule lands within a few mm."""
+    current = lidc_alignment_image
+    base_z = -300.0
+    grid = np.argwhere(np.ones(current.hu.shape, dtype=bool))
+    prior_lps = grid @ current.affine[:3, :3].T + current.affine[:3, 3]
+    in_current = prior_lps.copy()
+    in_current[:, 2] = base_z + (prior_lps[:, 2] - base_z) / 1.05
+    index = (in_current - current.affine[:3, 3]) @ np.linalg.inv(current.affine[:3, :3]).T
+    hu = ndimage.map_coordinates(current.hu, index.T, order=1, mode="nearest").reshape(current.hu.shape)
+    prior = AlignmentImage(hu.astype(np.float32), current.affine.copy())
+    alignment = align(prior, current)
+    nodule_in_prior = LUNA16_NODULE_LPS.copy()
+    nodule_in_prior[2] = base_z + (nodule_in_prior[2] - base_z) * 1.05
+    error = np.linalg.norm(alignment.transform.apply(nodule_in_prior[None])[0] - LUNA16_NODULE_LPS)
+    unaligned = np.linalg.norm(nodule_in_prior - LUNA16_NODULE_LPS)
+    assert error < 5.0 and error < unaligned, (error, unaligned)
+
+
 def test_the_inverse_undoes_the_transform():
     t = RigidTransform(Rotation.from_euler("z", 10, degrees=True).as_matrix(), np.array([1.0, 2.0, 3.0]), np.array([5.0, 0.0, 0.0]))
     p = np.array([[10.0, -20.0, 30.0]])

@@ -55,6 +55,24 @@ class StudyIdentity:
         return patient_key(self.patient_id, self.issuer)
 
 
+@dataclass(frozen=True)
+class InstanceIdentity:
+    """The UIDs a job store records for one stored file."""
+
+    path: Path
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+
+
+def instance_identity(path: Path) -> InstanceIdentity:
+    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
+        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"])
+    return InstanceIdentity(path, str(header.get("StudyInstanceUID", "")), str(header.get("SeriesInstanceUID", "")),
+                            str(header.get("SOPInstanceUID", "")), str(header.get("SOPClassUID", "")))
+
+
 def study_identity(path: Path) -> StudyIdentity:
     header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
         "StudyInstanceUID", "StudyDate", "PatientID", "IssuerOfPatientID"])

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lungscreen import __version__
+from lungscreen.dicom_io.query import instance_identity
 from lungscreen.dicom_io.store import InstanceStore
 from lungscreen.errors import LungScreenError
 from lungscreen.models.remote import InferenceServerUnavailable, RemoteModelMismatch
@@ -75,7 +76,7 @@ class LungScreenServer:
             )
             self.remote_inference.check_at_start()
         self.analysis = AnalysisPool(settings)
-        self.priors = PriorFinder(settings, PriorHistory(self.db), self.analysis.analyze_prior)
+        self.priors = PriorFinder(settings, PriorHistory(self.db), self._analyze_retrieved_prior)
         self.receivers = ReceiverPool(
             settings, self._count_ingest, log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel())
         )
@@ -205,6 +206,31 @@ class LungScreenServer:
             return
         self._complete(study_uid, run, result, time.perf_counter() - started)
         self.priors.remember(identity, result)
+
+    def _analyze_retrieved_prior(self, paths: list[Path], timeout_s: float):
+        """A prior retrieved from ``prior_source``, analysed for the comparison. With
+        ``report_retrieved_priors`` the same analysis is also committed as the prior study's own
+        report (SR, GSPS, billing entry, delivery), so both studies' SRs carry the same tracking UIDs."""
+        if not self.settings.report_retrieved_priors:
+            return self.analysis.analyze_prior(paths, timeout_s)
+        instances = [instance_identity(p) for p in paths]
+        study_uid = instances[0].study_uid
+        run = self.jobs.open_retrieved_study(study_uid, instances)
+        if run is None:  # a study this node knows already: its own job reports it
+            return self.analysis.analyze_prior(paths, timeout_s)
+        started = time.perf_counter()
+        try:
+            result = self.analysis.analyze(paths, uids=ReportUIDs.for_run(study_uid, run), run=run, predecessor=None,
+                                           timeout_s=timeout_s)
+        except AnalysisInterrupted:
+            self.jobs.hand_back(study_uid, reason="handed back when the server stopped")
+            raise
+        except Exception as exc:  # the prior's own job fails; the current study is reported without it
+            reason = str(exc) if isinstance(exc, LungScreenError) else f"internal error: {type(exc).__name__}: {exc}"
+            self.jobs.finish(study_uid, FAILED, reason=reason)
+            raise
+        self._complete(study_uid, run, result, time.perf_counter() - started)
+        return result
 
     def inference_problem(self) -> str | None:
         """Why remote inference is not working now (``/healthz``); None when it works or is not used."""

@@ -120,6 +120,8 @@ class Settings:
     prior_lookback_days: Annotated[int, Range(1, 36500)] = 3 * 365  # the prior: the latest earlier CT within this many days
     prior_source: str | None = None  # AE@host:port of a PACS queried (C-FIND) and retrieved from (C-GET) when the history has none
     prior_timeout_s: Annotated[float, Range(1, 3600)] = 120.0  # the longest a report waits for its prior to be found and analysed
+    # A prior retrieved from prior_source also reported in its own study (SR, GSPS, billing entry), as if the PACS had sent it
+    report_retrieved_priors: bool = False
 
     def __post_init__(self) -> None:
         # Each field as its annotation says (a TOML list becomes a tuple, a string a Path), or a

@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lungscreen.dicom_io.query import InstanceIdentity
 from lungscreen.server.db import Database
 
 RECEIVING, QUEUED, PROCESSING, REPORTED, DELIVERED, FAILED = (
@@ -92,6 +94,26 @@ class JobStore:
                 return False
             self._touch(c, study_uid, now, instances=new, rejected=0)
             return True
+
+    def open_retrieved_study(self, study_uid: str, instances: Sequence[InstanceIdentity], *, now: float | None = None) -> int | None:
+        """A study retrieved from the PACS as a prior, to be reported as if it had been received:
+        its instances recorded and its job started (processing, run 1) in one transaction, so the
+        scheduler never queues it for a second analysis. None when this node already has a job
+        for the study (its own job reports it)."""
+        now = time.time() if now is None else now
+        with self.db.transaction() as c:
+            if c.execute("SELECT 1 FROM jobs WHERE study_uid = ?", (study_uid,)).fetchone():
+                return None
+            c.executemany(
+                "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
+                [(i.sop_uid, study_uid, i.series_uid, i.sop_class_uid, str(i.path), now) for i in instances],
+            )
+            self._touch(c, study_uid, now, instances=len(instances), rejected=0)
+            c.execute(
+                "UPDATE jobs SET state = 'processing', runs = 1, started_at = ?, updated_at = ? WHERE study_uid = ?",
+                (now, now, study_uid),
+            )
+        return 1
 
     def make_durable(self) -> None:
         """Everything recorded so far survives a power cut once this returns."""

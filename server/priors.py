@@ -6,7 +6,8 @@ within ``prior_lookback_days``. It comes from
 1. LungScreen's own history: every study it analyses leaves a row in ``prior_studies`` (its
    findings with their tracking UIDs, and the coarse image the next study aligns to); or
 2. the PACS named by ``prior_source`` (``AE@host:port``): C-FIND, then C-GET into a folder of
-   LungScreen's, then analysed like any study but without an SR, a GSPS or a billing entry.
+   LungScreen's, then analysed like any study but without an SR, a GSPS or a billing entry
+   (unless ``report_retrieved_priors``: then that same analysis is also the prior study's report).
 
 A prior that cannot be found or retrieved in time leaves a baseline report that says why
 (:class:`lungscreen.findings.Comparison`); it never fails the current study.
@@ -175,10 +176,10 @@ class PriorSearch:
 class PriorFinder:
     """Looks for a study's prior: LungScreen's history, then ``prior_source`` (C-FIND, C-GET).
 
-    ``analyze_prior(paths, deadline_s)`` analyses a retrieved prior (no SR delivered, no billing
-    entry: the caller discards them) and returns its :class:`AnalysisResult`. Everything after
-    the history look-up shares one bound, ``prior_timeout_s``: when it runs out the current study
-    is reported as a baseline that says so.
+    ``analyze_prior(paths, deadline_s)`` analyses a retrieved prior and returns its
+    :class:`AnalysisResult` (the server decides whether that also reports the prior's study).
+    Everything after the history look-up shares one bound, ``prior_timeout_s``: when it runs out
+    the current study is reported as a baseline that says so.
     """
 
     def __init__(self, settings: Settings, history: PriorHistory, analyze_prior: Callable[[list[Path], float], AnalysisResult]):

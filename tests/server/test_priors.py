@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +302,48 @@ def test_follow_up_end_to_end_prior_from_the_pacs_then_from_the_history(tmp_path
         assert all(f'src="{current_uid}/prior/{n}.png"' not in page for n in matched)
         assert (not matched) or "are not on this node" in page
         assert all(request(f"{base}/review/{current_uid}/prior/{n}.png")[0] == 410 for n in matched)
+
+
+@needs_netns
+@needs_binary("Orthanc", "storescu")
+def test_a_retrieved_prior_can_be_reported_in_its_own_study_under_the_same_tracking_uids(tmp_path, studies):
+    """``report_retrieved_priors``: the analysis made for the comparison is also the prior's own
+    report (SR delivered into the prior's study in the PACS, billing entry), so the prior's SR and
+    the follow-up's SR give a matched nodule the same Tracking UID and Identifier."""
+    from lungscreen.benchmarks.harness import free_port
+    from lungscreen.dicom_io.sr_reading import read_measurement_report
+
+    port = free_port()
+    orthanc = _orthanc(tmp_path, allow_get=True, lungscreen_port=port)
+    server = LungScreen(tmp_path / "server", idle_seconds=0.5, port=port,
+                        destinations=[f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"])
+    prior_uid = study_identity(next(studies["prior"].iterdir())).study_uid
+    current_uid = study_identity(next(studies["current"].iterdir())).study_uid
+    with open(tmp_path / "server" / "lungscreen.toml", "a") as config:
+        config.write(f'prior_source = "ORTHANC@127.0.0.1:{orthanc.dicom_port}"\nprior_timeout_s = 300\n'
+                     'report_retrieved_priors = true\noutline_categories = ["1", "2", "3", "4A", "4B", "4X"]\n')
+    with orthanc.running():
+        _upload(orthanc, studies["prior"])
+        with server.running():
+            storescu(sorted(studies["current"].iterdir()), server.port)
+            current = server.wait_for_state(current_uid, ("delivered",), timeout=600)["details"]
+            prior = server.wait_for_state(prior_uid, ("delivered",), timeout=120)["details"]
+            billing = subprocess.run(
+                [sys.executable, "-m", "lungscreen.server.cli", "billing", "export", "--format", "json",
+                 "--data-dir", str(server.data_dir)], capture_output=True, text=True, check=True)
+        srs = {}
+        for study_uid in (prior_uid, current_uid):
+            (found,) = orthanc.post("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "SR"}})
+            with urllib.request.urlopen(f"{orthanc.url}/instances/{found}/file", timeout=30) as response:
+                (tmp_path / f"{study_uid}.dcm").write_bytes(response.read())
+            srs[study_uid] = read_measurement_report(tmp_path / f"{study_uid}.dcm", lambda sop_uid: None)
+    assert current["prior_study_uid"] == prior_uid and current["comparison"]["status"] == "compared"
+    assert sorted(e["study_uid"] for e in json.loads(billing.stdout)) == sorted([current_uid, prior_uid])
+    assert srs[prior_uid].sop_uid == prior["sr_sop_uid"] and srs[current_uid].sop_uid == current["sr_sop_uid"]
+    matched = [f for f in current["findings"] if f["change"] != "new"]
+    assert matched, "the test model's blobs on the unchanged anatomy are matched"
+    # The SR's Tracking Identifier is OHIF's tool prefix + the finding's (dicom_io/sr.py).
+    tracked = {uid: {(m.tracking_uid, m.tracking_identifier.rsplit(":", 1)[-1]) for m in report.measurements}
+               for uid, report in srs.items()}
+    for finding in matched:
+        assert (finding["tracking_uid"], finding["tracking_id"]) in tracked[prior_uid] & tracked[current_uid]

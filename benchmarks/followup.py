@@ -225,7 +225,7 @@ class PairResult:
 
 
 def evaluate_pair(pair: FollowUpPair, analyzer, repeat: int = 1) -> PairResult:
-    from lungscreen.server.pipeline import analyze_study
+    from lungscreen.server.pipeline import PriorImages, analyze_study
     from lungscreen.server.priors import prior_from_result
 
     prior_result = analyze_study(sorted(pair.prior_dir.iterdir()), replace(analyzer, keep_alignment_image=True))
@@ -234,8 +234,9 @@ def evaluate_pair(pair: FollowUpPair, analyzer, repeat: int = 1) -> PairResult:
     # As the server runs every study: the prior already analysed, the current one keeping its own
     # alignment image for its later follow-ups (a stage of every study, not of the comparison).
     current_analyzer = replace(analyzer, keep_alignment_image=True)
+    prior_images = PriorImages(tuple(sorted(pair.prior_dir.iterdir())), prior_result.series_uid)  # the SR's evidence
     for _ in range(repeat):
-        result = analyze_study(sorted(pair.current_dir.iterdir()), current_analyzer, prior=prior)
+        result = analyze_study(sorted(pair.current_dir.iterdir()), current_analyzer, prior=prior, prior_images=prior_images)
         out.compare_s.append(result.timings.get("compare", float("nan")))
         out.analysis_s.append(sum(v for k, v in result.timings.items() if k != "compare"))
     out.findings, out.truth_total = len(result.report.findings), len(pair.truth)

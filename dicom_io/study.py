@@ -105,6 +105,22 @@ class StudyIndex:
     unreadable: tuple[UnreadableFile, ...]
 
 
+def series_references(paths: Iterable[Path], study_uid: str, series_uid: str) -> list[pydicom.Dataset]:
+    """The instances of series ``series_uid`` of study ``study_uid`` among ``paths``, each as the
+    four UIDs an SR's evidence references them by (PS3.3 C.17.2.3), in path order; only those
+    tags are read (a follow-up references the prior's series without indexing the prior again)."""
+    tags = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
+    found = []
+    for path in sorted(Path(p) for p in paths):
+        try:
+            header = dcmread(path, stop_before_pixels=True, specific_tags=tags)
+        except Exception:  # pydicom raises many exception types; an unreadable file is no evidence
+            continue
+        if str(header.get("StudyInstanceUID", "")) == study_uid and str(header.get("SeriesInstanceUID", "")) == series_uid:
+            found.append(header)
+    return found
+
+
 def index_study(paths: Iterable[Path]) -> StudyIndex:
     """Group the readable instances by SeriesInstanceUID (ordered by path, i.e. deterministic)."""
     grouped: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)

@@ -25,7 +25,7 @@ from lungscreen.dicom_io.outline import DEFAULT_OUTLINE_CATEGORIES, is_outlined
 from lungscreen.dicom_io.presentation import build_gsps
 from lungscreen.dicom_io.select import RejectionCode, SelectionRules, SeriesRejection, choose_series
 from lungscreen.dicom_io.sr import AlgorithmIdentity, BillingCodes, assign_tracking, build_sr, main_exam_procedure
-from lungscreen.dicom_io.study import index_study
+from lungscreen.dicom_io.study import index_study, series_references
 from lungscreen.dicom_io.volume import Volume, read_series_volume
 from lungscreen.findings import Comparison, ComparisonStatus, Finding, NoduleReport, RuleSet
 from lungscreen.models.card import OperatingPoint
@@ -179,12 +179,15 @@ def analyze_study(
         # The server keeps it with every study, for that study's own later follow-ups.
         with _timed(timings, "alignment_image"):
             alignment = alignment_image(volume.voxels, volume.affine)
+    prior_evidence = []
     if prior is not None:
         with _timed(timings, "compare"):  # follow-up only: a baseline run keeps its stages
             try:
                 findings, comparison = compare_with_prior(findings, alignment, study_date, prior, analyzer.rule_set)
             except ValueError as exc:  # no or inconsistent study dates: a baseline report that says why
                 comparison = Comparison(ComparisonStatus.PRIOR_UNAVAILABLE, prior_study_uid=prior.study_uid, reason=str(exc))
+            if comparison.status is ComparisonStatus.COMPARED and prior_images is not None:
+                prior_evidence = _prior_evidence(prior_images, comparison.prior_study_uid, analyzer, preferred_kernel)
     with _timed(timings, "report"):
         sr_sop_uid = sr_sop_uid or generate_uid()
         prior_ids = () if prior is None else tuple(n.tracking_id for n in prior.nodules if n.tracking_id)
@@ -201,9 +204,6 @@ def analyze_study(
         )
         algorithm = replace(analyzer.algorithm, inference_site=site.description)
         evidence = _evidence_in_slice_order(selected.headers, volume)
-        prior_evidence = []
-        if comparison is not None and comparison.status is ComparisonStatus.COMPARED and prior_images is not None:
-            prior_evidence = _prior_evidence(prior_images, comparison.prior_study_uid, analyzer, preferred_kernel)
         sr = build_sr(
             evidence,
             volume,
@@ -257,6 +257,10 @@ def _prior_evidence(
     """Headers of the prior series the comparison used: the series its analysis recorded, else
     the one the same series selection chooses (the prior was analysed with it); none when the
     prior's files are unreadable or of another study."""
+    if images.series_uid and prior_study_uid:
+        references = series_references(images.paths, prior_study_uid, images.series_uid)
+        if references:
+            return references
     index = index_study(images.paths)
     series = next((s for s in index.series if s.series_instance_uid == images.series_uid), None)
     if series is None:

@@ -6,21 +6,33 @@ below it; part-solid ones have a solid core inside a ground-glass rim. A core de
 200 HU is calcified: nodule densitometry puts benign (calcified) nodules above 164 HU
 (Siegelman et al., Radiology 1986;160:307-312), soft tissue stays under about 100 HU, and a
 calcified core is one of the benign patterns of Lung-RADS v2022 category 1 (diffuse or
-central calcification). Volume is the sphere-equivalent volume of the long-axis diameter
-(an over-estimate for ellipsoids).
+central calcification).
+
+Size (:func:`segmented_size`): the nodule is segmented on the HU volume at half-way between its
+core and lung parenchyma, vessels and pleura peeled off by a morphological opening, and its
+volume and sphere-equivalent diameter are reported. Follow-up growth is a difference of two
+sizes, so the size must not depend on the detector's regressed diameter (which varies by a mm
+or two with the nodule's surroundings): the segmentation only starts from it. Where the nodule
+cannot be separated from its surroundings (it reaches the edge of the region looked at), the
+detector's diameter and the volume of that sphere stand.
 """
 
 from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass
+
 import numpy as np
+from scipy import ndimage
 
 from lungscreen.findings import NoduleType
 
 SOLID_HU = -300.0  # soft-tissue attenuation threshold separating solid from ground-glass
 GROUND_GLASS_RIM_HU = -500.0  # a rim darker than this around a solid core: part-solid
 CALCIFIED_CORE_HU = 200.0  # a core denser than this: calcified (benign)
+LUNG_PARENCHYMA_HU = -850.0  # aerated lung; the segmentation threshold lies half-way to the nodule's core
+_NO_NODULE_CORE_HU = -700.0  # a core this dark is lung, not a nodule: nothing to segment
 
 
 def sphere_volume_mm3(diameter_mm: float) -> float:
@@ -51,3 +63,53 @@ def nodule_type(hu: np.ndarray, center_kji, diameter_mm: float, spacing) -> Nodu
     rim_fraction = 1 - (1 / 3) ** 3
     rim = (whole - core * (1 - rim_fraction)) / rim_fraction
     return NoduleType.PART_SOLID if rim < GROUND_GLASS_RIM_HU and diameter_mm >= 6 else NoduleType.SOLID
+
+
+@dataclass(frozen=True)
+class NoduleSize:
+    diameter_mm: float  # sphere-equivalent diameter of the segmented volume
+    volume_mm3: float
+
+
+def _ellipsoid(radius_mm: float, spacing) -> np.ndarray:
+    """A ball of ``radius_mm`` on a grid of ``spacing`` (k, j, i) mm, at least one voxel across."""
+    half = [max(1, int(round(radius_mm / s))) for s in spacing]
+    grid = np.ogrid[tuple(slice(-n, n + 1) for n in half)]
+    return sum((g * s / radius_mm) ** 2 for g, s in zip(grid, spacing)) <= 1.0 + 1e-9
+
+
+def segmented_size(hu: np.ndarray, center_kji, diameter_mm: float, spacing) -> NoduleSize | None:
+    """Volume and sphere-equivalent diameter of the nodule at ``center_kji``, or None where it
+    cannot be told from its surroundings; ``diameter_mm`` (the detector's) sets the region
+    looked at (1.25 diameters + 4 mm each way) and the opening's radius (a quarter diameter)."""
+    spacing = np.asarray(spacing, dtype=float)
+    centre = np.asarray(center_kji, dtype=float)
+    half = max(diameter_mm, 4.0) * 1.25 + 4.0
+    lo = np.maximum(np.floor(centre - half / spacing), 0).astype(int)
+    hi = np.minimum(np.ceil(centre + half / spacing) + 1, hu.shape).astype(int)
+    if np.any(hi - lo < 3):
+        return None
+    crop = hu[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    at = np.clip(np.round(centre - lo).astype(int), 0, np.array(crop.shape) - 1)
+    core_ball = _ellipsoid(max(min(diameter_mm / 4, 3.0), float(spacing.min())), spacing)
+    reach = np.array(core_ball.shape) // 2
+    core = float(np.median(crop[tuple(slice(max(0, a - r), a + r + 1) for a, r in zip(at, reach))]))
+    if core < _NO_NODULE_CORE_HU:
+        return None
+    dense = crop > (core + LUNG_PARENCHYMA_HU) / 2
+    element = _ellipsoid(float(np.clip(diameter_mm / 4, 1.0, 6.0)), spacing)
+    labels, count = ndimage.label(ndimage.binary_opening(dense, element))
+    if count == 0:
+        return None
+    label = labels[tuple(at)]
+    if label == 0:  # the centre fell off the opened nodule: its nearest part, if near
+        index = np.argwhere(labels > 0)
+        distance = np.linalg.norm((index - at) * spacing, axis=1)
+        if distance.min() > max(diameter_mm / 2, 3.0):
+            return None
+        label = labels[tuple(index[distance.argmin()])]
+    nodule = ndimage.binary_dilation(labels == label, element) & dense  # the edges the opening took back
+    if any(nodule.take(edge, axis=axis).any() for axis in range(3) for edge in (0, -1)):
+        return None  # it runs on into the vessels, the pleura or the mediastinum
+    volume = float(nodule.sum() * np.prod(spacing))
+    return NoduleSize((6.0 * volume / math.pi) ** (1 / 3), volume)

@@ -1,6 +1,8 @@
 """The postprocess stage: candidates to the findings of a report.
 
 Calibrated probability, type and volume of each candidate inside the volume (:func:`measure`),
+the size of those at or above the operating point segmented on the HU volume
+(:func:`lungscreen.models.measure.segmented_size`),
 the second stage's veto on the ones that could be reported (:mod:`models.second_stage`, when the
 model card has one), then the clinical rules (:mod:`models.rules`). ``server.pipeline`` and
 ``training.inference`` both call :func:`postprocess`, so evaluation numbers are the product's.
@@ -8,11 +10,13 @@ model card has one), then the clinical rules (:mod:`models.rules`). ``server.pip
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from lungscreen.findings import Candidate, Finding
 from lungscreen.models.calibrate import calibrate
-from lungscreen.models.measure import nodule_type, sphere_volume_mm3
+from lungscreen.models.measure import nodule_type, segmented_size, sphere_volume_mm3
 from lungscreen.models.rules import ClinicalRules, apply_rules, reportable
 from lungscreen.models.second_stage import SecondStage
 
@@ -44,6 +48,15 @@ def measure(candidates: list[Candidate], voxels: np.ndarray, affine: np.ndarray,
     ]
 
 
+def _with_segmented_size(finding: Finding, voxels: np.ndarray, affine: np.ndarray) -> Finding:
+    """The finding with the size segmented on the HU volume, when the nodule can be segmented."""
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    size = segmented_size(voxels, finding.center_kji, finding.diameter_mm, spacing)
+    if size is None:
+        return finding
+    return replace(finding, diameter_mm=size.diameter_mm, volume_mm3=size.volume_mm3)
+
+
 def second_stage_vetoes(
     findings: list[Finding], voxels: np.ndarray, affine: np.ndarray, second_stage: SecondStage, threshold: float,
     rules: ClinicalRules,
@@ -69,7 +82,10 @@ def postprocess(
     rules: ClinicalRules, second_stage: SecondStage | None,
 ) -> tuple[tuple[Finding, ...], dict[str, int]]:
     """The report's findings at ``threshold`` and how many candidates each rule suppressed."""
-    findings = measure(candidates, voxels, affine, card_calibration)
+    findings = [
+        _with_segmented_size(f, voxels, affine) if f.probability >= threshold else f
+        for f in measure(candidates, voxels, affine, card_calibration)
+    ]  # sizes of what may be reported (the rules and the second stage read them), not of every candidate
     vetoed_count = 0
     if second_stage is not None:
         vetoed = second_stage_vetoes(findings, voxels, affine, second_stage, threshold, rules)

@@ -70,7 +70,6 @@ from lungscreen.models.registration import RigidTransform
 LUNA16_NODULE_LPS = (56.21, 86.34, -115.87)
 LUNA16_NODULE_MM = 23.35
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-_STABLE_TOLERANCE_MM = 1.5  # Lung-RADS growth threshold: "stable" nodules must not exceed it
 CURRENT_DATE = "20260115"
 
 
@@ -599,6 +598,8 @@ class PairResult:
     growth_errors_mm: list[float] = field(default_factory=list)
     alignment_error_mm: float = float("nan")  # at the current findings: estimated vs true transform
     resolved: int = 0  # prior findings left unmatched; every prior nodule of these pairs is still there
+    resolved_details: list[str] = field(default_factory=list)
+    measured: list[str] = field(default_factory=list)  # per truth nodule found: its diameters now and before
     compare_s: list[float] = field(default_factory=list)  # per repetition
     analysis_s: list[float] = field(default_factory=list)  # the current study's analysis without the comparison
 
@@ -616,6 +617,9 @@ def evaluate_pair(pair: FollowUpPair, analyzer, repeat: int = 1) -> PairResult:
         out.analysis_s.append(sum(v for k, v in result.timings.items() if k != "compare"))
     out.findings, out.truth_total = len(result.report.findings), len(pair.truth)
     out.resolved = len(result.report.comparison.resolved)
+    for gone in result.report.comparison.resolved:
+        where = np.round(apply_affine(pair.prior_to_current, gone.center_lps_mm), 1).tolist()
+        out.resolved_details.append(f"{gone.tracking_id} ({gone.diameter_mm:.1f} mm {gone.nodule_type.value}, truly at {where} now)")
     prior_by_uid = {n.tracking_uid: n for n in prior.nodules}
     prior_true_lps = [apply_affine(pair.prior_to_current, n.center_lps_mm) for n in prior.nodules]
     truth_at = {t: np.array(t.current_lps) for t in pair.truth}
@@ -637,6 +641,9 @@ def evaluate_pair(pair: FollowUpPair, analyzer, repeat: int = 1) -> PairResult:
         expected = truth.change if truth is not None else (ChangeLabel.NEW if true_partner is None else None)
         if truth is not None:
             out.truth_found += 1
+            before = f"{finding.prior.diameter_mm:.2f} mm" if finding.prior is not None else "none"
+            growth = "none" if truth.growth_mm is None else f"{truth.growth_mm:.2f} mm"
+            out.measured.append(f"{finding.diameter_mm:.2f} mm now, {before} before; truth: {truth.change.value}, growth {growth}")
             if truth.growth_mm is not None and finding.prior is not None:
                 out.growth_errors_mm.append(abs(finding.diameter_mm - finding.prior.diameter_mm - truth.growth_mm))
         if expected is None:  # the same anatomy at both timepoints: stable, or within the measurement noise
@@ -675,7 +682,9 @@ def _row(r: PairResult) -> dict:
         "labels_right": f"{r.labels_right}/{r.findings}",
         # a prior detection with no current one: the detector found it in one scan only
         "resolved_wrongly": r.resolved,
+        "resolved_details": r.resolved_details,
         "label_errors": r.label_errors,
+        "measured": r.measured,
         "growth_error_mm_max": max(r.growth_errors_mm) if r.growth_errors_mm else None,
         "alignment_error_mm_max": round(r.alignment_error_mm, 2),
         "compare_s": {"min": round(min(r.compare_s), 3), "median": round(float(np.median(r.compare_s)), 3)},

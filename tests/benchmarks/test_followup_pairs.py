@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 from lungscreen.benchmarks.followup import (
-    PairResult, TruthNodule, _Scans, apply_affine, axial_lps, breathing_matrix, crop_top, paint_nodule, resample_prior,
+    PairResult, TruthNodule, _Scans, apply_affine, axial_lps, breathing_matrix, crop_top, resample_prior,
     rigid_matrix, rigid_transform, shrink_real_nodule, summarize, thick_slices,
 )
 from lungscreen.findings import ChangeLabel

@@ -149,3 +149,29 @@ def test_the_summary_totals_real_and_synthetic_nodule_pairs_apart():
 def test_an_unknown_pair_name_is_refused_before_anything_is_built(capsys):
     assert main(["evaluate-followup", "--pairs", "lidc-growing,no-such-pair"]) == 2
     assert "no-such-pair" in capsys.readouterr().err
+
+
+def test_the_lung1_priors_are_5_mm_series_that_pass_selection_and_show_the_nodule_where_the_truth_says(shared_data, tmp_path):
+    """lung1 has 48 slices of 5 mm: after the rigid motion drops the slices that would reach beyond
+    the scan, each prior must still be chosen by the default series rules (at most 5 mm, 30 slices),
+    and the truth map must carry the nodule's centre onto its (shrunk) core, or onto lung where
+    it was removed."""
+    from lungscreen.benchmarks.followup import make_pairs
+    from lungscreen.dicom_io.select import SelectionRules, choose_series
+    from lungscreen.dicom_io.study import index_study
+    from lungscreen.dicom_io.volume import read_series_volume
+
+    growing, new = make_pairs(tmp_path, shared_data, ("lung1-new", "lung1-growing"))
+    assert growing.name == "lung1-growing" and new.name == "lung1-new" and growing.current_dir == new.current_dir
+    assert new.truth[0].change is ChangeLabel.NEW and new.truth[0].growth_mm is None
+    assert growing.truth[0].change is ChangeLabel.GROWING and 3.0 < growing.truth[0].growth_mm < 6.0
+    assert np.linalg.norm(np.array(new.truth[0].current_lps) - (-21.86, -120.54, -611.50)) < 0.1  # the mask's centroid
+    assert choose_series(index_study(sorted(new.current_dir.iterdir())).series).selected is not None
+    for pair, at_centre in ((growing, lambda hu: hu > -300), (new, lambda hu: hu < -600)):
+        series = index_study(sorted(pair.prior_dir.iterdir())).series
+        assert choose_series(series, SelectionRules()).selected is not None
+        prior = read_series_volume(series[0].paths, headers=series[0].headers, frames=series[0].frames)
+        assert 30 <= prior.voxels.shape[0] < 48 and np.linalg.norm(prior.affine[:3, 0]) == pytest.approx(5.0)
+        centre = apply_affine(np.linalg.inv(pair.prior_to_current), pair.truth[0].current_lps)
+        index = np.round(np.linalg.solve(prior.affine[:3, :3], centre - prior.affine[:3, 3])).astype(int)
+        assert at_centre(prior.voxels[tuple(index)]), pair.name

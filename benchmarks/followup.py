@@ -250,17 +250,19 @@ class ShrunkNodule:
 
 def shrink_real_nodule(
     hu: np.ndarray, affine: np.ndarray, mask: np.ndarray, shrink_mm: float, rng: np.random.Generator,
-    *, margin_mm: float = 3.0, subdivisions: int = 10,
+    *, margin_mm: float = 3.0, feather_mm: float = 2.0, psf_mm: float = 1.0, subdivisions: int = 10,
 ) -> ShrunkNodule:
     """The real nodule of ``mask`` as it was smaller: its surface moved in by ``shrink_mm``.
 
     On thin sub-slices (:func:`_fine_shape`) the nodule's shape is eroded by ``shrink_mm``; each
     voxel keeps the share of its own nodule content that the eroded shape still covers, the rest
     becomes lung parenchyma (a voxel's HU is a mix: ``parenchyma + (hu - parenchyma) * kept``),
-    so the smaller nodule is the real one's core with its real texture and partial volume. Soft
+    so the smaller nodule is the real one's core with its real texture and partial volume, its new
+    edge blurred in-plane by ``psf_mm`` as the scanner blurs the real edge. Soft
     tissue in a ``margin_mm`` margin around the mask (and in the slices just beyond it, where the
-    nodule's cap shows outside a mask drawn on thick slices) becomes parenchyma too
-    (:func:`_parenchyma`). A ``shrink_mm`` larger than the nodule's radius removes it. ``hu`` is
+    nodule's cap shows outside a mask drawn on thick slices) becomes parenchyma too where it is
+    denser (:func:`_parenchyma`), and beyond the margin what is denser fades into it over
+    ``feather_mm``. A ``shrink_mm`` larger than the nodule's radius removes it. ``hu`` is
     not changed.
     """
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -285,14 +287,23 @@ def shrink_real_nodule(
     near = np.zeros_like(local_mask)
     near[max(slices[0] - 1, 0) : slices[-1] + 2] = footprint
     near |= distance <= margin_mm
-    margin = near & (before == 0) & (local_hu > -600)
+    margin = near & (before == 0)
     parenchyma = _parenchyma(local_hu, (before > 0) | near, spacing, rng)
 
-    kept = np.divide(after, before, out=np.zeros_like(after), where=before > 0)
+    # The smaller nodule's edge blurred in-plane as the scanner blurs the real one's (about 1 mm):
+    # a Gaussian keeps the shape's half-contrast contour, hence the truth's size, in place.
+    blurred = ndimage.gaussian_filter(after, (0.0, psf_mm / spacing[1], psf_mm / spacing[2]))
+    kept = np.clip(np.divide(blurred, before, out=np.zeros_like(after), where=before > 0), 0.0, 1.0)
     prior = local_hu.copy()
     inside = before > 0
     prior[inside] = parenchyma[inside] + (local_hu[inside] - parenchyma[inside]) * kept[inside]
-    prior[margin] = parenchyma[margin]
+    prior[margin] = np.minimum(local_hu, parenchyma)[margin]
+    # Beyond the margin the nodule's blurred halo fades into the lung over ``feather_mm``: no ring
+    # of it is left around where the nodule was (only lowered towards the lung, never raised).
+    zone = inside | near
+    outside = ndimage.distance_transform_edt(~zone, sampling=spacing)
+    fade = np.clip(1.0 - outside / feather_mm, 0.0, 1.0) * ~zone
+    prior = prior + fade * (np.minimum(parenchyma, prior) - prior)
     out = hu.astype(np.float32, copy=True)
     out[box] = prior
     return ShrunkNodule(

@@ -24,7 +24,8 @@ anatomy the current study has there) and its nodules. Real scans in ``../shared/
 * ``lung1-growing``: lung1's real nodule shrunk in the prior (:func:`shrink_real_nodule`: its own
   voxels inside its mask eroded by 2 mm, the rest of the mask and a margin lung parenchyma),
   rotated by (2, -2, 3) degrees and shifted by (5, -6, 7) mm; the truth's growth is the change
-  of the long-axis diameter (see :class:`ShrunkNodule`);
+  of the long-axis diameter (see :class:`ShrunkNodule`): 18.46 to 13.52 mm, 4.94 mm (the
+  sphere-equivalent diameter changes from 13.00 to 8.53 mm, 4.47 mm);
 * ``lung1-new``: lung1's nodule removed in the prior (the same function, eroded to nothing),
   rotated by (-2, 1.5, -3) degrees and shifted by (-6, 8, -4) mm;
 * ``lidc-breathing``: the prior at a shallower inspiration: the lungs 4.5 % shorter
@@ -59,7 +60,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from scipy import ndimage
-from scipy.spatial import ConvexHull
+from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 from scipy.spatial.transform import Rotation
 
@@ -176,7 +177,7 @@ def long_axis_mm(occupied: np.ndarray, spacing) -> float:
         return 0.0
     try:
         points = points[ConvexHull(points).vertices]
-    except Exception:  # flat or tiny: every point is a candidate
+    except QhullError:  # flat (one slice, one row): every point is a candidate
         pass
     return float(pdist(points).max())
 

@@ -24,8 +24,8 @@ anatomy the current study has there) and its nodules. Real scans in ``../shared/
 * ``lung1-growing``: lung1's real nodule shrunk in the prior (:func:`shrink_real_nodule`: its own
   voxels inside its mask eroded by 2 mm, the rest of the mask and a margin lung parenchyma),
   rotated by (2, -2, 3) degrees and shifted by (5, -6, 7) mm; the truth's growth is the change
-  of the long-axis diameter (see :class:`ShrunkNodule`): 18.46 to 13.52 mm, 4.94 mm (the
-  sphere-equivalent diameter changes from 13.00 to 8.53 mm, 4.47 mm);
+  of the sphere-equivalent diameter (see :class:`ShrunkNodule`): 13.00 to 8.53 mm, 4.47 mm (the
+  long axis changes from 18.46 to 13.52 mm, 4.94 mm);
 * ``lung1-new``: lung1's nodule removed in the prior (the same function, eroded to nothing),
   rotated by (-2, 1.5, -3) degrees and shifted by (-6, 8, -4) mm;
 * ``lidc-breathing``: the prior at a shallower inspiration: the lungs 4.5 % shorter
@@ -231,13 +231,11 @@ def _parenchyma(hu: np.ndarray, zone: np.ndarray, spacing: np.ndarray, rng: np.r
 class ShrunkNodule:
     """A real nodule shrunk by :func:`shrink_real_nodule`, and its truth.
 
-    Diameters are long-axis diameters, as the report's ``diameter_mm`` is
-    (:class:`lungscreen.findings.Finding`; :mod:`lungscreen.models.measure` takes the volume
-    as the sphere of that diameter): the largest distance between two voxel centres of the
-    nodule's shape on a grid with 10 times thinner slices, the same definition at both times
-    so that its discretisation bias cancels in the growth. The sphere-equivalent diameters of
-    the same shapes are kept beside them (the detector's own diameter was trained on
-    sphere-equivalent sizes of synthetic nodules, ``training/synthetic.py``).
+    The truth's diameters are sphere-equivalent diameters of the nodule's shape on a grid with
+    10 times thinner slices, as the report's ``diameter_mm`` is
+    (:func:`lungscreen.models.measure.segmented_size`: the sphere of the segmented volume), the
+    same definition at both times. The long axes of the same shapes (the largest distance
+    between two voxel centres) are kept beside them.
     """
 
     hu: np.ndarray  # the prior's voxels on the current grid
@@ -246,7 +244,7 @@ class ShrunkNodule:
 
     @property
     def growth_mm(self) -> float:
-        return self.long_axis_mm[0] - self.long_axis_mm[1]
+        return self.equivalent_diameter_mm[0] - self.equivalent_diameter_mm[1]
 
 
 def shrink_real_nodule(

@@ -13,7 +13,7 @@ The report goes back to the PACS next to the analysed CT and follows IHE AI Resu
   and Qualitative Evaluation Group": Tracking Identifier :data:`OHIF_FREEHAND_TRACKING` +
   ":Nodule n" and its own Tracking Unique Identifier (TID 4108), finding type Nodule, the
   algorithm (TID 4019) with its operating point, the measurements (TID 300): Area (mm2) of the
-  circle drawn on the centre slice, inferred from its closed POLYLINE, then Long axis (mm),
+  circle drawn on the centre slice, inferred from its closed POLYLINE, then Diameter (mm, sphere-equivalent),
   Volume (mm3), Certainty of Finding (%); the qualitative evaluations (row 11): nodule type,
   suggested Lung-RADS v2022 category, whether the clinical rules call it actionable; and a
   Comment (row 12) with the label every view shows (:func:`finding_label`). TID 1501 with the
@@ -468,7 +468,8 @@ def _measurement_group(
 
     The first measurement is the Area (mm2) of the circle drawn on that slice, inferred from
     the closed POLYLINE (rows 10, 10c-10d): the form viewers that keep measurements read (OHIF
-    takes the first NUM's SCOORD as a freehand contour). The long axis, volume and certainty
+    takes the first NUM's SCOORD as a freehand contour). The diameter (sphere-equivalent:
+    :func:`lungscreen.models.measure.segmented_size`), volume and certainty
     follow, then the qualitative evaluations (row 11) and the label as a Comment (row 12).
     """
     frames = None if at.ref.frame_number is None else [at.ref.frame_number]
@@ -495,7 +496,7 @@ def _measurement_group(
                 unit=codes.UCUM.SquareMillimeter,
                 referenced_coordinates=[coordinates],
             ),
-            hd.sr.Measurement(name=codes.SCT.LongAxis, value=float(finding.diameter_mm), unit=codes.UCUM.Millimeter),
+            hd.sr.Measurement(name=codes.SCT.Diameter, value=float(finding.diameter_mm), unit=codes.UCUM.Millimeter),
             hd.sr.Measurement(
                 name=codes.SCT.Volume, value=float(finding.volume_mm3), unit=codes.UCUM.CubicMillimeter
             ),
@@ -600,8 +601,8 @@ def _report_evaluations(report: NoduleReport, listed: Sequence[str]) -> hd.sr.Co
 
 _CHANGE = _local("CHANGE", "Change since prior study")
 _CHANGES = {label: _local(f"CHANGE-{label.value.upper()}", label.value.capitalize()) for label in ChangeLabel}
-_PRIOR_LONG_AXIS = _local("PRIOR-LONG-AXIS", "Long axis on prior study")
-_LONG_AXIS_CHANGE = _local("LONG-AXIS-CHANGE", "Long axis change since prior study")
+_PRIOR_DIAMETER = _local("PRIOR-DIAMETER", "Diameter on prior study")
+_DIAMETER_CHANGE = _local("DIAMETER-CHANGE", "Diameter change since prior study")
 _VOLUME_DOUBLING_TIME = _local("VDT", "Volume doubling time")
 _COMPARISON = _local("COMPARISON", "Comparison with prior study")
 _RESOLVED = _local("RESOLVED", "Nodule of the prior study resolved")
@@ -609,14 +610,14 @@ _DAY = hd.sr.CodedConcept(value="d", scheme_designator="UCUM", meaning="day")
 
 
 def follow_up_measurements(finding: Finding) -> list[hd.sr.Measurement]:
-    """TID 1410 measurements of a nodule matched to a prior study: its long axis then, the change,
+    """TID 1410 measurements of a nodule matched to a prior study: its diameter then, the change,
     and the volume doubling time (solid nodules that grew). None for a baseline finding."""
     if finding.prior is None:
         return []
     items = [
-        hd.sr.Measurement(name=_PRIOR_LONG_AXIS, value=float(finding.prior.diameter_mm), unit=codes.UCUM.Millimeter),
+        hd.sr.Measurement(name=_PRIOR_DIAMETER, value=float(finding.prior.diameter_mm), unit=codes.UCUM.Millimeter),
         hd.sr.Measurement(
-            name=_LONG_AXIS_CHANGE, value=float(finding.diameter_mm - finding.prior.diameter_mm), unit=codes.UCUM.Millimeter
+            name=_DIAMETER_CHANGE, value=float(finding.diameter_mm - finding.prior.diameter_mm), unit=codes.UCUM.Millimeter
         ),
     ]
     if finding.volume_doubling_time_days is not None:
@@ -649,6 +650,15 @@ def comparison_items(report: NoduleReport) -> list[hd.sr.TextContentItem]:
             name=_RESOLVED,
             value=(f"{nodule.tracking_id or 'Nodule'} (tracking UID {nodule.tracking_uid}), "
                    f"{nodule.diameter_mm:.1f} mm on the prior study, not seen now"),
+            relationship_type=contains,
+        ))
+    for seen in comparison.still_seen:
+        nodule = seen.prior
+        items.append(hd.sr.TextContentItem(
+            name=_COMPARISON,
+            value=(f"{nodule.tracking_id or 'Nodule'} (tracking UID {nodule.tracking_uid}), "
+                   f"{nodule.diameter_mm:.1f} mm on the prior study, still seen ({seen.diameter_mm:.1f} mm) "
+                   "but not reported now: below the operating point or the reporting rules"),
             relationship_type=contains,
         ))
     return items

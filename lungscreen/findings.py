@@ -158,6 +158,15 @@ class ComparisonStatus(str, Enum):
 
 
 @dataclass(frozen=True)
+class StillSeen:
+    """A prior nodule with no reported finding now, but still seen at its place: the detector or
+    the rules left it out this time (a nodule not reported is not a nodule that has gone)."""
+
+    prior: PriorNodule
+    diameter_mm: float  # measured now, at its place
+
+
+@dataclass(frozen=True)
 class Comparison:
     """The outcome of looking for and comparing with a prior study."""
 
@@ -165,6 +174,7 @@ class Comparison:
     prior_study_uid: str | None = None
     prior_study_date: str | None = None
     interval_days: int | None = None
-    resolved: tuple[PriorNodule, ...] = ()  # prior nodules with no match now
+    resolved: tuple[PriorNodule, ...] = ()  # prior nodules with no match now, nothing left at their place
+    still_seen: tuple[StillSeen, ...] = ()  # prior nodules with no reported match now, still there
     alignment_residual_mm: float | None = None  # RMS lung-surface distance after alignment, when measured
     reason: str = ""  # why there is no comparison, in words (status says it as a value)

@@ -13,7 +13,9 @@ large nodule's detected centre moves more than a small one's). Then, per current
   stands in for the mean diameter;
 * ``stable``: otherwise;
 
-and each unmatched prior nodule is ``resolved``. For solid nodules that grew in volume, the
+and each unmatched prior nodule is ``resolved``, unless a nodule can still be segmented at its
+place in the current volume (:func:`lungscreen.models.measure.segmented_size`): then it is
+``still_seen`` (below the operating point or the rules this time, not gone). For solid nodules that grew in volume, the
 volume doubling time is ``interval * ln 2 / ln(V2 / V1)`` days (Schwartz 1961; Lung-RADS and
 the European position statement use it for solid nodules: under 400 days is suspicious).
 """
@@ -28,8 +30,9 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from lungscreen.findings import (
-    ChangeLabel, Comparison, ComparisonStatus, Finding, NoduleType, PriorMeasurement, PriorNodule, RuleSet,
+    ChangeLabel, Comparison, ComparisonStatus, Finding, NoduleType, PriorMeasurement, PriorNodule, RuleSet, StillSeen,
 )
+from lungscreen.models.measure import segmented_size
 from lungscreen.models.registration import AlignmentImage, RigidTransform, align
 from lungscreen.models.rules import apply_history
 
@@ -130,6 +133,25 @@ def label_changes(
     return tuple(labelled), resolved
 
 
+def still_seen(
+    unmatched: Sequence[PriorNodule], transform: RigidTransform, voxels: np.ndarray, affine: np.ndarray
+) -> tuple[tuple[PriorNodule, ...], tuple[StillSeen, ...]]:
+    """Split the unmatched prior nodules into those gone (nothing to segment at their place in the
+    current volume ``voxels`` [k, j, i] HU, ``affine`` to LPS mm) and those still seen there."""
+    gone, seen = [], []
+    to_index = np.linalg.inv(affine[:3, :3])
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    for nodule in unmatched:
+        kji = (transform.apply(np.array(nodule.center_lps_mm)) - affine[:3, 3]) @ to_index.T
+        inside = np.all(kji >= 0) and np.all(kji <= np.array(voxels.shape) - 1)
+        size = segmented_size(voxels, kji, nodule.diameter_mm, spacing) if inside else None
+        if size is None:
+            gone.append(nodule)
+        else:
+            seen.append(StillSeen(nodule, size.diameter_mm))
+    return tuple(gone), tuple(seen)
+
+
 def interval_days(prior_date: str, current_date: str) -> int:
     """Days between two DICOM DA dates (YYYYMMDD)."""
     from datetime import date
@@ -149,8 +171,11 @@ def compare_with_prior(
     current_date: str,
     prior: PriorStudyNodules,
     rule_set: RuleSet | str = RuleSet.LUNG_RADS_2022,
+    current_volume: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[tuple[Finding, ...], Comparison]:
-    """Align, match, label and recategorise: the follow-up report's findings and its comparison."""
+    """Align, match, label and recategorise: the follow-up report's findings and its comparison.
+    ``current_volume`` (HU [k, j, i], affine): where an unmatched prior nodule is looked for
+    before it is called resolved."""
     days = interval_days(prior.study_date, current_date)
     if days <= 0:
         raise ValueError(f"the prior study ({prior.study_date}) is not earlier than the current one ({current_date})")
@@ -161,8 +186,11 @@ def compare_with_prior(
         transform = alignment.transform
         residual = alignment.residual_mm if alignment.lungs_found else None
     labelled, resolved = label_changes(findings, prior, transform, days)
+    seen: tuple[StillSeen, ...] = ()
+    if current_volume is not None:
+        resolved, seen = still_seen(resolved, transform, *current_volume)
     comparison = Comparison(
         status=ComparisonStatus.COMPARED, prior_study_uid=prior.study_uid, prior_study_date=prior.study_date,
-        interval_days=days, resolved=resolved, alignment_residual_mm=residual,
+        interval_days=days, resolved=resolved, still_seen=seen, alignment_residual_mm=residual,
     )
     return apply_history(labelled, rule_set), comparison

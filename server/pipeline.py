@@ -183,7 +183,9 @@ def analyze_study(
     if prior is not None:
         with _timed(timings, "compare"):  # follow-up only: a baseline run keeps its stages
             try:
-                findings, comparison = compare_with_prior(findings, alignment, study_date, prior, analyzer.rule_set)
+                findings, comparison = compare_with_prior(
+                    findings, alignment, study_date, prior, analyzer.rule_set, current_volume=(volume.voxels, volume.affine)
+                )
             except ValueError as exc:  # no or inconsistent study dates: a baseline report that says why
                 comparison = Comparison(ComparisonStatus.PRIOR_UNAVAILABLE, prior_study_uid=prior.study_uid, reason=str(exc))
             if comparison.status is ComparisonStatus.COMPARED and prior_images is not None:
@@ -344,6 +346,13 @@ def comparison_summary(report: NoduleReport, rule_set: RuleSet | None = None) ->
                  "diameter_mm": round(n.diameter_mm, 2), "volume_mm3": round(n.volume_mm3, 1),
                  "center_lps_mm": [round(v, 2) for v in n.center_lps_mm], "lung_rads": n.lung_rads}
                 for n in comparison.resolved
+            ],
+            # not reported now, but still there: neither a current finding nor resolved
+            "still_seen": [
+                {"tracking_uid": s.prior.tracking_uid, "tracking_id": s.prior.tracking_id, "change": "still seen",
+                 "diameter_mm": round(s.diameter_mm, 2), "prior_diameter_mm": round(s.prior.diameter_mm, 2),
+                 "center_lps_mm": [round(v, 2) for v in s.prior.center_lps_mm], "lung_rads": s.prior.lung_rads}
+                for s in comparison.still_seen
             ],
         },
         "exam_category": None if exam is None else {

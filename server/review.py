@@ -160,7 +160,7 @@ def _finding_rows(findings: Sequence[Mapping[str, Any]]) -> str:
             "</tr>"
         )
     return (
-        "<table id=\"findings\"><thead><tr><th>Nodule</th><th>Long axis (mm)</th><th>Volume (mm³)</th>"
+        "<table id=\"findings\"><thead><tr><th>Nodule</th><th>Diameter (mm)</th><th>Volume (mm³)</th>"
         "<th>Type</th><th>Lung-RADS v2022 (suggested)</th><th>Probability</th><th>Actionable</th>"
         "<th>Outlined in SR/GSPS</th><th>Centre LPS (mm)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
     )

@@ -34,7 +34,7 @@ from lungscreen.findings import LUNG_RADS_ORDER
 
 CONFIDENCE = 0.95
 SIZE_BANDS = ((0.0, 6.0, "<6 mm"), (6.0, 8.0, "6 to <8 mm"), (8.0, 15.0, "8 to <15 mm"), (15.0, math.inf, ">=15 mm"))
-"""Lung-RADS v2022 solid-nodule size bands (long axis)."""
+"""Lung-RADS v2022 solid-nodule size bands (by diameter)."""
 PERIODS = ("month", "week", "all")
 
 

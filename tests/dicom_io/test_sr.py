@@ -355,9 +355,9 @@ class TestBuildSR:
             outline_categories=["2", "4B"],
         )))
         for group, finding in zip(sr.content.get_image_measurement_groups(), findings, strict=True):
-            (long_axis,) = group.get_measurements(name=codes.SCT.LongAxis)
-            assert long_axis.value == pytest.approx(finding.diameter_mm)
-            assert long_axis.unit == codes.UCUM.Millimeter
+            (diameter,) = group.get_measurements(name=codes.SCT.Diameter)
+            assert diameter.value == pytest.approx(finding.diameter_mm)
+            assert diameter.unit == codes.UCUM.Millimeter
             (volume,) = group.get_measurements(name=codes.SCT.Volume)
             assert volume.value == pytest.approx(finding.volume_mm3)
             assert volume.unit == codes.UCUM.CubicMillimeter

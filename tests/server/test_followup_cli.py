@@ -92,7 +92,7 @@ def test_the_two_reports_track_each_nodule_under_one_uid_and_the_follow_up_sr_is
     assert all(f["tracking_uid"] not in prior and f["tracking_id"] not in prior.values() for f in new)
     items = list(_items(current_sr))
     meanings = {i.ConceptNameCodeSequence[0].CodeMeaning for i in items if "ConceptNameCodeSequence" in i}
-    assert {"Change since prior study", "Long axis on prior study", "Comparison with prior study"} <= meanings
+    assert {"Change since prior study", "Diameter on prior study", "Comparison with prior study"} <= meanings
     comparison = next(i.TextValue for i in items if i.get("ConceptNameCodeSequence") and i.ConceptNameCodeSequence[0].CodeMeaning == "Comparison with prior study")
     assert comparison.startswith(f"Compared with prior study {summary['prior_study_uid']} of 20241211 (400 days earlier)")
     validate_sr(out / "report_sr.dcm")  # dciodvfy and PixelMed: no error

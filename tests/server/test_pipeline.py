@@ -75,7 +75,7 @@ def test_findings_rules_and_report(analyzer, study, tmp_path):
 def test_site_rules_suppress_small_nodules_and_count_them(analyzer, study):
     site = dataclasses.replace(analyzer, rules=ClinicalRules(min_reported_diameter_mm=6.0))
     result = analyze_study(study.paths, site)
-    assert [round(r["diameter_mm"]) for r in result.findings] == [11]
+    assert [round(r["diameter_mm"]) for r in result.findings] == [10]  # the 10 mm nodule, as segmented
     assert result.report.suppressed["under_min_size"] == 1
 
 

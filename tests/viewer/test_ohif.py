@@ -249,7 +249,7 @@ def test_ohif_draws_each_finding_on_its_slice_with_a_readable_label(tmp_path, li
                 for text in drawn["texts"]:
                     assert not CONCEPT_CODE_IN_LABEL.search(text), f"concept code in OHIF label: {text!r}"
                 label_text = "\n".join(drawn["texts"])
-                assert "Long axis" in label_text and "Certainty of Finding" in label_text, drawn["texts"]
+                assert "Diameter" in label_text and "Certainty of Finding" in label_text, drawn["texts"]
 
                 shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB")).astype(int)
                 left, top = mapping["rect"][:2]

@@ -149,6 +149,7 @@ class PriorMeasurement:
     volume_mm3: float
     interval_days: int
     lung_rads: str = ""
+    reported: bool = True  # False: the prior's analysis saw it below what it reports (not new, not tracked)
 
 
 class ComparisonStatus(str, Enum):

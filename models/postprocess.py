@@ -10,7 +10,7 @@ model card has one), then the clinical rules (:mod:`models.rules`). ``server.pip
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -21,6 +21,19 @@ from lungscreen.models.rules import ClinicalRules, apply_rules, reportable
 from lungscreen.models.second_stage import SecondStage
 
 SUPPRESSED_SECOND_STAGE = "second_stage_veto"
+UNREPORTED_FLOOR = 0.01  # calibrated probability: unreported candidates a follow-up still compares with
+MAX_UNREPORTED = 30
+
+
+@dataclass(frozen=True)
+class Postprocessed:
+    findings: tuple[Finding, ...]  # the report's
+    suppressed: dict[str, int]  # candidates each rule removed
+    # Candidates not reported (below the operating point, vetoed, under the size rule or the cap)
+    # but at or above UNREPORTED_FLOOR inside the lungs, the most probable first, with the
+    # detector's size: a follow-up does not call a nodule new, or gone, when they show it was
+    # or still is there.
+    unreported: tuple[Finding, ...]
 
 
 def measure(candidates: list[Candidate], voxels: np.ndarray, affine: np.ndarray, calibration: dict) -> list[Finding]:
@@ -80,11 +93,12 @@ def second_stage_vetoes(
 def postprocess(
     candidates: list[Candidate], voxels: np.ndarray, affine: np.ndarray, card_calibration: dict, threshold: float,
     rules: ClinicalRules, second_stage: SecondStage | None,
-) -> tuple[tuple[Finding, ...], dict[str, int]]:
-    """The report's findings at ``threshold`` and how many candidates each rule suppressed."""
+) -> Postprocessed:
+    """The report's findings at ``threshold``, how many candidates each rule suppressed, and the
+    unreported candidates a follow-up compares with."""
+    measured = measure(candidates, voxels, affine, card_calibration)
     findings = [
-        _with_segmented_size(f, voxels, affine) if f.probability >= threshold else f
-        for f in measure(candidates, voxels, affine, card_calibration)
+        _with_segmented_size(f, voxels, affine) if f.probability >= threshold else f for f in measured
     ]  # sizes of what may be reported (the rules and the second stage read them), not of every candidate
     vetoed_count = 0
     if second_stage is not None:
@@ -94,4 +108,11 @@ def postprocess(
     kept, suppressed = apply_rules(findings, threshold, rules)
     if second_stage is not None:
         suppressed[SUPPRESSED_SECOND_STAGE] = vetoed_count
-    return kept, suppressed
+    reported = {f.center_kji for f in kept}
+    unreported = sorted(
+        (f for f in measured if f.center_kji not in reported and f.probability >= UNREPORTED_FLOOR
+         and not (f.outside_lungs_mm is not None and rules.max_outside_lungs_mm is not None
+                  and f.outside_lungs_mm > rules.max_outside_lungs_mm)),
+        key=lambda f: f.probability, reverse=True,
+    )
+    return Postprocessed(kept, suppressed, tuple(unreported[:MAX_UNREPORTED]))

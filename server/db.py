@@ -211,12 +211,19 @@ def _v4_prior_studies(c: sqlite3.Connection) -> None:
     _run_script(c, PRIOR_STUDY_TABLES)
 
 
+def _v5_unreported_prior_candidates(c: sqlite3.Connection) -> None:
+    """The candidates each analysed study saw but did not report (JSON like ``nodules``): a later
+    follow-up calls a nodule there neither new nor, when it goes unreported again, resolved."""
+    c.execute("ALTER TABLE prior_studies ADD COLUMN unreported TEXT NOT NULL DEFAULT '[]'")
+
+
 # Step n brings a store from version n-1 to n. Append new steps; never change an old one.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_release_0_1_tables,
     _v2_outbox_by_study,
     _v3_feedback,
     _v4_prior_studies,
+    _v5_unreported_prior_candidates,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -84,6 +84,7 @@ class AnalysisResult:
     timings: dict[str, float] = field(default_factory=dict)
     study_date: str = ""  # DICOM DA of the analysed study ("" when the CT has none)
     alignment_image: AlignmentImage | None = None  # with Analyzer.keep_alignment_image or a prior
+    unreported: tuple[Finding, ...] = ()  # candidates seen but not reported (models.postprocess), for later follow-ups
     inference: dict = field(default_factory=dict)  # where the network ran (models.detector.InferenceSite)
 
 
@@ -167,10 +168,11 @@ def analyze_study(
     with _timed(timings, "postprocess"):
         candidates = to_source_candidates(detector.decode(output), image, volume.affine)
         point, point_source = _operating_point(analyzer)
-        findings, suppressed = postprocess(
+        processed = postprocess(
             candidates, volume.voxels, volume.affine, detector.card.calibration, point.threshold, analyzer.rules,
             detector.second_stage,
         )
+        findings, suppressed = processed.findings, processed.suppressed
         findings = apply_history(findings, analyzer.rule_set)  # baseline categories, each with its rule
     header = selected.headers[0]
     study_date = str(header.get("StudyDate", "") or "")
@@ -184,7 +186,8 @@ def analyze_study(
         with _timed(timings, "compare"):  # follow-up only: a baseline run keeps its stages
             try:
                 findings, comparison = compare_with_prior(
-                    findings, alignment, study_date, prior, analyzer.rule_set, current_volume=(volume.voxels, volume.affine)
+                    findings, alignment, study_date, prior, analyzer.rule_set,
+                    current_volume=(volume.voxels, volume.affine), current_unreported=processed.unreported,
                 )
             except ValueError as exc:  # no or inconsistent study dates: a baseline report that says why
                 comparison = Comparison(ComparisonStatus.PRIOR_UNAVAILABLE, prior_study_uid=prior.study_uid, reason=str(exc))
@@ -239,6 +242,7 @@ def analyze_study(
         timings=timings,
         study_date=study_date,
         alignment_image=alignment,
+        unreported=processed.unreported,
         inference=site.as_dict(),
     )
 
@@ -310,6 +314,7 @@ def follow_up_row(finding: Finding) -> dict:
         "prior": None if prior is None else {
             "study_uid": prior.study_uid, "study_date": prior.study_date, "diameter_mm": round(prior.diameter_mm, 2),
             "volume_mm3": round(prior.volume_mm3, 1), "interval_days": prior.interval_days, "lung_rads": prior.lung_rads,
+            "reported": prior.reported,  # False: seen by the prior's analysis below what it reported
         },
         "volume_doubling_time_days": (
             None if finding.volume_doubling_time_days is None else round(finding.volume_doubling_time_days, 1)

@@ -30,7 +30,7 @@ import pydicom.errors
 from lungscreen.dicom_io.query import PriorRetrievalError, StudyIdentity, find_ct_studies, retrieve_study, study_identity
 from lungscreen.dicom_io.send import Destination
 from lungscreen.errors import LungScreenError
-from lungscreen.findings import Comparison, ComparisonStatus, NoduleType, PriorNodule
+from lungscreen.findings import Comparison, ComparisonStatus, Finding, NoduleType, PriorNodule
 from lungscreen.models.longitudinal import PriorStudyNodules
 from lungscreen.models.registration import AlignmentImage
 from lungscreen.server.config import Settings
@@ -42,20 +42,22 @@ log = logging.getLogger(__name__)
 _GRACE_S = 5.0
 
 
+def _as_prior(finding: Finding) -> PriorNodule:
+    return PriorNodule(
+        center_lps_mm=tuple(finding.center_lps_mm), diameter_mm=finding.diameter_mm, volume_mm3=finding.volume_mm3,
+        nodule_type=NoduleType(finding.nodule_type), lung_rads=finding.lung_rads, tracking_uid=finding.tracking_uid,
+        tracking_id=finding.tracking_id,
+    )
+
+
 def prior_from_result(result: AnalysisResult) -> PriorStudyNodules:
     """The prior as the comparison needs it, from that study's own analysis."""
     return PriorStudyNodules(
         study_uid=result.study_uid,
         study_date=result.study_date,
-        nodules=tuple(
-            PriorNodule(
-                center_lps_mm=tuple(f.center_lps_mm), diameter_mm=f.diameter_mm, volume_mm3=f.volume_mm3,
-                nodule_type=NoduleType(f.nodule_type), lung_rads=f.lung_rads, tracking_uid=f.tracking_uid,
-                tracking_id=f.tracking_id,
-            )
-            for f in result.report.findings
-        ),
+        nodules=tuple(_as_prior(f) for f in result.report.findings),
         image=result.alignment_image,
+        unreported=tuple(_as_prior(f) for f in result.unreported),
     )
 
 
@@ -98,8 +100,9 @@ class PriorHistory:
         with self.db.transaction() as c:
             c.execute(
                 "INSERT OR REPLACE INTO prior_studies (study_uid, patient_key, study_date, nodules, alignment_image,"
-                " retrieved, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (prior.study_uid, patient_key, prior.study_date, _nodules_json(prior.nodules), image, int(retrieved), time.time()),
+                " retrieved, created_at, unreported) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (prior.study_uid, patient_key, prior.study_date, _nodules_json(prior.nodules), image, int(retrieved),
+                 time.time(), _nodules_json(prior.unreported)),
             )
 
     def latest(self, patient_key: str, before_date: str, earliest_date: str, exclude_study_uid: str) -> PriorStudyNodules | None:
@@ -113,7 +116,8 @@ class PriorHistory:
             return None
         row = rows[0]
         image = None if row["alignment_image"] is None else AlignmentImage.from_bytes(row["alignment_image"])
-        return PriorStudyNodules(row["study_uid"], row["study_date"], _nodules_from_json(row["nodules"]), image)
+        return PriorStudyNodules(row["study_uid"], row["study_date"], _nodules_from_json(row["nodules"]), image,
+                                 _nodules_from_json(row["unreported"]))
 
     def nodule(self, study_uid: str, tracking_uid: str) -> PriorNodule | None:
         """The nodule of study ``study_uid`` tracked under ``tracking_uid`` (its centre on that study)."""

@@ -82,6 +82,36 @@ def test_labels_prior_measurement_tracking_uid_and_resolved_nodules():
         compare_with_prior(current, None, "20250110", prior)
 
 
+def test_what_either_analysis_saw_but_did_not_report_is_neither_new_nor_resolved(lidc_series_dir):
+    """A nodule reported now where the prior's analysis had an unreported candidate existed then
+    (compared with it, no tracking UID from it); a prior nodule unreported now, where the current
+    analysis has a candidate or a nodule can be segmented, is still seen; a candidate further away
+    than the tight gate, or empty lung, proves nothing."""
+    from lungscreen.dicom_io.study import index_study
+    from lungscreen.dicom_io.volume import read_series_volume
+
+    series = index_study(sorted(lidc_series_dir.glob("*.dcm"))).series[0]
+    volume = read_series_volume(series.paths, headers=series.headers, frames=series.frames)
+    luna16 = (56.21, 86.34, -115.87)  # LIDC-IDRI-0001's 23 mm nodule, in the current volume
+    empty_lung = (-80.0, 20.0, -150.0)
+    prior = PriorStudyNodules("1.2.3", "20250110", (
+        prior_nodule((90, -40, -200), 6.0, lung_rads="3", uid="2.25.1"),  # a candidate is there now
+        prior_nodule(luna16, 20.0, lung_rads="4B", uid="2.25.2"),  # the nodule, segmented there now
+        prior_nodule(empty_lung, 6.0, lung_rads="3", uid="2.25.3"),  # nothing there now: resolved
+    ), unreported=(prior_nodule((0, 80, 0), 6.0), prior_nodule((-40, -60, -100), 5.0)))
+    current = [finding((1, 81, 1), 9.0), finding((-40, -60 + 9, -100), 6.0)]
+    unreported_now = [finding((91, -41, -200), 5.5)]
+    labelled, comparison = compare_with_prior(
+        current, None, "20260112", prior, current_volume=(volume.voxels, volume.affine), current_unreported=unreported_now,
+    )
+    existed, new = labelled
+    assert existed.change is ChangeLabel.GROWING and existed.prior.reported is False and existed.tracking_uid is None
+    assert existed.prior.diameter_mm == 6.0 and existed.lung_rads == "4B"  # growing solid >=8 mm
+    assert new.change is ChangeLabel.NEW and new.prior is None  # 9 mm from the candidate: beyond the gate
+    assert {s.prior.tracking_uid: round(s.diameter_mm) for s in comparison.still_seen} == {"2.25.1": 6, "2.25.2": 23}
+    assert [p.tracking_uid for p in comparison.resolved] == ["2.25.3"]
+
+
 def with_history(diameter, change, prior_lung_rads, days, kind=NoduleType.SOLID, prior_diameter=None):
     f = finding((0, 0, 0), diameter, kind)
     prior = None

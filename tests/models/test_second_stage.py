@@ -61,12 +61,16 @@ def test_postprocess_vetoes_a_false_candidate_and_keeps_the_nodule_and_a_mass(li
     nodule = candidate_at(lidc, (56.21, 86.34, -115.87), 23.0, 0.9)  # LUNA16's nodule
     lung = candidate_at(lidc, (-80.0, 20.0, -150.0), 8.0, 0.5)  # right-lung parenchyma
     big = candidate_at(lidc, (-80.0, 20.0, -150.0), 35.0, 0.5)  # the same spot called a mass
-    findings, suppressed = postprocess([nodule, lung], lidc.voxels, lidc.affine, IDENTITY, 0.3, ClinicalRules(), stage)
+    out = postprocess([nodule, lung], lidc.voxels, lidc.affine, IDENTITY, 0.3, ClinicalRules(), stage)
+    findings, suppressed = out.findings, out.suppressed
     assert [round(f.diameter_mm) for f in findings] == [23] and suppressed[SUPPRESSED_SECOND_STAGE] == 1
-    findings, suppressed = postprocess([nodule, big], lidc.voxels, lidc.affine, IDENTITY, 0.3, ClinicalRules(), stage)
+    assert [round(f.diameter_mm) for f in out.unreported] == [8]  # vetoed, still there for a follow-up
+    out = postprocess([nodule, big], lidc.voxels, lidc.affine, IDENTITY, 0.3, ClinicalRules(), stage)
+    findings, suppressed = out.findings, out.suppressed
     assert len(findings) == 2 and suppressed[SUPPRESSED_SECOND_STAGE] == 0
     # Without a second stage the same call reports both and counts no veto.
-    findings, suppressed = postprocess([nodule, lung], lidc.voxels, lidc.affine, IDENTITY, 0.3, ClinicalRules(), None)
+    out = postprocess([nodule, lung], lidc.voxels, lidc.affine, IDENTITY, 0.3, ClinicalRules(), None)
+    findings, suppressed = out.findings, out.suppressed
     assert len(findings) == 2 and SUPPRESSED_SECOND_STAGE not in suppressed
 
 

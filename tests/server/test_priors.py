@@ -44,11 +44,11 @@ def test_the_history_gives_the_latest_earlier_study_of_the_same_patient_within_t
     me, other = patient_key("P1", "HOSP"), patient_key("P1", "OTHER-HOSPITAL")
     image = AlignmentImage(np.full((8, 8, 8), -500.0, np.float32), np.diag([4.0, 4.0, 4.0, 1.0]))
     history.record(me, PriorStudyNodules("1.2.1", "20220110", nodules(6.0)))
-    history.record(me, PriorStudyNodules("1.2.2", "20250110", nodules(6.0, 8.0), image))
+    history.record(me, PriorStudyNodules("1.2.2", "20250110", nodules(6.0, 8.0), image, unreported=nodules(4.5)))
     history.record(me, PriorStudyNodules("1.2.3", "20260301", nodules(9.0)))  # later than the current study
     history.record(other, PriorStudyNodules("1.2.4", "20251201", nodules(5.0)))  # same ID, another issuer
     latest = history.latest(me, "20260115", "20230115", exclude_study_uid="1.2.9")
-    assert latest.study_uid == "1.2.2" and latest.nodules == nodules(6.0, 8.0)
+    assert latest.study_uid == "1.2.2" and latest.nodules == nodules(6.0, 8.0) and latest.unreported == nodules(4.5)
     assert np.array_equal(latest.image.hu, image.hu) and np.array_equal(latest.image.affine, image.affine)
     assert history.latest(me, "20250110", "20220101", exclude_study_uid="1.2.9").study_uid == "1.2.1"
     assert history.latest(me, "20220110", "20190101", exclude_study_uid="1.2.9") is None

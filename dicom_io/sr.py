@@ -657,8 +657,16 @@ def comparison_items(report: NoduleReport) -> list[hd.sr.TextContentItem]:
         items.append(hd.sr.TextContentItem(
             name=_COMPARISON,
             value=(f"{nodule.tracking_id or 'Nodule'} (tracking UID {nodule.tracking_uid}), "
-                   f"{nodule.diameter_mm:.1f} mm on the prior study, still seen ({seen.diameter_mm:.1f} mm) "
-                   "but not reported now: below the operating point or the reporting rules"),
+                   f"{nodule.diameter_mm:.1f} mm on the prior study, still seen "
+                   + ("(joined to dense tissue, not measured) " if seen.diameter_mm is None else f"({seen.diameter_mm:.1f} mm) ")
+                   + "but not reported now: below the operating point or the reporting rules"),
+            relationship_type=contains,
+        ))
+    for nodule in comparison.not_scanned:
+        items.append(hd.sr.TextContentItem(
+            name=_COMPARISON,
+            value=(f"{nodule.tracking_id or 'Nodule'} (tracking UID {nodule.tracking_uid}), "
+                   f"{nodule.diameter_mm:.1f} mm on the prior study, outside the range this study covers"),
             relationship_type=contains,
         ))
     return items

@@ -164,7 +164,7 @@ class StillSeen:
     the rules left it out this time (a nodule not reported is not a nodule that has gone)."""
 
     prior: PriorNodule
-    diameter_mm: float  # measured now, at its place
+    diameter_mm: float | None  # measured now, at its place; None: dense tissue there, not separable to measure
 
 
 @dataclass(frozen=True)
@@ -177,5 +177,6 @@ class Comparison:
     interval_days: int | None = None
     resolved: tuple[PriorNodule, ...] = ()  # prior nodules with no match now, nothing left at their place
     still_seen: tuple[StillSeen, ...] = ()  # prior nodules with no reported match now, still there
+    not_scanned: tuple[PriorNodule, ...] = ()  # prior nodules outside what the current study covers
     alignment_residual_mm: float | None = None  # RMS lung-surface distance after alignment, when measured
     reason: str = ""  # why there is no comparison, in words (status says it as a value)

@@ -33,7 +33,7 @@ from scipy.optimize import linear_sum_assignment
 from lungscreen.findings import (
     ChangeLabel, Comparison, ComparisonStatus, Finding, NoduleType, PriorMeasurement, PriorNodule, RuleSet, StillSeen,
 )
-from lungscreen.models.measure import segmented_size
+from lungscreen.models.measure import NO_NODULE_CORE_HU, core_hu, segmented_size
 from lungscreen.models.registration import AlignmentImage, RigidTransform, align
 from lungscreen.models.rules import apply_history
 
@@ -160,11 +160,13 @@ def _compared(finding: Finding, before: PriorNodule, prior: PriorStudyNodules, i
 def still_seen(
     unmatched: Sequence[PriorNodule], transform: RigidTransform, voxels: np.ndarray, affine: np.ndarray,
     current_unreported: Sequence[Finding] = (),
-) -> tuple[tuple[PriorNodule, ...], tuple[StillSeen, ...]]:
+) -> tuple[tuple[PriorNodule, ...], tuple[StillSeen, ...], tuple[PriorNodule, ...]]:
     """Split the unmatched prior nodules into those gone and those still seen at their place:
     where the current analysis saw an unreported candidate, or a nodule can be segmented in the
-    current volume ``voxels`` [k, j, i] HU (``affine`` to LPS mm)."""
-    gone, seen = [], []
+    current volume ``voxels`` [k, j, i] HU (``affine`` to LPS mm), or the place is not aerated
+    lung (a nodule is only called resolved where lung parenchyma has taken its place). Third:
+    those outside what the current study scanned, of which nothing can be said."""
+    gone, seen, not_scanned = [], [], []
     by_candidate = {m.prior_index: m for m in match_nodules(current_unreported, unmatched, transform, seen_gate_mm)}
     to_index = np.linalg.inv(affine[:3, :3])
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
@@ -174,12 +176,17 @@ def still_seen(
             continue
         kji = (transform.apply(np.array(nodule.center_lps_mm)) - affine[:3, 3]) @ to_index.T
         inside = np.all(kji >= 0) and np.all(kji <= np.array(voxels.shape) - 1)
-        size = segmented_size(voxels, kji, nodule.diameter_mm, spacing) if inside else None
-        if size is None:
-            gone.append(nodule)
-        else:
+        if not inside:
+            not_scanned.append(nodule)
+            continue
+        size = segmented_size(voxels, kji, nodule.diameter_mm, spacing)
+        if size is not None:
             seen.append(StillSeen(nodule, size.diameter_mm))
-    return tuple(gone), tuple(seen)
+        elif core_hu(voxels, kji, nodule.diameter_mm, spacing) >= NO_NODULE_CORE_HU:
+            seen.append(StillSeen(nodule, None))
+        else:
+            gone.append(nodule)
+    return tuple(gone), tuple(seen), tuple(not_scanned)
 
 
 def interval_days(prior_date: str, current_date: str) -> int:
@@ -219,10 +226,11 @@ def compare_with_prior(
         residual = alignment.residual_mm if alignment.lungs_found else None
     labelled, resolved = label_changes(findings, prior, transform, days)
     seen: tuple[StillSeen, ...] = ()
+    not_scanned: tuple[PriorNodule, ...] = ()
     if current_volume is not None:
-        resolved, seen = still_seen(resolved, transform, *current_volume, current_unreported)
+        resolved, seen, not_scanned = still_seen(resolved, transform, *current_volume, current_unreported)
     comparison = Comparison(
         status=ComparisonStatus.COMPARED, prior_study_uid=prior.study_uid, prior_study_date=prior.study_date,
-        interval_days=days, resolved=resolved, still_seen=seen, alignment_residual_mm=residual,
+        interval_days=days, resolved=resolved, still_seen=seen, not_scanned=not_scanned, alignment_residual_mm=residual,
     )
     return apply_history(labelled, rule_set), comparison

@@ -32,7 +32,7 @@ SOLID_HU = -300.0  # soft-tissue attenuation threshold separating solid from gro
 GROUND_GLASS_RIM_HU = -500.0  # a rim darker than this around a solid core: part-solid
 CALCIFIED_CORE_HU = 200.0  # a core denser than this: calcified (benign)
 LUNG_PARENCHYMA_HU = -850.0  # aerated lung; the segmentation threshold lies half-way to the nodule's core
-_NO_NODULE_CORE_HU = -700.0  # a core this dark is lung, not a nodule: nothing to segment
+NO_NODULE_CORE_HU = -700.0  # a core this dark is aerated lung, not a nodule: nothing to segment
 
 
 def sphere_volume_mm3(diameter_mm: float) -> float:
@@ -78,6 +78,15 @@ def _ellipsoid(radius_mm: float, spacing) -> np.ndarray:
     return sum((g * s / radius_mm) ** 2 for g, s in zip(grid, spacing)) <= 1.0 + 1e-9
 
 
+def core_hu(hu: np.ndarray, center_kji, diameter_mm: float, spacing) -> float:
+    """Median HU in a small ball (a quarter diameter, at most 3 mm) at ``center_kji``."""
+    spacing = np.asarray(spacing, dtype=float)
+    ball = _ellipsoid(max(min(diameter_mm / 4, 3.0), float(spacing.min())), spacing)
+    at = np.clip(np.round(np.asarray(center_kji, dtype=float)).astype(int), 0, np.array(hu.shape) - 1)
+    reach = np.array(ball.shape) // 2
+    return float(np.median(hu[tuple(slice(max(0, a - r), a + r + 1) for a, r in zip(at, reach))]))
+
+
 def segmented_size(hu: np.ndarray, center_kji, diameter_mm: float, spacing) -> NoduleSize | None:
     """Volume and sphere-equivalent diameter of the nodule at ``center_kji``, or None where it
     cannot be told from its surroundings; ``diameter_mm`` (the detector's) sets the region
@@ -91,10 +100,8 @@ def segmented_size(hu: np.ndarray, center_kji, diameter_mm: float, spacing) -> N
         return None
     crop = hu[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     at = np.clip(np.round(centre - lo).astype(int), 0, np.array(crop.shape) - 1)
-    core_ball = _ellipsoid(max(min(diameter_mm / 4, 3.0), float(spacing.min())), spacing)
-    reach = np.array(core_ball.shape) // 2
-    core = float(np.median(crop[tuple(slice(max(0, a - r), a + r + 1) for a, r in zip(at, reach))]))
-    if core < _NO_NODULE_CORE_HU:
+    core = core_hu(crop, at, diameter_mm, spacing)
+    if core < NO_NODULE_CORE_HU:
         return None
     dense = crop > (core + LUNG_PARENCHYMA_HU) / 2
     element = _ellipsoid(float(np.clip(diameter_mm / 4, 1.0, 6.0)), spacing)

@@ -355,9 +355,15 @@ def comparison_summary(report: NoduleReport, rule_set: RuleSet | None = None) ->
             # not reported now, but still there: neither a current finding nor resolved
             "still_seen": [
                 {"tracking_uid": s.prior.tracking_uid, "tracking_id": s.prior.tracking_id, "change": "still seen",
-                 "diameter_mm": round(s.diameter_mm, 2), "prior_diameter_mm": round(s.prior.diameter_mm, 2),
+                 "diameter_mm": None if s.diameter_mm is None else round(s.diameter_mm, 2),
+                 "prior_diameter_mm": round(s.prior.diameter_mm, 2),
                  "center_lps_mm": [round(v, 2) for v in s.prior.center_lps_mm], "lung_rads": s.prior.lung_rads}
                 for s in comparison.still_seen
+            ],
+            "not_scanned": [  # outside what this study covers: neither seen nor resolved
+                {"tracking_uid": n.tracking_uid, "tracking_id": n.tracking_id, "diameter_mm": round(n.diameter_mm, 2),
+                 "center_lps_mm": [round(v, 2) for v in n.center_lps_mm], "lung_rads": n.lung_rads}
+                for n in comparison.not_scanned
             ],
         },
         "exam_category": None if exam is None else {

@@ -117,7 +117,7 @@ def label_changes(
 
     A finding that matches no reported prior nodule but lies where the prior's analysis saw an
     unreported candidate is not new: it is compared with that candidate (``prior.reported``
-    False, the detector's size then, a tracking UID of its own)."""
+    False, its size as segmented then, a tracking UID of its own)."""
     matches = {m.current_index: m for m in match_nodules(current, prior.nodules, transform)}
     unmatched = [i for i in range(len(current)) if i not in matches]
     seen_before = {

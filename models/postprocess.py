@@ -23,6 +23,9 @@ from lungscreen.models.second_stage import SecondStage
 SUPPRESSED_SECOND_STAGE = "second_stage_veto"
 UNREPORTED_FLOOR = 0.01  # calibrated probability: unreported candidates a follow-up still compares with
 MAX_UNREPORTED = 30
+# Unreported candidates up to this size are segmented too (a few ms each): a follow-up that finds
+# a nodule where one of them was measures its growth one way at both times.
+MAX_SEGMENTED_UNREPORTED_MM = 20.0
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,9 @@ class Postprocessed:
     findings: tuple[Finding, ...]  # the report's
     suppressed: dict[str, int]  # candidates each rule removed
     # Candidates not reported (below the operating point, vetoed, under the size rule or the cap)
-    # but at or above UNREPORTED_FLOOR inside the lungs, the most probable first, with the
-    # detector's size: a follow-up does not call a nodule new, or gone, when they show it was
-    # or still is there.
+    # but at or above UNREPORTED_FLOOR inside the lungs, the most probable first, segmented like
+    # the findings up to MAX_SEGMENTED_UNREPORTED_MM: a follow-up does not call a nodule new, or
+    # gone, when they show it was or still is there.
     unreported: tuple[Finding, ...]
 
 
@@ -115,4 +118,9 @@ def postprocess(
                   and f.outside_lungs_mm > rules.max_outside_lungs_mm)),
         key=lambda f: f.probability, reverse=True,
     )
-    return Postprocessed(kept, suppressed, tuple(unreported[:MAX_UNREPORTED]))
+    unreported = [
+        _with_segmented_size(f, voxels, affine)
+        if f.probability < threshold and f.diameter_mm <= MAX_SEGMENTED_UNREPORTED_MM else f  # else segmented already
+        for f in unreported[:MAX_UNREPORTED]
+    ]
+    return Postprocessed(kept, suppressed, tuple(unreported))

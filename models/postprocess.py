@@ -99,10 +99,11 @@ def postprocess(
 ) -> Postprocessed:
     """The report's findings at ``threshold``, how many candidates each rule suppressed, and the
     unreported candidates a follow-up compares with."""
-    measured = measure(candidates, voxels, affine, card_calibration)
-    findings = [
-        _with_segmented_size(f, voxels, affine) if f.probability >= threshold else f for f in measured
+    sized = [
+        _with_segmented_size(f, voxels, affine) if f.probability >= threshold else f
+        for f in measure(candidates, voxels, affine, card_calibration)
     ]  # sizes of what may be reported (the rules and the second stage read them), not of every candidate
+    findings = sized
     vetoed_count = 0
     if second_stage is not None:
         vetoed = second_stage_vetoes(findings, voxels, affine, second_stage, threshold, rules)
@@ -113,7 +114,7 @@ def postprocess(
         suppressed[SUPPRESSED_SECOND_STAGE] = vetoed_count
     reported = {f.center_kji for f in kept}
     unreported = sorted(
-        (f for f in measured if f.center_kji not in reported and f.probability >= UNREPORTED_FLOOR
+        (f for f in sized if f.center_kji not in reported and f.probability >= UNREPORTED_FLOOR
          and not (f.outside_lungs_mm is not None and rules.max_outside_lungs_mm is not None
                   and f.outside_lungs_mm > rules.max_outside_lungs_mm)),
         key=lambda f: f.probability, reverse=True,

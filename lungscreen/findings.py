@@ -45,7 +45,7 @@ class Finding:
 
     center_kji: tuple[float, float, float]
     center_lps_mm: tuple[float, float, float]
-    diameter_mm: float  # long-axis diameter
+    diameter_mm: float  # sphere-equivalent diameter of the segmented nodule (else the detector's; models/measure.py)
     volume_mm3: float
     probability: float  # calibrated probability that this is a true nodule
     nodule_type: NoduleType

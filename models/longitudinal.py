@@ -10,8 +10,9 @@ large nodule's detected centre moves more than a small one's). Then, per current
   within :func:`seen_gate_mm` either (else it is compared with that candidate);
 * ``growing`` / ``shrinking``: the diameter changed by more than 1.5 mm up / down, the
   Lung-RADS v2022 growth threshold ("an increase in mean diameter of >1.5 mm within a
-  12-month interval"). LungScreen measures one diameter per nodule (the detector's), which
-  stands in for the mean diameter;
+  12-month interval"). LungScreen's diameter is the sphere-equivalent diameter of the nodule
+  segmented on the HU volume (:func:`lungscreen.models.measure.segmented_size`), the same
+  measurement at both times; it stands in for the mean diameter;
 * ``stable``: otherwise;
 
 and each unmatched prior nodule is ``resolved``, unless a nodule can still be segmented at its

@@ -104,18 +104,23 @@ def segmented_size(hu: np.ndarray, center_kji, diameter_mm: float, spacing) -> N
     if core < NO_NODULE_CORE_HU:
         return None
     dense = crop > (core + LUNG_PARENCHYMA_HU) / 2
-    element = _ellipsoid(float(np.clip(diameter_mm / 4, 1.0, 6.0)), spacing)
-    labels, count = ndimage.label(ndimage.binary_opening(dense, element))
+    # Erosion by a ball of a quarter diameter, through a distance map (fast for large balls):
+    # the cores of the dense structures, one component each; vessels thinner than the ball go.
+    radius = float(np.clip(diameter_mm / 4, 1.0, 6.0))
+    labels, count = ndimage.label(ndimage.distance_transform_edt(dense, sampling=spacing) > radius)
     if count == 0:
         return None
     label = labels[tuple(at)]
     if label == 0:  # the centre fell off the opened nodule: its nearest part, if near
         index = np.argwhere(labels > 0)
         distance = np.linalg.norm((index - at) * spacing, axis=1)
-        if distance.min() > max(diameter_mm / 2, 3.0):
+        if distance.min() > max(diameter_mm / 2, 3.0) + radius:
             return None
         label = labels[tuple(index[distance.argmin()])]
-    nodule = ndimage.binary_dilation(labels == label, element) & dense  # the edges the opening took back
+    # Grown back by twice the radius within the dense tissue: the opening's own dilation, then
+    # the rim of partial volume it still leaves (a nodule's edge is half-way to the lung).
+    grown = ndimage.distance_transform_edt(labels != label, sampling=spacing) <= 2 * radius
+    nodule = grown & dense
     if any(nodule.take(edge, axis=axis).any() for axis in range(3) for edge in (0, -1)):
         return None  # it runs on into the vessels, the pleura or the mediastinum
     volume = float(nodule.sum() * np.prod(spacing))

@@ -150,6 +150,7 @@ class PriorMeasurement:
     interval_days: int
     lung_rads: str = ""
     reported: bool = True  # False: the prior's analysis saw it below what it reports (not new, not tracked)
+    center_lps_mm: tuple[float, float, float] | None = None  # where it was, in the prior's patient coordinates
 
 
 class ComparisonStatus(str, Enum):

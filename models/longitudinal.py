@@ -151,6 +151,7 @@ def _compared(finding: Finding, before: PriorNodule, prior: PriorStudyNodules, i
         prior=PriorMeasurement(
             study_uid=prior.study_uid, study_date=prior.study_date, diameter_mm=before.diameter_mm,
             volume_mm3=before.volume_mm3, interval_days=interval_days, lung_rads=before.lung_rads, reported=reported,
+            center_lps_mm=tuple(before.center_lps_mm),
         ),
         volume_doubling_time_days=vdt,
         tracking_uid=before.tracking_uid or finding.tracking_uid,

@@ -154,14 +154,17 @@ def _handler_for(server_app, sessions: ReviewSessions):
             prior = finding.get("prior")
             if not isinstance(prior, dict):
                 return self._json(404, {"error": "this finding has no prior"})
-            nodule = server_app.priors.history.nodule(prior["study_uid"], finding.get("tracking_uid") or "")
+            centre = prior.get("center_lps_mm")
+            if centre is None:  # a report written before the prior's centre was kept in it
+                nodule = server_app.priors.history.nodule(prior["study_uid"], finding.get("tracking_uid") or "")
+                centre = None if nodule is None else nodule.center_lps_mm
             images = prior_images(server_app.settings, server_app.db, prior["study_uid"])
-            if nodule is None or images is None:
+            if centre is None or images is None:
                 return self._json(410, {"error": "the prior study's images are not on this node"})
-            image = nearest_image(list(images.paths), nodule.center_lps_mm, images.series_uid)
+            image = nearest_image(list(images.paths), tuple(centre), images.series_uid)
             if image is None:
                 return self._json(410, {"error": "no stored image of the prior covers the nodule"})
-            png = render_key_image(image.path, {"center_lps_mm": nodule.center_lps_mm, "diameter_mm": nodule.diameter_mm},
+            png = render_key_image(image.path, {"center_lps_mm": tuple(centre), "diameter_mm": prior["diameter_mm"]},
                                    frame_number=image.frame_number)
             return self._send(200, png, "image/png")
 

@@ -315,6 +315,7 @@ def follow_up_row(finding: Finding) -> dict:
             "study_uid": prior.study_uid, "study_date": prior.study_date, "diameter_mm": round(prior.diameter_mm, 2),
             "volume_mm3": round(prior.volume_mm3, 1), "interval_days": prior.interval_days, "lung_rads": prior.lung_rads,
             "reported": prior.reported,  # False: seen by the prior's analysis below what it reported
+            "center_lps_mm": None if prior.center_lps_mm is None else [round(v, 2) for v in prior.center_lps_mm],
         },
         "volume_doubling_time_days": (
             None if finding.volume_doubling_time_days is None else round(finding.volume_doubling_time_days, 1)

@@ -67,7 +67,7 @@ def test_labels_prior_measurement_tracking_uid_and_resolved_nodules():
     assert [f.change for f in labelled] == [ChangeLabel.STABLE, ChangeLabel.GROWING, ChangeLabel.NEW]
     stable, growing, new = labelled
     assert stable.tracking_uid == "2.25.1" and growing.tracking_uid == "2.25.2" and new.tracking_uid is None
-    assert growing.prior == PriorMeasurement("1.2.3", "20250110", 9.0, sphere_volume_mm3(9.0), 367, "4A")
+    assert growing.prior == PriorMeasurement("1.2.3", "20250110", 9.0, sphere_volume_mm3(9.0), 367, "4A", center_lps_mm=(-50, 0, 0))
     assert growing.volume_doubling_time_days == pytest.approx(367 * math.log(2) / math.log((11.0 / 9.0) ** 3))
     assert new.prior is None and new.volume_doubling_time_days is None
     assert comparison.status is ComparisonStatus.COMPARED and comparison.interval_days == 367

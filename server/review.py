@@ -246,6 +246,7 @@ def render_study(
         parts.append("<h2>Key images</h2><div id=\"key-images\">" + "".join(figures) + "</div>")
     if key_image_href and any(finding.get("prior") for finding in findings):
         parts.append(_prior_and_current(uid, findings, key_image_href, prior_image_href, priors_on_node))
+    parts.append(_prior_nodules_not_reported(details.get("comparison") or {}))
 
     suppressed = details.get("suppressed") or {}
     if suppressed or "candidates" in details:
@@ -317,11 +318,36 @@ def _prior_and_current(
             f"<tr><th>Prior (mm)</th><td class=\"num\">{_number(prior.get('diameter_mm'), 1)}</td></tr>"
             f"<tr><th>Prior volume (mm³)</th><td class=\"num\">{_number(prior.get('volume_mm3'), 0)}</td></tr>"
             f"<tr><th>Interval (days)</th><td class=\"num\">{_e(prior.get('interval_days'))}</td></tr>"
+            + ("<tr><th>On the prior</th><td>seen by its analysis, not reported</td></tr>"
+               if prior.get("reported") is False else "")
+            + 
             f"<tr><th>Volume doubling time (days)</th><td class=\"num\">"
             f"{_number(finding.get('volume_doubling_time_days'), 0)}</td></tr></tbody></table>"
         )
         rows.append(f"<div class=\"comparison\" id=\"comparison-{number}\"><h3>Nodule {number}</h3>{before}{current}{facts}</div>")
     return "<h2>Prior and current</h2><div id=\"prior-and-current\">" + "".join(rows) + "</div>"
+
+
+_NOT_REPORTED_NOW = (
+    ("resolved", "resolved: aerated lung at its place now"),
+    ("still_seen", "still seen at its place, not reported now"),
+    ("not_scanned", "outside the range this study covers"),
+)
+
+
+def _prior_nodules_not_reported(comparison: Mapping[str, Any]) -> str:
+    """The prior's reported nodules that no current finding continues, and what is at their place."""
+    rows = "".join(
+        f"<tr><td>{_e(n.get('tracking_id') or 'Nodule')}</td><td class=\"num\">{_number(n.get('prior_diameter_mm', n.get('diameter_mm')), 1)}</td>"
+        f"<td>{_e(n.get('lung_rads'))}</td><td>{_e(what)}</td></tr>"
+        for key, what in _NOT_REPORTED_NOW for n in comparison.get(key) or ()
+    )
+    if not rows:
+        return ""
+    return (
+        "<h2>Prior nodules not reported now</h2><table id=\"prior-not-reported\"><thead><tr><th>Nodule</th>"
+        f"<th>Prior size (mm)</th><th>Prior Lung-RADS</th><th>Now</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
 
 
 def _series_name(rejection: Mapping) -> str:

@@ -138,7 +138,21 @@ def test_the_study_page_shows_each_matched_nodule_beside_its_prior_or_says_the_p
     gone = render_study(job, ohif_url=None, priors_on_node=())
     assert "/prior/1.png" not in gone and "The prior study's images (1.2.3) are not on this node" in gone
     baseline = render_study({**job, "details": {"findings": [findings[1]]}}, ohif_url=None)
-    assert "prior-and-current" not in baseline
+    assert "prior-and-current" not in baseline and "prior-not-reported" not in baseline
+    # A nodule compared with a candidate the prior's analysis did not report, and the prior's
+    # nodules no current finding continues, each with what is at its place now.
+    unreported_then = {**findings[0], "prior": {**prior, "reported": False}}
+    comparison = {
+        "resolved": [{"tracking_id": "Nodule 3", "diameter_mm": 5.0, "lung_rads": "2"}],
+        "still_seen": [{"tracking_id": "Nodule 4", "diameter_mm": 4.1, "prior_diameter_mm": 6.5, "lung_rads": "3"}],
+        "not_scanned": [],
+    }
+    page = render_study({**job, "details": {"findings": [unreported_then], "comparison": comparison}}, ohif_url=None,
+                        priors_on_node={"1.2.3"})
+    assert "seen by its analysis, not reported" in page
+    table = page[page.index('id="prior-not-reported"'):]
+    assert "Nodule 3" in table and "resolved: aerated lung at its place now" in table and ">5.0<" in table
+    assert "Nodule 4" in table and "still seen at its place, not reported now" in table and ">6.5<" in table
 
 
 def request(url: str) -> tuple[int, bytes, str]:

@@ -15,9 +15,10 @@ large nodule's detected centre moves more than a small one's). Then, per current
   measurement at both times; it stands in for the mean diameter;
 * ``stable``: otherwise;
 
-and each unmatched prior nodule is ``resolved``, unless a nodule can still be segmented at its
-place in the current volume (:func:`lungscreen.models.measure.segmented_size`): then it is
-``still_seen`` (below the operating point or the rules this time, not gone). For solid nodules that grew in volume, the
+and each unmatched prior nodule is ``resolved`` only where aerated lung has taken its place:
+where the current analysis saw an unreported candidate, a nodule can be segmented, or the
+tissue is dense, it is ``still_seen`` (below the operating point or the rules this time, not
+gone), and outside the current study's range ``not_scanned``. For solid nodules that grew in volume, the
 volume doubling time is ``interval * ln 2 / ln(V2 / V1)`` days (Schwartz 1961; Lung-RADS and
 the European position statement use it for solid nodules: under 400 days is suspicious).
 """

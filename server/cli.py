@@ -7,7 +7,7 @@
     lungscreen model import-monai-bundle PATH [--out DIR] [--opset N]
     lungscreen evaluate --model CARD [--synthetic N] [--real] ...
     lungscreen bench [--quick] [--json PATH]
-    lungscreen evaluate-followup [--work-dir DIR] [--json PATH]
+    lungscreen evaluate-followup [--repeat N] [--pairs NAME,...] [--work-dir DIR] [--json PATH]
     lungscreen purge --older-than DAYS [--data-dir DIR]
     lungscreen config check FILE
     lungscreen config show [--config FILE]

@@ -24,6 +24,7 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet
 
 from lungscreen.dicom_io.send import Destination
+from lungscreen.dicom_io.study import reference_header
 from lungscreen.dicom_io.uids import is_valid_uid
 from lungscreen.dicom_io.volume import CT_SOP_CLASSES
 from lungscreen.errors import LungScreenError
@@ -67,8 +68,7 @@ class InstanceIdentity:
 
 
 def instance_identity(path: Path) -> InstanceIdentity:
-    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
-        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"])
+    header = reference_header(path)
     return InstanceIdentity(path, str(header.get("StudyInstanceUID", "")), str(header.get("SeriesInstanceUID", "")),
                             str(header.get("SOPInstanceUID", "")), str(header.get("SOPClassUID", "")))
 

@@ -645,30 +645,22 @@ def comparison_items(report: NoduleReport) -> list[hd.sr.TextContentItem]:
     else:
         text = f"Baseline report: {comparison.status.value}" + (f" ({comparison.reason})" if comparison.reason else "")
     items = [hd.sr.TextContentItem(name=_COMPARISON, value=text[:1024], relationship_type=contains)]
-    for nodule in comparison.resolved:
-        items.append(hd.sr.TextContentItem(
-            name=_RESOLVED,
+    def prior_nodule(name: hd.sr.CodedConcept, nodule, now: str) -> hd.sr.TextContentItem:
+        return hd.sr.TextContentItem(
+            name=name,
             value=(f"{nodule.tracking_id or 'Nodule'} (tracking UID {nodule.tracking_uid}), "
-                   f"{nodule.diameter_mm:.1f} mm on the prior study, not seen now"),
+                   f"{nodule.diameter_mm:.1f} mm on the prior study, {now}"),
             relationship_type=contains,
-        ))
-    for seen in comparison.still_seen:
-        nodule = seen.prior
-        items.append(hd.sr.TextContentItem(
-            name=_COMPARISON,
-            value=(f"{nodule.tracking_id or 'Nodule'} (tracking UID {nodule.tracking_uid}), "
-                   f"{nodule.diameter_mm:.1f} mm on the prior study, still seen "
-                   + ("(joined to dense tissue, not measured) " if seen.diameter_mm is None else f"({seen.diameter_mm:.1f} mm) ")
-                   + "but not reported now: below the operating point or the reporting rules"),
-            relationship_type=contains,
-        ))
-    for nodule in comparison.not_scanned:
-        items.append(hd.sr.TextContentItem(
-            name=_COMPARISON,
-            value=(f"{nodule.tracking_id or 'Nodule'} (tracking UID {nodule.tracking_uid}), "
-                   f"{nodule.diameter_mm:.1f} mm on the prior study, outside the range this study covers"),
-            relationship_type=contains,
-        ))
+        )
+
+    items += [prior_nodule(_RESOLVED, nodule, "not seen now") for nodule in comparison.resolved]
+    items += [
+        prior_nodule(_COMPARISON, seen.prior, "still seen "
+                     + ("(joined to dense tissue, not measured) " if seen.diameter_mm is None else f"({seen.diameter_mm:.1f} mm) ")
+                     + "but not reported now: below the operating point or the reporting rules")
+        for seen in comparison.still_seen
+    ]
+    items += [prior_nodule(_COMPARISON, nodule, "outside the range this study covers") for nodule in comparison.not_scanned]
     return items
 
 

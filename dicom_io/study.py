@@ -105,15 +105,21 @@ class StudyIndex:
     unreadable: tuple[UnreadableFile, ...]
 
 
+def reference_header(path: Path) -> pydicom.Dataset:
+    """The four UIDs an instance is referenced by (an SR's evidence, PS3.3 C.17.2.3) and recorded
+    by (the job store), read without the rest of its header."""
+    return dcmread(path, stop_before_pixels=True,
+                   specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"])
+
+
 def series_references(paths: Iterable[Path], study_uid: str, series_uid: str) -> list[pydicom.Dataset]:
-    """The instances of series ``series_uid`` of study ``study_uid`` among ``paths``, each as the
-    four UIDs an SR's evidence references them by (PS3.3 C.17.2.3), in path order; only those
-    tags are read (a follow-up references the prior's series without indexing the prior again)."""
-    tags = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
+    """The instances of series ``series_uid`` of study ``study_uid`` among ``paths``, each as its
+    :func:`reference_header`, in path order (a follow-up references the prior's series without
+    indexing the prior again)."""
     found = []
     for path in sorted(Path(p) for p in paths):
         try:
-            header = dcmread(path, stop_before_pixels=True, specific_tags=tags)
+            header = reference_header(path)
         except Exception:  # pydicom raises many exception types; an unreadable file is no evidence
             continue
         if str(header.get("StudyInstanceUID", "")) == study_uid and str(header.get("SeriesInstanceUID", "")) == series_uid:

@@ -60,6 +60,10 @@ def _job(row) -> Job:
     )
 
 
+# (sop_uid, study_uid, series_uid, sop_class_uid, path, received_at); a known SOP Instance UID is kept
+_INSERT_INSTANCE = "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)"
+
+
 class JobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -87,7 +91,7 @@ class JobStore:
         now = time.time() if now is None else now
         with self.db.transaction(durable=durable) as c:
             new = c.execute(
-                "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
+                _INSERT_INSTANCE,
                 (sop_uid, study_uid, series_uid, sop_class_uid, str(path), now),
             ).rowcount
             if not new and not content_changed:
@@ -105,7 +109,7 @@ class JobStore:
             if c.execute("SELECT 1 FROM jobs WHERE study_uid = ?", (study_uid,)).fetchone():
                 return None
             c.executemany(
-                "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
+                _INSERT_INSTANCE,
                 [(i.sop_uid, study_uid, i.series_uid, i.sop_class_uid, str(i.path), now) for i in instances],
             )
             self._touch(c, study_uid, now, instances=len(instances), rejected=0)

@@ -660,3 +660,26 @@ def test_prior_evidence_is_refused_unless_the_report_was_compared_with_that_stud
     other = replace(baseline, comparison=Comparison(ComparisonStatus.COMPARED, prior_study_uid="2.25.1", prior_study_date="20241211"))
     with pytest.raises(ReportError, match="not the prior compared with"):
         build_sr(lidc_headers, lidc_volume, other, algorithm=algorithm(), billing=BILLING, prior_evidence=[prior_header])
+
+
+def test_prior_nodules_resolved_still_seen_and_not_scanned_are_valid_text_lines(lidc_headers, lidc_volume, findings, tmp_path):
+    from lungscreen.findings import Comparison, ComparisonStatus, PriorNodule, StillSeen
+
+    def prior(number, diameter):
+        return PriorNodule((0.0, 0.0, 0.0), diameter, 100.0, NoduleType.SOLID, "3", f"2.25.{number}", f"Nodule {number}")
+
+    comparison = Comparison(
+        ComparisonStatus.COMPARED, prior_study_uid="2.25.1", prior_study_date="20241211", interval_days=400,
+        resolved=(prior(3, 5.0),), still_seen=(StillSeen(prior(4, 6.5), 5.9), StillSeen(prior(5, 7.0), None)),
+        not_scanned=(prior(6, 8.0),),
+    )
+    data = _write(build_sr(lidc_headers, lidc_volume, _report(findings, comparison=comparison), algorithm=algorithm(),
+                           billing=BILLING))
+    _validate(tmp_path, data)
+    texts = [str(e.value) for e in pydicom.dcmread(BytesIO(data)).iterall() if e.keyword == "TextValue"]
+    assert "Nodule 3 (tracking UID 2.25.3), 5.0 mm on the prior study, not seen now" in texts
+    assert ("Nodule 4 (tracking UID 2.25.4), 6.5 mm on the prior study, still seen (5.9 mm) but not reported now: "
+            "below the operating point or the reporting rules") in texts
+    assert ("Nodule 5 (tracking UID 2.25.5), 7.0 mm on the prior study, still seen (joined to dense tissue, not measured) "
+            "but not reported now: below the operating point or the reporting rules") in texts
+    assert "Nodule 6 (tracking UID 2.25.6), 8.0 mm on the prior study, outside the range this study covers" in texts
